@@ -1,0 +1,184 @@
+"""The ``medssl`` command. Thin: parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from medssl import __version__
+from medssl.data.errors import DataError, ManifestError
+
+log = logging.getLogger("medssl")
+
+
+def _parse_fractions(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=", 1) for item in text.split(",") if item]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split-fractions: expected e.g. train=0.8,val=0.1,test=0.1, got {text!r}"
+        ) from None
+
+
+def _parse_regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"--subject-pattern: invalid regular expression ({exc})") from None
+
+
+def cmd_manifest_scan(args: argparse.Namespace) -> int:
+    from medssl.data.manifest import write_csv, write_manifest
+    from medssl.data.pseudonym import SALT_FILE_NAME, resolve_salt
+    from medssl.data.scan import ScanOptions, assign_splits, join_labels, scan_folder
+
+    out = Path(args.out)
+    salt, salt_origin = resolve_salt(args.salt, Path(args.salt_file) if args.salt_file else out.parent / SALT_FILE_NAME)
+    options = ScanOptions(
+        salt=salt,
+        subject_pattern=args.subject_pattern,
+        modality=args.modality,
+        exclude=args.exclude or (),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    start = time.perf_counter()
+    result = scan_folder(Path(args.folder), options)
+    rows = result.rows
+    warnings: list[str] = []
+    for labels in args.labels or ():
+        rows, more = join_labels(rows, Path(labels), Path(args.folder), salt)
+        warnings.extend(more)
+    if args.split_fractions:
+        rows = assign_splits(rows, args.split_fractions, salt)
+    errors_path = out.with_name(out.name.removesuffix(".csv") + ".errors.csv")
+    write_csv(errors_path, ("path", "reason"), result.errors)
+    elapsed = time.perf_counter() - start
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    n2d = sum(r.dims == 2 for r in rows)
+    n3d = sum(r.dims == 3 for r in rows)
+    nseries = sum(r.format == "dicom_series" for r in rows)
+    print(f"scanned {result.files_seen} files under {args.folder} in {elapsed:.1f} s (pseudonym salt: {salt_origin})")
+    print(f"  found {len(rows)} items: {n2d} 2D images, {n3d} 3D volumes ({nseries} DICOM series)")
+    print(f"  subjects: {len({r.subject for r in rows if r.subject})}")
+    if result.errors:
+        print(f"  skipped {len(result.errors)} file(s) or series, reasons in {errors_path}:")
+        for reason, count in result.error_summary().most_common():
+            print(f"    {count:6d}  {reason}")
+    if result.hidden_skipped:
+        print(f"  ignored {result.hidden_skipped} hidden file(s)/folder(s)")
+    if not rows:
+        print(f"error: nothing usable found in {args.folder}; no manifest written", file=sys.stderr)
+        return 2
+    write_manifest(out, rows, Path(args.folder))
+    print(f"  manifest: {out}")
+    return 0
+
+
+def cmd_manifest_validate(args: argparse.Namespace) -> int:
+    from medssl.data.manifest import validate_manifest
+
+    report = validate_manifest(Path(args.manifest), root=args.root, check_files=not args.no_files)
+    for warning in report.warnings[: args.max_messages]:
+        print(f"warning: {warning}")
+    if len(report.warnings) > args.max_messages:
+        print(f"warning: ... and {len(report.warnings) - args.max_messages} more warnings")
+    for error in report.errors[: args.max_messages]:
+        print(f"error: {error}")
+    if len(report.errors) > args.max_messages:
+        print(f"error: ... and {len(report.errors) - args.max_messages} more errors")
+    print(
+        f"{args.manifest}: {'OK' if report.ok else 'INVALID'} "
+        f"({len(report.errors)} errors, {len(report.warnings)} warnings)"
+    )
+    return 0 if report.ok else 1
+
+
+def cmd_manifest_preprocess(args: argparse.Namespace) -> int:
+    from medssl.data.cache import build_cache
+    from medssl.data.manifest import read_manifest
+    from medssl.data.preprocess import PreprocessConfig
+
+    config = PreprocessConfig.from_overrides(args.set or [])
+    manifest = read_manifest(args.manifest, root=args.root)
+    start = time.perf_counter()
+    report = build_cache(manifest, Path(args.cache), config, workers=args.workers, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    print(
+        f"cache {report.directory}: {report.built} built, {report.reused} already cached, "
+        f"{len(report.errors)} failed in {elapsed:.1f} s"
+    )
+    if report.errors:
+        print(f"  failures listed in {report.errors_path}:")
+        for path, reason in report.errors[:20]:
+            print(f"    {path}: {reason}")
+    return 0 if report.built + report.reused > 0 else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medssl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"medssl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    manifest = commands.add_parser("manifest", help="scan, validate and preprocess data manifests")
+    manifest_commands = manifest.add_subparsers(dest="manifest_command", required=True)
+
+    scan = manifest_commands.add_parser("scan", help="walk a folder and write one row per image or volume")
+    scan.add_argument("folder", help="folder to scan (DICOM, NIfTI, PNG/JPEG); manifest paths are relative to it")
+    scan.add_argument("--out", required=True, help="manifest CSV to write (errors go to <name>.errors.csv beside it)")
+    scan.add_argument("--labels", action="append", help="CSV keyed by 'path' with split/group/label/subject/modality")
+    scan.add_argument("--split-fractions", type=_parse_fractions, help="e.g. train=0.8,val=0.1,test=0.1 (by subject)")
+    scan.add_argument(
+        "--subject-pattern",
+        type=_parse_regex,
+        help="regex on the relative path whose first group is the subject of non-DICOM files (e.g. '(person\\d+)_')",
+    )
+    scan.add_argument("--modality", help="modality of files that do not record one (NIfTI, PNG/JPEG), e.g. MR, CT, DX")
+    scan.add_argument("--exclude", action="append", help="glob on relative paths to leave out (repeatable)")
+    scan.add_argument("--salt", help="pseudonymisation salt (default: $MEDSSL_SALT or a salt file)")
+    scan.add_argument("--salt-file", help="salt file (default: .medssl_salt beside the manifest, created if absent)")
+    scan.add_argument("--workers", type=int, default=8, help="threads reading headers")
+    scan.add_argument("--no-progress", action="store_true")
+    scan.set_defaults(func=cmd_manifest_scan)
+
+    validate = manifest_commands.add_parser("validate", help="check columns, paths, duplicates and split leakage")
+    validate.add_argument("manifest")
+    validate.add_argument("--root", help="override the root written in the manifest")
+    validate.add_argument("--no-files", action="store_true", help="do not check that files exist")
+    validate.add_argument("--max-messages", type=int, default=50)
+    validate.set_defaults(func=cmd_manifest_validate)
+
+    preprocess = manifest_commands.add_parser("preprocess", help="build the preprocessed on-disk cache")
+    preprocess.add_argument("manifest")
+    preprocess.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    preprocess.add_argument("--root", help="override the root written in the manifest")
+    preprocess.add_argument("--workers", type=int, default=2, help="processes")
+    preprocess.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="preprocessing setting, e.g. spacing=[1,1,1]"
+    )
+    preprocess.add_argument("--no-progress", action="store_true")
+    preprocess.set_defaults(func=cmd_manifest_preprocess)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except (DataError, ManifestError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""On-disk cache of preprocessed arrays, keyed by content hash and preprocessing settings.
+
+Layout::
+
+    <cache>/file_hashes.json                      # (size, mtime) -> content digest memo
+    <cache>/<settings>/settings.json              # the PreprocessConfig that made the entries
+    <cache>/<settings>/<key>.npy                  # float16/uint8 [C, X, Y, Z] or [C, H, W]
+    <cache>/<settings>/<key>.json                 # geometry + per-slice foreground (no identifiers)
+    <cache>/<settings>/index/<manifest>.json      # manifest row id -> key, and the failures
+
+Every file is written to a temporary name and renamed, and an entry's ``.json`` is written
+after its ``.npy``: an interrupted build leaves no partial entry, and the next build only
+builds what is missing (the manifest may have grown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
+from medssl.data.errors import DataError
+from medssl.data.manifest import Manifest, ManifestRow, atomic_write_text, write_csv
+from medssl.data.preprocess import PreprocessConfig, preprocess
+from medssl.data.readers import read_row
+
+CACHE_FORMAT_VERSION = 1
+
+
+def settings_digest(config: PreprocessConfig) -> str:
+    payload = json.dumps({"version": CACHE_FORMAT_VERSION, **config.to_dict()}, sort_keys=True)
+    return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
+
+
+def manifest_digest(rows: Iterable[ManifestRow]) -> str:
+    """Digest of what decides the cached content (not labels or splits)."""
+    h = hashlib.blake2b(digest_size=8)
+    for row in rows:
+        h.update(f"{row.id}|{row.path}|{row.series}|{row.format}|{row.dims}|{row.modality}\n".encode())
+    return h.hexdigest()
+
+
+def source_files(row: ManifestRow, path: Path) -> list[Path]:
+    """The files whose bytes make up a row (all DICOM files of a series' folder)."""
+    if not path.exists():
+        raise DataError(path, "file not found (moved or deleted since the scan?)")
+    if row.format != "dicom_series":
+        return [path]
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_SUFFIXES or looks_like_dicom(p))
+    )
+    if not files:
+        raise DataError(path, "series folder holds no DICOM file")
+    return files
+
+
+class FileDigests:
+    """Content digests of files, memoised on (size, mtime) so unchanged files are not re-read."""
+
+    def __init__(self, memo_path: Path) -> None:
+        self.memo_path = memo_path
+        self.memo: dict[str, list[Any]] = {}
+        if memo_path.is_file():
+            try:
+                self.memo = json.loads(memo_path.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.memo = {}
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        stat = path.stat()
+        key = str(path.resolve())
+        cached = self.memo.get(key)
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+            return str(cached[2])
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+        value = h.hexdigest()
+        self.memo[key] = [stat.st_size, stat.st_mtime_ns, value]
+        self.changed = True
+        return value
+
+    def key(self, row: ManifestRow, path: Path) -> str:
+        h = hashlib.blake2b(digest_size=12)
+        h.update(f"{row.format}|{row.series}|{row.dims}|{row.modality}".encode())
+        for file in source_files(row, path):
+            h.update(self.digest(file).encode())
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.changed:
+            atomic_write_text(self.memo_path, json.dumps(self.memo))
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def build_entry(row: ManifestRow, path: Path, directory: Path, key: str, config: PreprocessConfig) -> None:
+    """Read, preprocess and store one row; raises ``DataError`` naming the file on failure."""
+    loaded = read_row(row, path)
+    result = preprocess(loaded, config, source=str(path))
+    if config.storage_dtype == "uint8":
+        stored = np.round(result.array * 255.0).astype(np.uint8)
+    else:
+        stored = result.array.astype(np.float16)
+    _atomic_save_npy(directory / f"{key}.npy", stored)
+    meta = {
+        "version": CACHE_FORMAT_VERSION,
+        "dims": row.dims,
+        "shape": list(stored.shape),
+        "dtype": config.storage_dtype,
+        "spacing": list(result.spacing),
+        "affine": None if result.affine is None else np.asarray(result.affine).round(6).tolist(),
+        "modality": result.modality,
+        "foreground": result.foreground,
+    }
+    atomic_write_text(directory / f"{key}.json", json.dumps(meta))
+
+
+def _build_task(task: tuple[ManifestRow, str, str, str, PreprocessConfig]) -> tuple[str, str | None]:
+    row, path, directory, key, config = task
+    try:
+        build_entry(row, Path(path), Path(directory), key, config)
+    except DataError as exc:
+        return row.id, exc.reason
+    except MemoryError:
+        return row.id, "out of memory while preprocessing"
+    except Exception as exc:  # one bad file must not stop the build; the type names the cause
+        return row.id, f"preprocessing failed ({type(exc).__name__})"
+    return row.id, None
+
+
+def _init_worker() -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+@dataclass
+class CacheReport:
+    directory: Path
+    index_path: Path
+    errors_path: Path
+    built: int = 0
+    reused: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporaries left by interrupted builds (those whose writing process is gone)."""
+    for tmp in directory.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def build_cache(
+    manifest: Manifest,
+    cache_root: Path,
+    config: PreprocessConfig,
+    workers: int = 2,
+    progress: bool = True,
+) -> CacheReport:
+    """Build the missing cache entries of ``manifest`` in parallel and write its index.
+
+    Rows that fail are listed (path and reason) in the report and the index; the others are
+    built. Interrupting is safe: finished entries are kept, nothing partial remains.
+    """
+    start = time.perf_counter()
+    cache_root = Path(cache_root)
+    directory = cache_root / settings_digest(config)
+    (directory / "index").mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
+    settings_path = directory / "settings.json"
+    if not settings_path.exists():
+        atomic_write_text(settings_path, json.dumps(config.to_dict(), indent=2))
+    mdigest = manifest_digest(manifest.rows)
+    report = CacheReport(
+        directory=directory,
+        index_path=directory / "index" / f"{mdigest}.json",
+        errors_path=directory / "index" / f"{mdigest}.errors.csv",
+    )
+    digests = FileDigests(cache_root / "file_hashes.json")
+    keys: dict[str, str] = {}
+    todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
+    waiting: dict[str, list[ManifestRow]] = {}
+    path_of = {row.id: str(manifest.resolve(row)) for row in manifest.rows}
+    for row in tqdm(manifest.rows, desc="hash", unit="item", disable=not progress or None):
+        try:
+            key = digests.key(row, manifest.resolve(row))
+        except DataError as exc:
+            report.errors.append((path_of[row.id], exc.reason))
+            continue
+        except OSError as exc:
+            report.errors.append((path_of[row.id], f"cannot read ({type(exc).__name__})"))
+            continue
+        keys[row.id] = key
+        if (directory / f"{key}.json").exists():
+            report.reused += 1
+        elif key in todo:
+            waiting.setdefault(key, []).append(row)
+        else:
+            todo[key] = (row, path_of[row.id], str(directory), key, config)
+    digests.save()
+    failed: set[str] = set()
+    try:
+        for row_id, reason in _run(list(todo.values()), workers, progress):
+            if reason is None:
+                report.built += 1
+            else:
+                failed.add(keys[row_id])
+                report.errors.append((path_of[row_id], reason))
+    finally:
+        for key, rows in waiting.items():
+            for row in rows:
+                if key in failed:
+                    report.errors.append((path_of[row.id], "same content as a file that failed"))
+                else:
+                    report.reused += 1
+        index = {rid: key for rid, key in keys.items() if key not in failed}
+        atomic_write_text(report.index_path, json.dumps({"settings": directory.name, "entries": index}))
+        write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run(
+    tasks: Sequence[tuple[ManifestRow, str, str, str, PreprocessConfig]], workers: int, progress: bool
+) -> Iterable[tuple[str, str | None]]:
+    bar = tqdm(total=len(tasks), desc="preprocess", unit="item", disable=not progress or None)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield _build_task(task)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+            pending: set[Future[tuple[str, str | None]]] = set()
+            queue = iter(tasks)
+            try:
+                for task in queue:  # keep a bounded number of tasks in flight
+                    pending.add(pool.submit(_build_task, task))
+                    if len(pending) >= 4 * workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            yield future.result()
+                            bar.update()
+                for future in list(pending):
+                    yield future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+@dataclass
+class CacheEntry:
+    """One preprocessed item: a memory-mapped array and its metadata."""
+
+    key: str
+    directory: Path
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.directory / f"{self.key}.json").read_text())
+
+    def array(self) -> np.ndarray:
+        """Memory-mapped ``[C, X, Y, Z]`` or ``[C, H, W]`` (float16 or uint8; see ``to_float``)."""
+        return np.load(self.directory / f"{self.key}.npy", mmap_mode="r")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / 255.0 if self.meta["dtype"] == "uint8" else 1.0
+
+
+def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -> dict[str, CacheEntry]:
+    """Entries of a built cache by manifest row id (failed rows are absent)."""
+    directory = Path(cache_root) / settings_digest(config)
+    index_path = directory / "index" / f"{manifest_digest(manifest.rows)}.json"
+    if not index_path.is_file():
+        raise DataError(
+            index_path,
+            "no cache index for this manifest and these settings; run `medssl manifest preprocess` first",
+        )
+    entries = json.loads(index_path.read_text())["entries"]
+    return {rid: CacheEntry(key, directory) for rid, key in entries.items()}

@@ -1,0 +1,22 @@
+"""Errors raised by the data layer. Every message names the file (or manifest key) at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(Exception):
+    """A single input (file, series or manifest row) cannot be used.
+
+    The message always starts with the offending path so that a user can find it,
+    and never contains a DICOM identifier (names, IDs, dates).
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ManifestError(Exception):
+    """The manifest as a whole is unusable (missing columns, unreadable CSV, nothing found)."""

@@ -1,0 +1,394 @@
+"""``medssl manifest scan``: turn a folder tree into manifest rows (headers only, no pixels).
+
+DICOM files are grouped by SeriesInstanceUID. A single-frame file of a projection modality
+(CR/DX/DR/MG/...) is a 2D image; a multi-frame file is a volume; a series of single-frame
+cross-sectional slices (CT/MR/PT/...) is one volume, sorted by position and checked for
+missing slices and mixed spacing. NIfTI and PNG/JPEG files are one row each.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from medssl.data.dicom import (
+    DICOM_SUFFIXES,
+    MODALITIES_2D,
+    DicomHeader,
+    assemble_series,
+    group_by_series,
+    looks_like_dicom,
+    read_header,
+)
+from medssl.data.errors import DataError
+from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
+from medssl.data.manifest import SPLITS, ManifestRow
+from medssl.data.pseudonym import pseudonym
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass
+class ScanOptions:
+    salt: str
+    subject_pattern: re.Pattern[str] | None = None
+    modality: str | None = None  # for files that do not say (NIfTI, PNG/JPEG)
+    exclude: Sequence[str] = ()
+    workers: int = 8
+    progress: bool = True
+
+
+@dataclass
+class ScanResult:
+    rows: list[ManifestRow]
+    errors: list[tuple[str, str]]  # (path relative to the root, reason)
+    files_seen: int
+    hidden_skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def error_summary(self) -> Counter[str]:
+        return Counter(re.sub(r"\s*\(.*", "", reason) for _, reason in self.errors)
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in DICOM_SUFFIXES or looks_like_dicom(path):
+        return "dicom"
+    return "unsupported"
+
+
+def walk(root: Path, exclude: Sequence[str]) -> tuple[list[Path], int]:
+    """Files under ``root`` in a stable order; hidden files and folders are skipped."""
+    files: list[Path] = []
+    hidden = 0
+    for folder, dirs, names in os.walk(root):
+        hidden += sum(d.startswith(".") for d in dirs)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                hidden += 1
+                continue
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
+                continue
+            files.append(path)
+    return files, hidden
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+
+
+def nifti_info(path: Path) -> FileInfo:
+    """Canonical shape/spacing of a NIfTI from its header, plus a cheap truncation check."""
+    try:
+        image = nib.load(str(path))
+        header = image.header
+        shape = tuple(int(s) for s in image.shape)
+    except Exception as exc:
+        raise DataError(path, f"unreadable NIfTI header ({type(exc).__name__})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(path, f"{len(shape)}D NIfTI (shape {shape}) is not supported; split it into 3D volumes")
+    expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    actual = _uncompressed_size(path)
+    if actual is not None and actual < expected:
+        raise DataError(path, f"truncated NIfTI ({actual} of {expected} bytes)")
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    shape_c, spacing_c = canonical_shape_spacing(shape, zooms, image.affine)
+    return FileInfo(shape=shape_c, spacing=spacing_c)
+
+
+def _uncompressed_size(path: Path) -> int | None:
+    """File size, or for .gz the size in the gzip trailer (mod 2**32); None when unknown."""
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz"):
+        return size
+    if size < 18:
+        return 0
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", handle.read(4))[0]
+    if size > 2**32:  # trailer wraps: cannot tell
+        return None
+    return isize
+
+
+def image_info(path: Path) -> FileInfo:
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"unreadable image file ({type(exc).__name__})") from None
+    return FileInfo(shape=(height, width), spacing=(1.0, 1.0))
+
+
+def multiframe_info(path: Path) -> FileInfo:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise DataError(path, "multi-frame DICOM that SimpleITK cannot read") from None
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
+    affine = affine_from_lps(direction, spacing, reader.GetOrigin())
+    shape, spacing_c = canonical_shape_spacing(size, spacing, affine)
+    return FileInfo(shape=shape, spacing=spacing_c)
+
+
+def _probe(path: Path, root: Path, salt: str) -> tuple[Path, str, object]:
+    kind = file_kind(path)
+    rel = path.relative_to(root).as_posix()
+    try:
+        if kind == "dicom":
+            return path, kind, read_header(path, salt, rel)
+        if kind == "nifti":
+            return path, kind, nifti_info(path)
+        if kind == "image":
+            return path, kind, image_info(path)
+    except DataError as exc:
+        return path, kind, exc
+    except OSError as exc:
+        return path, kind, DataError(path, f"cannot read file ({type(exc).__name__})")
+    suffix = "".join(path.suffixes[-1:]) or "no extension"
+    return path, kind, DataError(path, f"unsupported file type ({suffix})")
+
+
+def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
+    """Scan ``root`` and return manifest rows (paths relative to ``root``) and per-file errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "folder not found")
+    files, hidden = walk(root, options.exclude)
+    rows: list[ManifestRow] = []
+    errors: list[tuple[str, str]] = []
+    dicom_headers: list[DicomHeader] = []
+
+    def rel(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+        probes = pool.map(lambda p: _probe(p, root, options.salt), files)
+        for path, kind, result in tqdm(
+            probes, total=len(files), desc="scan", unit="file", disable=not options.progress or None
+        ):
+            if isinstance(result, DataError):
+                errors.append((rel(path), result.reason))
+            elif kind == "dicom":
+                dicom_headers.append(result)  # type: ignore[arg-type]
+            else:
+                info: FileInfo = result  # type: ignore[assignment]
+                rows.append(
+                    ManifestRow(
+                        id=pseudonym(f"file:{rel(path)}", options.salt, prefix="i"),
+                        path=rel(path),
+                        format=kind,
+                        dims=len(info.shape),
+                        modality=(options.modality or "OT").upper(),
+                        subject=_file_subject(rel(path), options),
+                        shape=info.shape,
+                        spacing=info.spacing,
+                    )
+                )
+    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options)
+    rows.extend(dicom_rows)
+    errors.extend(dicom_errors)
+    rows.sort(key=lambda r: (r.path, r.series))
+    errors.sort()
+    return ScanResult(rows=rows, errors=errors, files_seen=len(files), hidden_skipped=hidden)
+
+
+def _file_subject(rel: str, options: ScanOptions) -> str:
+    raw = None
+    if options.subject_pattern is not None:
+        match = options.subject_pattern.search(rel)
+        if match:
+            raw = match.group(1) if match.groups() else match.group(0)
+    if raw is None:
+        name = rel.rsplit("/", 1)[-1]
+        raw = re.sub(r"(\.nii\.gz|\.[^.]+)$", "", name)
+    return pseudonym(raw, options.salt, prefix="s")
+
+
+def _dicom_rows(
+    headers: Sequence[DicomHeader], root: Path, options: ScanOptions
+) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
+    rows: list[ManifestRow] = []
+    errors: list[tuple[str, str]] = []
+
+    def rel(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    for series_key, members in group_by_series(headers).items():
+        leaking = [h for h in members if h.path_has_identifier]
+        if leaking:
+            errors.extend(
+                (h.redacted_path, "path contains a patient identifier (PatientID/PatientName); rename it")
+                for h in leaking
+            )
+            members = [h for h in members if not h.path_has_identifier]
+            if not members:
+                continue
+        singles = [h for h in members if h.frames <= 1]
+        for header in (h for h in members if h.frames > 1):
+            try:
+                info = multiframe_info(header.path)
+            except DataError as exc:
+                errors.append((rel(header.path), exc.reason))
+                continue
+            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options))
+        if not singles:
+            continue
+        if singles[0].modality in MODALITIES_2D or len(singles) == 1:
+            for header in singles:
+                shape = (header.rows, header.columns)
+                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options))
+            continue
+        folders = {h.path.parent for h in singles}
+        if len(folders) > 1:
+            for folder in sorted(folders):
+                errors.append((rel(folder), "one DICOM series is spread over several folders; move it into one"))
+            continue
+        folder = rel(next(iter(folders))) or "."
+        try:
+            geometry = assemble_series(singles, f"series of {len(singles)} files")
+        except ValueError as exc:
+            errors.append((folder, str(exc)))
+            continue
+        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options)
+        rows.append(replace(row, id=pseudonym(f"series:{series_key}", options.salt, prefix="i"), series=series_key))
+    return rows, errors
+
+
+def _dicom_row(
+    header: DicomHeader,
+    rel: str,
+    fmt: str,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    options: ScanOptions,
+) -> ManifestRow:
+    return ManifestRow(
+        id=pseudonym(f"instance:{header.instance_key}", options.salt, prefix="i"),
+        path=rel,
+        format=fmt,
+        dims=len(shape),
+        modality=header.modality,
+        subject=header.subject,
+        shape=tuple(int(s) for s in shape),
+        spacing=tuple(float(s) for s in spacing),
+    )
+
+
+LABEL_COLUMNS = ("split", "group", "label", "subject", "modality")
+
+
+def join_labels(
+    rows: Iterable[ManifestRow], labels_csv: Path, root: Path, salt: str
+) -> tuple[list[ManifestRow], list[str]]:
+    """Join a CSV keyed by ``path`` (relative to the CSV's folder, or absolute) onto the rows.
+
+    Columns used when present: split, group, label, subject (pseudonymised here), modality.
+    Returns the new rows and warnings (unmatched entries, bad values).
+    """
+    labels_csv = Path(labels_csv)
+    if not labels_csv.is_file():
+        raise DataError(labels_csv, "labels file not found")
+    with open(labels_csv, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise DataError(labels_csv, "labels file needs a 'path' column")
+        records = list(reader)
+    by_path: dict[str, dict[str, str]] = {}
+    warnings: list[str] = []
+    root_resolved = root.resolve()
+    for line, record in enumerate(records, start=2):
+        target = Path(record["path"])
+        target = target if target.is_absolute() else labels_csv.parent / target
+        try:
+            key = target.resolve().relative_to(root_resolved).as_posix()
+        except ValueError:
+            warnings.append(f"{labels_csv}:{line}: {record['path']} is outside the scanned folder")
+            continue
+        split = (record.get("split") or "").strip()
+        if split not in SPLITS:
+            warnings.append(f"{labels_csv}:{line}: split {split!r} is not train/val/test; ignored")
+            record["split"] = ""
+        by_path[key] = record
+    joined = []
+    matched = 0
+    for row in rows:
+        record = by_path.get(row.path)
+        if record is None:
+            joined.append(row)
+            continue
+        matched += 1
+        updates = {c: record[c].strip() for c in LABEL_COLUMNS if c in record and record[c] and record[c].strip()}
+        if "subject" in updates:
+            updates["subject"] = pseudonym(updates["subject"], salt, prefix="s")
+        if "modality" in updates:
+            updates["modality"] = updates["modality"].upper()
+        joined.append(replace(row, **updates))
+    if matched < len(by_path):
+        warnings.append(f"{labels_csv}: {len(by_path) - matched} of {len(by_path)} entries match no scanned file")
+    return joined, warnings
+
+
+def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt: str) -> list[ManifestRow]:
+    """Assign train/val/test by subject (never by image) to rows without a split.
+
+    A subject that already has a split (from a labels file) keeps it for all its rows; the
+    others fall in a bucket drawn from a keyed hash of the subject, so the assignment is stable.
+    """
+    total = sum(fractions.values())
+    if (
+        not fractions
+        or total <= 0
+        or any(v < 0 for v in fractions.values())
+        or not set(fractions)
+        <= {
+            "train",
+            "val",
+            "test",
+        }
+    ):
+        raise ValueError(f"split fractions must be non-negative train/val/test values, got {fractions}")
+    known = {r.subject: r.split for r in rows if r.split and r.subject}
+    bounds = np.cumsum([fractions[k] / total for k in fractions])
+    names = list(fractions)
+    out = []
+    for row in rows:
+        if row.split:
+            out.append(row)
+            continue
+        subject = row.subject or row.id
+        split = known.get(subject)
+        if split is None:
+            u = int(pseudonym(f"split:{subject}", salt, length=12), 16) / 16**12
+            split = names[int(np.searchsorted(bounds, u, side="right").clip(0, len(names) - 1))]
+        out.append(replace(row, split=split))
+    return out
