@@ -38,7 +38,7 @@ class PreprocessConfig:
 
     spacing: list[float | None] | None = None
     max_side_2d: int | None = 512
-    ct_windows: list[list[float]] = field(default_factory=lambda: [[40.0, 400.0]])
+    ct_windows: list[Any] = field(default_factory=lambda: [[40.0, 400.0]])
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     foreground_threshold: float = 0.05
     storage_dtype: str = "float16"
@@ -48,7 +48,11 @@ class PreprocessConfig:
             raise ValueError(f"preprocess.spacing must be null or 3 positive values (or nulls), got {self.spacing}")
         if self.max_side_2d is not None and self.max_side_2d < 8:
             raise ValueError(f"preprocess.max_side_2d must be at least 8, got {self.max_side_2d}")
-        if not self.ct_windows or any(len(w) != 2 or w[1] <= 0 for w in self.ct_windows):
+        try:
+            self.ct_windows = [[float(level), float(width)] for level, width in self.ct_windows]
+        except (TypeError, ValueError):
+            raise ValueError(f"preprocess.ct_windows must be [level, width] pairs, got {self.ct_windows}") from None
+        if not self.ct_windows or any(width <= 0 for _, width in self.ct_windows):
             raise ValueError(f"preprocess.ct_windows must be [level, width>0] pairs, got {self.ct_windows}")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(
@@ -66,7 +70,8 @@ class PreprocessConfig:
             merged = OmegaConf.merge(OmegaConf.structured(cls), base or {}, OmegaConf.from_dotlist(overrides))
             return OmegaConf.to_object(merged)  # type: ignore[return-value]
         except OmegaConfBaseException as exc:
-            raise ValueError(f"preprocess setting: {exc}".splitlines()[0]) from None
+            key = getattr(exc, "full_key", None) or "?"
+            raise ValueError(f"preprocess.{key}: {str(exc).splitlines()[0]}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
