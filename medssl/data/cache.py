@@ -75,7 +75,7 @@ class FileDigests:
         self.memo: dict[str, list[Any]] = {}
         if memo_path.is_file():
             try:
-                self.memo = json.loads(memo_path.read_text())
+                self.memo = json.loads(memo_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, OSError):
                 self.memo = {}
         self.changed = False
@@ -297,7 +297,7 @@ class CacheEntry:
 
     @cached_property
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.directory / f"{self.key}.json").read_text())
+        return json.loads((self.directory / f"{self.key}.json").read_text(encoding="utf-8"))
 
     def array(self) -> np.ndarray:
         """Memory-mapped ``[C, X, Y, Z]`` or ``[C, H, W]`` (float16 or uint8; see ``to_float``)."""
@@ -317,5 +317,5 @@ def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -
             index_path,
             "no cache index for this manifest and these settings; run `medssl manifest preprocess` first",
         )
-    entries = json.loads(index_path.read_text())["entries"]
+    entries = json.loads(index_path.read_text(encoding="utf-8"))["entries"]
     return {rid: CacheEntry(key, directory) for rid, key in entries.items()}

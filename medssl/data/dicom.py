@@ -65,8 +65,13 @@ def read_header(path: Path, salt: str, relative_path: str) -> DicomHeader:
         raise DataError(path, "not a DICOM file (no DICOM preamble or header)") from None
     except Exception as exc:  # pydicom raises many types on corrupt input; their text may hold values
         raise DataError(path, f"corrupt DICOM header ({type(exc).__name__})") from None
-    if not any(tag in ds for tag in _PIXEL_TAGS):
+    pixel_tags = [tag for tag in _PIXEL_TAGS if tag in ds]
+    if not pixel_tags:
+        if "SOPClassUID" not in ds and "TransferSyntaxUID" not in ds.file_meta:
+            raise DataError(path, "corrupt DICOM header (no recognisable DICOM elements)")
         raise DataError(path, "DICOM file has no pixel data (structured report, presentation state, ...)")
+    if _truncated(ds.get_item(pixel_tags[0], keep_deferred=True), path):
+        raise DataError(path, "truncated DICOM file (pixel data ends past the end of the file)")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
@@ -102,6 +107,22 @@ def read_header(path: Path, salt: str, relative_path: str) -> DicomHeader:
         path_has_identifier=redacted_path != relative_path,
         redacted_path=redacted_path,
     )
+
+
+def _truncated(element: object, path: Path) -> bool:
+    """True when a pixel data element of defined length runs past the end of the file.
+
+    Header reads defer large values (``defer_size``), so pydicom only seeks past them and a
+    file cut inside its pixel data would otherwise look complete.
+    """
+    length = getattr(element, "length", None)
+    tell = getattr(element, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:
+        return False
+    value = getattr(element, "value", None)
+    if value is not None:
+        return len(value) < length
+    return tell + length > path.stat().st_size
 
 
 def _floats(value: object, count: int) -> tuple[float, ...] | None:

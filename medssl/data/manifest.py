@@ -115,7 +115,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -153,7 +153,7 @@ def read_manifest_records(path: Path) -> tuple[list[dict[str, str]], list[str], 
         raise ManifestError(f"{path}: manifest not found")
     root: str | None = None
     data_lines: list[str] = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         for line in handle:
             if line.startswith("#"):
                 if line.startswith("# root:"):

@@ -26,7 +26,7 @@ def resolve_salt(explicit: str | None, salt_file: Path) -> tuple[str, str]:
     if env:
         return env, f"${SALT_ENV}"
     if salt_file.exists():
-        value = salt_file.read_text().strip()
+        value = salt_file.read_text(encoding="utf-8").strip()
         if not value:
             raise ValueError(f"{salt_file}: salt file is empty; delete it to create a new one")
         return value, str(salt_file)
@@ -34,7 +34,7 @@ def resolve_salt(explicit: str | None, salt_file: Path) -> tuple[str, str]:
     value = secrets.token_hex(32)
     tmp = salt_file.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(value + "\n")
     os.replace(tmp, salt_file)
     return value, f"{salt_file} (new)"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import gzip
 import os
 import re
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -113,17 +115,25 @@ def nifti_info(path: Path) -> FileInfo:
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(path, f"{len(shape)}D NIfTI (shape {shape}) is not supported; split it into 3D volumes")
-    expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
-    actual = _uncompressed_size(path)
-    if actual is not None and actual < expected:
+    # the loaded header's vox_offset is reset to 0; the array proxy keeps the offset in the file
+    offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+    expected = offset + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    actual = _uncompressed_size(path, expected)
+    if actual < expected:
         raise DataError(path, f"truncated NIfTI ({actual} of {expected} bytes)")
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
     shape_c, spacing_c = canonical_shape_spacing(shape, zooms, image.affine)
     return FileInfo(shape=shape_c, spacing=spacing_c)
 
 
-def _uncompressed_size(path: Path) -> int | None:
-    """File size, or for .gz the size in the gzip trailer (mod 2**32); None when unknown."""
+def _uncompressed_size(path: Path, expected: int) -> int:
+    """File size, or for .gz the uncompressed size.
+
+    A complete .gz ends with a trailer holding the uncompressed size mod 2**32: when it matches
+    ``expected`` that is enough. A truncated .gz ends inside its compressed data, so its last four
+    bytes are arbitrary (usually far larger than ``expected``); only then is the stream decompressed
+    to count its bytes.
+    """
     size = path.stat().st_size
     if not path.name.lower().endswith(".gz"):
         return size
@@ -132,9 +142,16 @@ def _uncompressed_size(path: Path) -> int | None:
     with open(path, "rb") as handle:
         handle.seek(-4, os.SEEK_END)
         isize = struct.unpack("<I", handle.read(4))[0]
-    if size > 2**32:  # trailer wraps: cannot tell
-        return None
-    return isize
+    if isize == expected % 2**32:
+        return expected
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read1(1 << 16):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        pass  # truncated or corrupt: count what was decompressed before the end
+    return total
 
 
 def image_info(path: Path) -> FileInfo:
@@ -318,7 +335,7 @@ def join_labels(
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DataError(labels_csv, "labels file not found")
-    with open(labels_csv, newline="") as handle:
+    with open(labels_csv, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise DataError(labels_csv, "labels file needs a 'path' column")

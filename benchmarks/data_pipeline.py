@@ -1,0 +1,259 @@
+"""Data pipeline benchmark: scan, cache build and cached loaders on real data.
+
+Usage (from the repository root, with ../shared/data present)::
+
+    .venv/bin/python benchmarks/data_pipeline.py --data ../shared/data --update BENCHMARKS.md
+
+Every phase runs in a fresh (spawned) process so that its peak memory is its own; loader
+processes' peaks include their DataLoader workers (``RUSAGE_CHILDREN``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "msd-hippocampus": {"exclude": ["labels/*"], "modality": "MR", "subject_pattern": None},
+    "kermany-cxr-224": {"exclude": [], "modality": "DX", "subject_pattern": r"(person\d+|IM-\d+)"},
+}
+
+
+def _peak_mib() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return round(own, 1), round(children, 1)
+
+
+def phase_scan(folder: str, manifest: str, options: dict[str, Any]) -> dict[str, Any]:
+    import re
+
+    from medssl.data.manifest import write_manifest
+    from medssl.data.scan import ScanOptions, scan_folder
+
+    pattern = re.compile(options["subject_pattern"]) if options["subject_pattern"] else None
+    start = time.perf_counter()
+    result = scan_folder(
+        Path(folder),
+        ScanOptions(
+            salt="benchmark",
+            subject_pattern=pattern,
+            modality=options["modality"],
+            exclude=options["exclude"],
+            progress=False,
+        ),
+    )
+    write_manifest(Path(manifest), result.rows, Path(folder))
+    seconds = time.perf_counter() - start
+    return {"files": result.files_seen, "items": len(result.rows), "seconds": seconds, "peak_mib": _peak_mib()}
+
+
+def phase_cache(manifest: str, cache: str, workers: int) -> dict[str, Any]:
+    from medssl.data.cache import build_cache
+    from medssl.data.manifest import read_manifest
+    from medssl.data.preprocess import PreprocessConfig
+
+    rows = read_manifest(manifest)
+    report = build_cache(rows, Path(cache), PreprocessConfig(), workers=workers, progress=False)
+    again = time.perf_counter()
+    rebuild = build_cache(rows, Path(cache), PreprocessConfig(), workers=workers, progress=False)
+    again = time.perf_counter() - again
+    size = sum(p.stat().st_size for p in Path(report.directory).glob("*.npy"))
+    return {
+        "built": report.built,
+        "failed": len(report.errors),
+        "seconds": report.seconds,
+        "rebuild_seconds": again,
+        "rebuild_reused": rebuild.reused,
+        "cache_mib": size / 2**20,
+        "peak_mib": _peak_mib(),
+    }
+
+
+def phase_loader(manifest: str, cache: str, kind: str, workers: int, batches: int, batch_size: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medssl.data.datasets import MultiCropSliceDataset, TwoViewStackDataset, cached_items
+    from medssl.data.manifest import read_manifest
+    from medssl.data.preprocess import PreprocessConfig
+
+    torch.set_num_threads(1)
+    items = cached_items(read_manifest(manifest), Path(cache), PreprocessConfig())
+    dataset = MultiCropSliceDataset(items) if kind == "2d" else TwoViewStackDataset(items)
+    if kind == "raw":  # bare memory-mapped slice reads, the floor under the 2D loader
+        dataset = MultiCropSliceDataset(items)
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(dataset))[: batches * batch_size]
+        start = time.perf_counter()
+        for i in order:
+            dataset.image(int(i), rng)
+        seconds = time.perf_counter() - start
+        return {
+            "samples": len(order),
+            "seconds": seconds,
+            "samples_per_s": len(order) / seconds,
+            "peak_mib": _peak_mib(),
+        }
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=generator)
+    iterator = iter(loader)
+    start = time.perf_counter()
+    next(iterator)  # worker start-up and first batch
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    count = 0
+    for _ in range(batches):
+        batch = next(iterator)
+        count += batch["views"][0].shape[0]
+    seconds = time.perf_counter() - start
+    return {
+        "dataset_len": len(dataset),
+        "first_batch_s": first,
+        "samples": count,
+        "seconds": seconds,
+        "samples_per_s": count / seconds,
+        "peak_mib": _peak_mib(),
+    }
+
+
+def _target(queue: mp.Queue, name: str, kwargs: dict[str, Any]) -> None:
+    queue.put(globals()[name](**kwargs))
+
+
+def run_isolated(name: str, **kwargs: Any) -> dict[str, Any]:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_target, args=(queue, name, kwargs))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    lines = [
+        "## Data pipeline (`benchmarks/data_pipeline.py`)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {results['machine']}. Default `PreprocessConfig` (float16 cache); 2D multi-crop = 2x96 px + 4x48 px "
+        f"views; 3D = two views of 16 slices at 96 px; batch {results['batch_size']}, {results['batches']} timed "
+        "batches after the first; torch threads 1 per process. Peak RSS in MiB (process / its workers).",
+        "",
+        "| dataset | scan | cache build (2 processes) | no-op rebuild | cache size |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results["datasets"].items():
+        s, c = r["scan"], r["cache"]
+        lines.append(
+            f"| {name} | {s['files']} files, {s['items']} items in {s['seconds']:.2f} s "
+            f"({s['items'] / s['seconds']:.0f} items/s; peak {s['peak_mib'][0]:.0f} MiB) "
+            f"| {c['built']} items in {c['seconds']:.1f} s = **{c['built'] / c['seconds']:.1f} items/s** "
+            f"(peak {c['peak_mib'][0]:.0f} / {c['peak_mib'][1]:.0f} MiB) "
+            f"| {c['rebuild_seconds']:.2f} s ({c['rebuild_reused']} reused) | {c['cache_mib']:.1f} MiB |"
+        )
+    lines += [
+        "",
+        "| dataset | loader | samples in dataset | workers | samples/s | first batch | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["datasets"].items():
+        for key, value in r["loaders"].items():
+            kind, workers = key.split(":")
+            label = {"raw": "bare cached slice read", "2d": "2D multi-crop", "3d": "3D two-view stack"}[kind]
+            first = f"{value['first_batch_s']:.2f} s" if "first_batch_s" in value else "-"
+            lines.append(
+                f"| {name} | {label} | {value.get('dataset_len', '-')} | {workers} "
+                f"| **{value['samples_per_s']:.1f}** | {first} "
+                f"| {value['peak_mib'][0]:.0f} / {value['peak_mib'][1]:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def update_section(path: Path, text: str, tag: str = "data_pipeline") -> None:
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    block = f"{start}\n{text}{end}\n"
+    current = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        current = before + block + after
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(current)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data", help="folder holding msd-hippocampus and kermany-cxr-224")
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cache-workers", type=int, default=2)
+    parser.add_argument("--update", help="write the results into this Markdown file (e.g. BENCHMARKS.md)")
+    args = parser.parse_args()
+    data = Path(args.data)
+    missing = [name for name in DATASETS if not (data / name).is_dir()]
+    if missing:
+        print(f"error: {data} lacks {', '.join(missing)} (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medssl-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "datasets": {},
+    }
+    try:
+        for name, options in DATASETS.items():
+            manifest = str(workdir / f"{name}.csv")
+            cache = str(workdir / f"cache-{name}")
+            shutil.rmtree(cache, ignore_errors=True)
+            entry: dict[str, Any] = {
+                "scan": run_isolated("phase_scan", folder=str(data / name), manifest=manifest, options=options)
+            }
+            entry["cache"] = run_isolated("phase_cache", manifest=manifest, cache=cache, workers=args.cache_workers)
+            entry["loaders"] = {}
+            kinds = ["raw", "2d"] + (["3d"] if name == "msd-hippocampus" else [])
+            for kind in kinds:
+                for workers in [0] if kind == "raw" else [0, 2]:
+                    entry["loaders"][f"{kind}:{workers}"] = run_isolated(
+                        "phase_loader",
+                        manifest=manifest,
+                        cache=cache,
+                        kind=kind,
+                        workers=workers,
+                        batches=args.batches,
+                        batch_size=args.batch_size,
+                    )
+                    print(name, kind, workers, json.dumps(entry["loaders"][f"{kind}:{workers}"]), flush=True)
+            results["datasets"][name] = entry
+            print(name, json.dumps({k: entry[k] for k in ("scan", "cache")}), flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    command = "python benchmarks/data_pipeline.py " + " ".join(a for a in sys.argv[1:] if a)
+    text = markdown(results, command)
+    print(text)
+    if args.update:
+        update_section(Path(args.update), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The data section of the configuration (``configs/data/*.yaml``) as typed dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from medssl.data.datasets import SliceConfig, StackConfig
+from medssl.data.preprocess import PreprocessConfig
+from medssl.data.views import MultiCropConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, how it is preprocessed and how samples are drawn.
+
+    ``splits``: manifest splits used for pretraining (``""`` = rows without a split).
+    ``background``/``target``: manifest ``group`` values for SepCLR's balanced batches.
+    """
+
+    manifest: str = "data_manifests/demo.csv"
+    root: str | None = None
+    cache_dir: str = "cache"
+    cache_workers: int = 2
+    splits: list[str] | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    views: MultiCropConfig = field(default_factory=MultiCropConfig)
+    slices: SliceConfig = field(default_factory=SliceConfig)
+    stacks: StackConfig = field(default_factory=StackConfig)
+    background: str = "background"
+    target: str = "target"
+
+
+def data_config(values: DictConfig | dict[str, Any] | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """Typed ``DataConfig`` from a config mapping plus ``key=value`` overrides.
+
+    A wrong key or value raises ``ValueError`` naming it as ``data.<key>``.
+    """
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(DataConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
+        )
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ValueError(f"data.{key}: {str(exc).splitlines()[0]}") from None
