@@ -94,6 +94,8 @@ def cmd_manifest_validate(args: argparse.Namespace) -> int:
         print(f"error: {error}")
     if len(report.errors) > args.max_messages:
         print(f"error: ... and {len(report.errors) - args.max_messages} more errors")
+    if report.summary:
+        print("summary: " + ", ".join(f"{key} {value}" for key, value in report.summary.items()))
     print(
         f"{args.manifest}: {'OK' if report.ok else 'INVALID'} "
         f"({len(report.errors)} errors, {len(report.warnings)} warnings)"

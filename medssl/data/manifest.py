@@ -18,7 +18,7 @@ import io
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from medssl.data.errors import ManifestError
@@ -186,6 +186,7 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
 class ValidationReport:
     errors: list[str]
     warnings: list[str]
+    summary: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -240,4 +241,4 @@ def validate_manifest(path: str | Path, root: str | Path | None = None, check_fi
     for subject, splits in sorted(splits_of_subject.items()):
         if len(splits) > 1:
             errors.append(f"subject {subject} appears in several splits ({', '.join(sorted(splits))}): split leakage")
-    return ValidationReport(errors, warnings)
+    return ValidationReport(errors, warnings, manifest.summary())
