@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _report import update_section
+
 DATASETS: dict[str, dict[str, Any]] = {
     "msd-hippocampus": {"exclude": ["labels/*"], "modality": "MR", "subject_pattern": None},
     "kermany-cxr-224": {"exclude": [], "modality": "DX", "subject_pattern": r"(person\d+|IM-\d+)"},
@@ -118,6 +120,7 @@ def phase_loader(manifest: str, cache: str, kind: str, workers: int, batches: in
         persistent_workers=workers > 0,
         multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None,
     )
+
     def endless():  # small datasets run out of batches: go on with further epochs
         epoch = 0
         while True:
@@ -206,21 +209,6 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_section(path: Path, text: str, tag: str = "data_pipeline") -> None:
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    block = f"{start}\n{text}{end}\n"
-    current = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if start in current and end in current:
-        before, rest = current.split(start, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        current = before + block + after
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(current)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data", help="folder holding msd-hippocampus and kermany-cxr-224")
@@ -275,7 +263,7 @@ def main() -> int:
     text = markdown(results, command)
     print(text)
     if args.update:
-        update_section(Path(args.update), text)
+        update_section(Path(args.update), text, tag="data_pipeline")
     return 0
 
 

@@ -20,3 +20,8 @@ def test_notebook_code_cells_parse():
         for cell in cells:
             if cell["cell_type"] == "code":
                 ast.parse("".join(cell["source"]), filename=str(notebook))
+
+
+def test_benchmark_scripts_compile():
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        compile(script.read_text(encoding="utf-8"), str(script), "exec")

@@ -1,0 +1,22 @@
+"""Shared helpers for benchmark scripts: write a tagged section into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def update_section(path: Path, text: str, tag: str) -> None:
+    """Replace the block between ``<!-- tag:start -->`` and ``<!-- tag:end -->`` (or append it)."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    block = f"{start}\n{text}{end}\n"
+    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        current = before + block + ("\n" + after if after else "")
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(current, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,251 @@
+"""The joint objective: L = λ_intra L_intra + λ_inter L_inter + λ_mask L_mask + λ_sep L_sep in one step.
+
+* ``L_intra``: SwAV swapped prediction (Caron et al., NeurIPS 2020) on the 2D multi-crop views of
+  images and of slices of volumes (shared encoder, projector, 2D prototypes).
+* ``L_inter``: SwAV on the volume embeddings of two views of the same stack of slices
+  (Nguyen et al., AAAI 2023), through the deformable slice transformer.
+* ``L_mask``: masked slice-embedding prediction on the stacks' slice embeddings (same paper).
+* ``L_sep``: SepCLR common/salient separation on background/target batches (Louiset et al., ICLR 2024).
+
+``StagedSchedule`` reproduces the released paper code's schedule in one run: 2D only, then the
+masked objective with the encoder frozen, then 3D cluster agreement end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medssl.models.joint import JointModel
+from medssl.objectives.health import alignment, embedding_std, uniformity
+from medssl.objectives.sepclr import SepCLRLoss
+from medssl.objectives.swav import SwAVLoss
+
+
+@dataclass
+class LossWeights:
+    intra: float = 1.0
+    inter: float = 1.0
+    mask: float = 1.0
+    sep: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("intra", "inter", "mask", "sep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"weights.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SepCLRWeights:
+    beta_salient: float = 1.0
+    beta_infoless: float = 10.0
+    lambda_jem: float = 10.0
+    tau: float = 0.5
+
+
+@dataclass
+class JointObjectiveConfig:
+    """Loss settings (``configs/method/*.yaml``).
+
+    ``stages``: ``None`` for joint training, or ``[end_of_2d, end_of_masked]`` steps for the staged
+    preset (2D -> masked with frozen encoder -> 3D end to end).
+    """
+
+    weights: LossWeights = field(default_factory=LossWeights)
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_steps: int = 300
+    sepclr: SepCLRWeights = field(default_factory=SepCLRWeights)
+    stages: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stages is not None and (len(self.stages) != 2 or not 0 <= self.stages[0] <= self.stages[1]):
+            raise ValueError(f"stages must be null or [end_of_2d, end_of_masked] with 0 <= a <= b, got {self.stages}")
+        if self.temperature <= 0 or self.epsilon <= 0:
+            raise ValueError(f"temperature and epsilon must be > 0, got {self.temperature}, {self.epsilon}")
+
+
+@dataclass
+class StagePlan:
+    weights: LossWeights
+    freeze_encoder: bool
+    name: str
+
+
+class StagedSchedule:
+    """The released code's three stages as one schedule over steps.
+
+    ``[0, a)``: L_intra only; ``[a, b)``: L_mask only, encoder frozen (its features detached);
+    ``[b, ∞)``: L_inter (+ L_intra and L_mask at their configured weights) end to end.
+    """
+
+    def __init__(self, boundaries: list[int], weights: LossWeights) -> None:
+        self.boundaries = boundaries
+        self.weights = weights
+
+    def at(self, step: int) -> StagePlan:
+        first, second = self.boundaries
+        if step < first:
+            return StagePlan(LossWeights(intra=self.weights.intra or 1.0, inter=0, mask=0, sep=0), False, "2d")
+        if step < second:
+            return StagePlan(LossWeights(intra=0, inter=0, mask=self.weights.mask or 1.0, sep=0), True, "masked")
+        return StagePlan(self.weights, False, "3d")
+
+
+@dataclass
+class StackBatch:
+    """Two views of stacks of slices: ``views`` 2 x ``[B, N, C, H, W]``, ``mask`` ``[B, N]`` (True = real
+    slice), ``positions`` ``[B, N]`` mm."""
+
+    views: list[Tensor]
+    mask: Tensor
+    positions: Tensor | None = None
+
+
+@dataclass
+class SepBatch:
+    """Two views ``[B, C, H, W]`` of a background/target balanced batch and ``is_target`` ``[B]``."""
+
+    views: list[Tensor]
+    is_target: Tensor
+
+
+class JointObjective(nn.Module):
+    """Computes the weighted sum of the active losses and the metrics worth logging.
+
+    The trainer calls ``forward`` each step, ``normalize_prototypes()`` before it (SwAV keeps
+    prototypes on the sphere) and ``after_backward(step)`` after ``backward`` (prototypes stay
+    frozen for ``freeze_prototypes_steps``).
+    """
+
+    def __init__(self, model: JointModel, config: JointObjectiveConfig | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config or JointObjectiveConfig()
+        cfg = self.config
+        self.swav = SwAVLoss(cfg.temperature, cfg.epsilon, cfg.sinkhorn_iterations, crops_for_assign=(0, 1))
+        self.sepclr = SepCLRLoss(
+            cfg.sepclr.beta_salient, cfg.sepclr.beta_infoless, cfg.sepclr.lambda_jem, tau=cfg.sepclr.tau
+        )
+        self.schedule = StagedSchedule(cfg.stages, cfg.weights) if cfg.stages is not None else None
+
+    def plan(self, step: int) -> StagePlan:
+        if self.schedule is None:
+            return StagePlan(self.config.weights, False, "joint")
+        return self.schedule.at(step)
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        for prototypes in self.model.prototype_modules():
+            prototypes.normalize_()
+
+    def after_backward(self, step: int) -> None:
+        if step < self.config.freeze_prototypes_steps:
+            for prototypes in self.model.prototype_modules():
+                prototypes.cancel_gradients()
+
+    def _swav_heads(self, prototypes: nn.Module, embeddings: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """SwAV averaged over prototype heads. ``embeddings``: V unit vectors ``[B, d]``, globals first."""
+        per_head: list[list[Tensor]] = [[] for _ in range(prototypes.n_heads)]  # type: ignore[attr-defined]
+        for z in embeddings:
+            for h, scores in enumerate(prototypes(z)):
+                per_head[h].append(scores)
+        losses, metrics = [], {}
+        for h, scores in enumerate(per_head):
+            loss, m = self.swav(scores)
+            losses.append(loss)
+            if h == 0:
+                metrics = m
+        return torch.stack(losses).mean(), metrics
+
+    def forward(
+        self,
+        crops: list[Tensor] | None = None,
+        stacks: StackBatch | None = None,
+        sep: SepBatch | None = None,
+        step: int = 0,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """One training step's loss.
+
+        Args:
+            crops: 2D multi-crop views, ``[B, C, h, w]`` each, the 2 global crops first.
+            stacks: two views of slice stacks for L_inter and L_mask.
+            sep: background/target views for L_sep.
+            step: global step (staged schedule, prototype freezing).
+        Returns:
+            ``(loss, metrics)``: metrics are detached scalars (``loss/*``, ``health/*``) and ``stage``.
+        """
+        plan = self.plan(step)
+        w = plan.weights
+        want_intra = w.intra > 0 and crops is not None
+        want_3d = (w.inter > 0 or w.mask > 0) and stacks is not None
+        want_sep = w.sep > 0 and sep is not None
+        if not (want_intra or want_3d or want_sep):
+            raise ValueError(f"stage '{plan.name}' has no active loss for the given batches (weights {w})")
+
+        images: list[Tensor] = []
+        if want_intra:
+            images.extend(crops)  # type: ignore[arg-type]
+        if want_3d:
+            images.extend(view[stacks.mask] for view in stacks.views)  # type: ignore[union-attr]
+        if want_sep:
+            images.extend(sep.views)  # type: ignore[union-attr]
+        if plan.freeze_encoder:
+            with torch.no_grad():
+                features = self.model.encode(images)
+        else:
+            features = self.model.encode(images)
+
+        total = torch.zeros((), device=images[0].device)
+        metrics: dict[str, Any] = {"stage": plan.name}
+        cursor = 0
+        if want_intra:
+            n = len(crops)  # type: ignore[arg-type]
+            z = [self.model.projector(f) for f in features[cursor : cursor + n]]
+            cursor += n
+            loss, m = self._swav_heads(self.model.intra_prototypes, z)
+            total = total + w.intra * loss
+            metrics["loss/intra"] = loss.detach()
+            metrics["health/intra_effective_prototypes"] = m["effective_prototypes"]
+            metrics["health/intra_alignment"] = alignment(z[0].detach(), z[1].detach())
+            if z[0].shape[0] > 1:  # spread metrics need two samples
+                metrics["health/intra_uniformity"] = uniformity(z[0].detach())
+                metrics["health/intra_std_mean"] = embedding_std(z[0].detach())["std_mean"]
+        if want_3d:
+            mask = stacks.mask  # type: ignore[union-attr]
+            tokens = []
+            for flat in features[cursor : cursor + 2]:
+                dense = flat.new_zeros((*mask.shape, flat.shape[-1]))
+                dense[mask] = flat
+                tokens.append(dense)
+            cursor += 2
+            positions = stacks.positions  # type: ignore[union-attr]
+            if w.inter > 0:
+                volumes = [self.model.transformer(t, mask, positions).volume for t in tokens]
+                loss, m = self._swav_heads(self.model.inter_prototypes, volumes)
+                total = total + w.inter * loss
+                metrics["loss/inter"] = loss.detach()
+                metrics["health/inter_effective_prototypes"] = m["effective_prototypes"]
+                metrics["health/inter_alignment"] = alignment(volumes[0].detach(), volumes[1].detach())
+                if volumes[0].shape[0] > 1:
+                    metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())
+            if w.mask > 0:
+                losses = [self.model.masked(t, mask, self.model.transformer, positions)[0] for t in tokens]
+                loss = torch.stack(losses).mean()
+                total = total + w.mask * loss
+                metrics["loss/mask"] = loss.detach()
+        if want_sep:
+            f1, f2 = features[cursor : cursor + 2]
+            c1, s1 = self.model.sep_heads(f1)
+            c2, s2 = self.model.sep_heads(f2)
+            loss, m = self.sepclr(c1, c2, s1, s2, sep.is_target)  # type: ignore[union-attr]
+            total = total + w.sep * loss
+            metrics["loss/sep"] = loss.detach()
+            metrics["health/salient_norm_background"] = m["salient_norm_background"]
+            metrics["health/salient_norm_target"] = m["salient_norm_target"]
+        metrics["loss/total"] = total.detach()
+        return total, metrics
