@@ -131,3 +131,30 @@ def test_bad_config_values_name_the_key():
         LossWeights(inter=-1)
     with pytest.raises(ValueError, match="stages"):
         JointObjectiveConfig(stages=[5, 2])
+
+
+def test_swav_queue_fills_then_joins_the_codes():
+    reference = objective(weights=LossWeights(intra=1, inter=0, mask=0))
+    obj = objective(weights=LossWeights(intra=1, inter=0, mask=0), queue_length=8)
+    assert obj.queue is not None and not obj.queue.is_full
+    obj(batches(seed=1)[0], step=0)
+    assert not obj.queue.is_full  # 4 of 8 rows
+    obj(batches(seed=2)[0], step=1)
+    assert obj.queue.is_full
+    crops = batches(seed=0)[0]
+    without, _ = reference(crops, step=2)
+    with_queue, _ = obj(crops, step=2)
+    assert without.item() != with_queue.item(), "a full queue of other samples changes the codes"
+
+
+def test_simclr_baseline_runs_on_the_same_model():
+    from medssl.objectives.baseline import SimCLRObjective
+
+    torch.manual_seed(0)
+    model = JointModel(TINY)
+    crops, _, _ = batches()
+    loss, metrics = SimCLRObjective(model, temperature=0.2)(crops)
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    assert metrics["loss/total"] == loss.detach()
+    assert "health/accuracy" in metrics

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medssl.models.heads import Prototypes
 from medssl.models.joint import JointModel
 from medssl.objectives.health import alignment, embedding_std, uniformity
 from medssl.objectives.sepclr import SepCLRLoss
-from medssl.objectives.swav import SwAVLoss
+from medssl.objectives.swav import EmbeddingQueue, SwAVLoss
 
 
 @dataclass
@@ -59,12 +60,16 @@ class JointObjectiveConfig:
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 300
+    queue_length: int = 0  # SwAV queue of 2D embeddings for small batches (0 = none)
+    queue_start_step: int = 0
     sepclr: SepCLRWeights = field(default_factory=SepCLRWeights)
     stages: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.stages is not None and (len(self.stages) != 2 or not 0 <= self.stages[0] <= self.stages[1]):
             raise ValueError(f"stages must be null or [end_of_2d, end_of_masked] with 0 <= a <= b, got {self.stages}")
+        if self.queue_length < 0 or self.queue_start_step < 0:
+            raise ValueError(f"queue_length and queue_start_step must be >= 0, got {self.queue_length}")
         if self.temperature <= 0 or self.epsilon <= 0:
             raise ValueError(f"temperature and epsilon must be > 0, got {self.temperature}, {self.epsilon}")
 
@@ -132,6 +137,9 @@ class JointObjective(nn.Module):
             cfg.sepclr.beta_salient, cfg.sepclr.beta_infoless, cfg.sepclr.lambda_jem, tau=cfg.sepclr.tau
         )
         self.schedule = StagedSchedule(cfg.stages, cfg.weights) if cfg.stages is not None else None
+        self.queue = (
+            EmbeddingQueue(cfg.queue_length, model.config.projector_dim, n_assign=2) if cfg.queue_length else None
+        )
 
     def plan(self, step: int) -> StagePlan:
         if self.schedule is None:
@@ -148,15 +156,20 @@ class JointObjective(nn.Module):
             for prototypes in self.model.prototype_modules():
                 prototypes.cancel_gradients()
 
-    def _swav_heads(self, prototypes: nn.Module, embeddings: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """SwAV averaged over prototype heads. ``embeddings``: V unit vectors ``[B, d]``, globals first."""
-        per_head: list[list[Tensor]] = [[] for _ in range(prototypes.n_heads)]  # type: ignore[attr-defined]
+    def _swav_heads(
+        self, prototypes: Prototypes, embeddings: list[Tensor], queue: EmbeddingQueue | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """SwAV averaged over prototype heads. ``embeddings``: V unit vectors ``[B, d]``, globals first.
+
+        With a full ``queue``, the codes of the two global crops are computed over queue + batch."""
+        per_head: list[list[Tensor]] = [[] for _ in range(prototypes.n_heads)]
         for z in embeddings:
             for h, scores in enumerate(prototypes(z)):
                 per_head[h].append(scores)
         losses, metrics = [], {}
         for h, scores in enumerate(per_head):
-            loss, m = self.swav(scores)
+            queued = queue.scores(prototypes.heads[h].weight) if queue is not None and queue.is_full else None
+            loss, m = self.swav(scores, queued)
             losses.append(loss)
             if h == 0:
                 metrics = m
@@ -207,7 +220,10 @@ class JointObjective(nn.Module):
             n = len(crops)  # type: ignore[arg-type]
             z = [self.model.projector(f) for f in features[cursor : cursor + n]]
             cursor += n
-            loss, m = self._swav_heads(self.model.intra_prototypes, z)
+            use_queue = self.queue is not None and step >= self.config.queue_start_step
+            loss, m = self._swav_heads(self.model.intra_prototypes, z, self.queue if use_queue else None)
+            if use_queue and self.training:
+                self.queue.push([z[0], z[1]])  # type: ignore[union-attr]
             total = total + w.intra * loss
             metrics["loss/intra"] = loss.detach()
             metrics["health/intra_effective_prototypes"] = m["effective_prototypes"]
