@@ -158,3 +158,39 @@ def test_simclr_baseline_runs_on_the_same_model():
     assert all(p.grad is not None for p in model.encoder.parameters())
     assert metrics["loss/total"] == loss.detach()
     assert "health/accuracy" in metrics
+
+
+def test_deepcluster_streams_wait_for_a_clustering_then_train_against_it():
+    torch.manual_seed(0)
+    obj = JointObjective(
+        JointModel(TINY),
+        JointObjectiveConfig(intra_clustering="deepcluster", inter_clustering="deepcluster", freeze_prototypes_steps=0),
+        dataset_sizes=(12, 6),
+    )
+    weights = LossWeights(intra=1, inter=1, mask=0)
+    obj.config.weights = weights
+    for b in range(3):  # fill both memory banks
+        crops, stacks, _ = batches(seed=b)
+        stacks.index = torch.tensor([2 * b, 2 * b + 1])
+        loss, metrics = obj(crops, stacks, crop_index=torch.arange(4 * b, 4 * b + 4))
+        assert loss.item() == 0.0 and metrics["loss/intra"] == 0.0, "no pseudo-labels before the first clustering"
+    metrics = obj.cluster(torch.Generator().manual_seed(0))
+    assert any(key.startswith("cluster/intra") for key in metrics) and any(
+        k.startswith("cluster/inter") for k in metrics
+    )
+    for head in obj.model.intra_prototypes.heads:
+        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(head.weight.shape[0]))
+    crops, stacks, _ = batches(seed=0)
+    stacks.index = torch.tensor([0, 1])
+    loss, metrics = obj(crops, stacks, crop_index=torch.arange(4))
+    assert metrics["loss/intra"] > 0 and metrics["loss/inter"] > 0
+    loss.backward()
+    obj.after_backward(step=100)
+    assert all(p.grad is None for p in obj.model.intra_prototypes.parameters()), "k-means sets the prototypes"
+    assert any(p.grad is not None for p in obj.model.encoder.parameters())
+    with pytest.raises(ValueError, match="indices"):
+        obj(crops, stacks)
+    with pytest.raises(ValueError, match="dataset_sizes"):
+        JointObjective(JointModel(TINY), JointObjectiveConfig(inter_clustering="deepcluster"))
+    with pytest.raises(ValueError, match="intra_clustering"):
+        JointObjectiveConfig(intra_clustering="kmeans")

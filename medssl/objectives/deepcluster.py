@@ -306,3 +306,52 @@ def _effective(counts: Tensor) -> Tensor:
     p = counts / total.clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
     return torch.where(total > 0, torch.exp(entropy), torch.zeros_like(entropy))
+
+
+class DeepClusterHead(nn.Module):
+    """DeepCluster-v2 for one embedding stream (2D crops or volume embeddings).
+
+    Each step writes the (detached) embeddings of the two assigned views into the memory bank and,
+    once a first clustering exists, returns the cross-entropy to last epoch's pseudo-labels. The
+    trainer calls :meth:`cluster` at the start of every epoch: spherical k-means on the bank, whose
+    centroids become the prototypes (which therefore take no gradient).
+
+    Args:
+        size: dataset size (largest sample index + 1).
+        dim: embedding width.
+        n_prototypes: clusters per head.
+    """
+
+    clustered: Tensor
+
+    def __init__(
+        self, size: int, dim: int, n_prototypes: Sequence[int], temperature: float = 0.1, kmeans_iterations: int = 10
+    ) -> None:
+        super().__init__()
+        self.bank = MemoryBank(size, dim, n_views=2)
+        self.deepcluster = DeepClusterV2(n_prototypes, temperature, kmeans_iterations)
+        self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+
+    def forward(
+        self, prototype_heads: Sequence[nn.Module], embeddings: Sequence[Tensor], index: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss for V unit embeddings ``[B, dim]`` (the first two are stored in the bank) of samples ``index`` [B]."""
+        if len(embeddings) < 2:
+            raise ValueError(f"DeepCluster-v2 needs at least two views, got {len(embeddings)}")
+        self.bank.update(index, [embeddings[0].detach(), embeddings[1].detach()])
+        if not bool(self.clustered):
+            zero = torch.stack([e.sum() for e in embeddings]).sum() * 0.0
+            return zero, {"waiting_for_clustering": torch.ones(())}
+        scores = [[head(z) for z in embeddings] for head in prototype_heads]
+        return self.deepcluster(scores, index)
+
+    @torch.no_grad()
+    def cluster(
+        self, prototype_heads: Sequence[nn.Module], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """k-means on the bank; writes the centroids into the heads' weights. No-op on an empty bank."""
+        if not bool(self.bank.filled.any()):
+            return {}
+        metrics = self.deepcluster.cluster(self.bank, [head.weight for head in prototype_heads], generator)
+        self.clustered.fill_(True)
+        return metrics

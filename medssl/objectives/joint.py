@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from medssl.models.heads import Prototypes
 from medssl.models.joint import JointModel
+from medssl.objectives.deepcluster import DeepClusterHead
 from medssl.objectives.health import alignment, embedding_std, uniformity
 from medssl.objectives.sepclr import SepCLRLoss
 from medssl.objectives.swav import EmbeddingQueue, SwAVLoss
@@ -60,6 +61,9 @@ class JointObjectiveConfig:
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 300
+    intra_clustering: str = "swav"  # or "deepcluster" (memory bank + k-means each epoch)
+    inter_clustering: str = "swav"
+    kmeans_iterations: int = 10
     queue_length: int = 0  # SwAV queue of 2D embeddings for small batches (0 = none)
     queue_start_step: int = 0
     sepclr: SepCLRWeights = field(default_factory=SepCLRWeights)
@@ -68,6 +72,9 @@ class JointObjectiveConfig:
     def __post_init__(self) -> None:
         if self.stages is not None and (len(self.stages) != 2 or not 0 <= self.stages[0] <= self.stages[1]):
             raise ValueError(f"stages must be null or [end_of_2d, end_of_masked] with 0 <= a <= b, got {self.stages}")
+        for name in ("intra_clustering", "inter_clustering"):
+            if getattr(self, name) not in ("swav", "deepcluster"):
+                raise ValueError(f"{name} must be 'swav' or 'deepcluster', got {getattr(self, name)!r}")
         if self.queue_length < 0 or self.queue_start_step < 0:
             raise ValueError(f"queue_length and queue_start_step must be >= 0, got {self.queue_length}")
         if self.temperature <= 0 or self.epsilon <= 0:
@@ -104,11 +111,12 @@ class StagedSchedule:
 @dataclass
 class StackBatch:
     """Two views of stacks of slices: ``views`` 2 x ``[B, N, C, H, W]``, ``mask`` ``[B, N]`` (True = real
-    slice), ``positions`` ``[B, N]`` mm."""
+    slice), ``positions`` ``[B, N]`` mm, ``index`` ``[B]`` dataset indices."""
 
     views: list[Tensor]
     mask: Tensor
     positions: Tensor | None = None
+    index: Tensor | None = None  # [B] dataset indices (DeepCluster-v2)
 
 
 @dataclass
@@ -127,7 +135,13 @@ class JointObjective(nn.Module):
     frozen for ``freeze_prototypes_steps``).
     """
 
-    def __init__(self, model: JointModel, config: JointObjectiveConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: JointModel,
+        config: JointObjectiveConfig | None = None,
+        dataset_sizes: tuple[int, int] | None = None,
+    ) -> None:
+        """``dataset_sizes``: (2D samples, volumes), needed by DeepCluster-v2's memory banks."""
         super().__init__()
         self.model = model
         self.config = config or JointObjectiveConfig()
@@ -140,6 +154,25 @@ class JointObjective(nn.Module):
         self.queue = (
             EmbeddingQueue(cfg.queue_length, model.config.projector_dim, n_assign=2) if cfg.queue_length else None
         )
+        self.intra_deepcluster = self.inter_deepcluster = None
+        if "deepcluster" in (cfg.intra_clustering, cfg.inter_clustering) and dataset_sizes is None:
+            raise ValueError("dataset_sizes (2D samples, volumes) are needed when a clustering is 'deepcluster'")
+        if cfg.intra_clustering == "deepcluster":
+            self.intra_deepcluster = DeepClusterHead(
+                dataset_sizes[0],
+                model.config.projector_dim,
+                model.config.intra_prototypes,  # type: ignore[index]
+                cfg.temperature,
+                cfg.kmeans_iterations,
+            )
+        if cfg.inter_clustering == "deepcluster":
+            self.inter_deepcluster = DeepClusterHead(
+                dataset_sizes[1],
+                model.config.transformer_dim,
+                model.config.inter_prototypes,  # type: ignore[index]
+                cfg.temperature,
+                cfg.kmeans_iterations,
+            )
 
     def plan(self, step: int) -> StagePlan:
         if self.schedule is None:
@@ -152,9 +185,39 @@ class JointObjective(nn.Module):
             prototypes.normalize_()
 
     def after_backward(self, step: int) -> None:
-        if step < self.config.freeze_prototypes_steps:
-            for prototypes in self.model.prototype_modules():
-                prototypes.cancel_gradients()
+        """Cancel prototype gradients while frozen (always for DeepCluster-v2: k-means sets them)."""
+        frozen = step < self.config.freeze_prototypes_steps
+        if frozen or self.intra_deepcluster is not None:
+            self.model.intra_prototypes.cancel_gradients()
+        if frozen or self.inter_deepcluster is not None:
+            self.model.inter_prototypes.cancel_gradients()
+
+    def cluster(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """DeepCluster-v2's epoch-start k-means (no-op for SwAV streams); returns its metrics."""
+        metrics: dict[str, Tensor] = {}
+        for name, head, prototypes in (
+            ("intra", self.intra_deepcluster, self.model.intra_prototypes),
+            ("inter", self.inter_deepcluster, self.model.inter_prototypes),
+        ):
+            if head is not None:
+                metrics.update({f"cluster/{name}_{k}": v for k, v in head.cluster(prototypes.heads, generator).items()})
+        return metrics
+
+    def _cluster_loss(
+        self,
+        prototypes: Prototypes,
+        embeddings: list[Tensor],
+        deepcluster: DeepClusterHead | None,
+        index: Tensor | None,
+        queue: EmbeddingQueue | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if deepcluster is None:
+            return self._swav_heads(prototypes, embeddings, queue)
+        if index is None:
+            raise ValueError("DeepCluster-v2 needs the batch's dataset indices (crop_index / StackBatch.index)")
+        loss, metrics = deepcluster(prototypes.heads, embeddings, index)
+        metrics.setdefault("effective_prototypes", torch.zeros(()))
+        return loss, metrics
 
     def _swav_heads(
         self, prototypes: Prototypes, embeddings: list[Tensor], queue: EmbeddingQueue | None = None
@@ -181,6 +244,7 @@ class JointObjective(nn.Module):
         stacks: StackBatch | None = None,
         sep: SepBatch | None = None,
         step: int = 0,
+        crop_index: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         """One training step's loss.
 
@@ -189,6 +253,7 @@ class JointObjective(nn.Module):
             stacks: two views of slice stacks for L_inter and L_mask.
             sep: background/target views for L_sep.
             step: global step (staged schedule, prototype freezing).
+            crop_index: ``[B]`` dataset indices of the 2D samples (DeepCluster-v2 only).
         Returns:
             ``(loss, metrics)``: metrics are detached scalars (``loss/*``, ``health/*``) and ``stage``.
         """
@@ -221,7 +286,9 @@ class JointObjective(nn.Module):
             z = [self.model.projector(f) for f in features[cursor : cursor + n]]
             cursor += n
             use_queue = self.queue is not None and step >= self.config.queue_start_step
-            loss, m = self._swav_heads(self.model.intra_prototypes, z, self.queue if use_queue else None)
+            loss, m = self._cluster_loss(
+                self.model.intra_prototypes, z, self.intra_deepcluster, crop_index, self.queue if use_queue else None
+            )
             if use_queue and self.training:
                 self.queue.push([z[0], z[1]])  # type: ignore[union-attr]
             total = total + w.intra * loss
@@ -242,7 +309,12 @@ class JointObjective(nn.Module):
             positions = stacks.positions  # type: ignore[union-attr]
             if w.inter > 0:
                 volumes = [self.model.transformer(t, mask, positions).volume for t in tokens]
-                loss, m = self._swav_heads(self.model.inter_prototypes, volumes)
+                loss, m = self._cluster_loss(
+                    self.model.inter_prototypes,
+                    volumes,
+                    self.inter_deepcluster,
+                    stacks.index,  # type: ignore[union-attr]
+                )
                 total = total + w.inter * loss
                 metrics["loss/inter"] = loss.detach()
                 metrics["health/inter_effective_prototypes"] = m["effective_prototypes"]
