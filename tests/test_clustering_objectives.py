@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import spawn_ranks
 from torch import nn
 
 from medssl.objectives.deepcluster import IGNORE_INDEX, DeepClusterV2, MemoryBank, spherical_kmeans
@@ -466,7 +463,7 @@ def test_distributed_helpers_are_identities_in_one_process():
     assert all_reduce_sum(s) is s and s.tolist() == [1.0, 1.0]
 
 
-def _distributed_worker(rank, world, init_file, batch, k):
+def _distributed_worker(rank, init_file, world, batch, k):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -509,5 +506,4 @@ def _distributed_worker(rank, world, init_file, batch, k):
 
 def test_distributed_sinkhorn_gather_and_kmeans_match_single_process():
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_distributed_worker, args=(world, os.path.join(tmp, "init"), 5, 4), nprocs=world, join=True)
+    spawn_ranks(_distributed_worker, (world, 5, 4), nprocs=world)

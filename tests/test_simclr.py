@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ranks import spawn_ranks
 
 from medssl.objectives.simclr import InfoNCELoss, MoCHiConfig, mix_hard_negatives
 
@@ -195,18 +196,9 @@ def _two_rank_worker(rank, init_file, z1, z2, out_dir):
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs the gloo backend"
 )
 def test_two_ranks_see_the_global_batch(tmp_path):
-    import torch.multiprocessing as mp
-
     z1, z2 = _views(b=6, d=5, seed=4)
     z1, z2 = z1.detach(), z2.detach()
-    for attempt in range(3):
-        try:
-            args = (str(tmp_path / f"init{attempt}"), z1, z2, str(tmp_path))
-            mp.spawn(_two_rank_worker, args=args, nprocs=2, join=True)
-            break
-        except mp.ProcessExitedException:  # a worker killed by a signal (rare gloo abort at exit): start again
-            if attempt == 2:
-                raise
+    spawn_ranks(_two_rank_worker, (z1, z2, str(tmp_path)))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     full1, full2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     # Single process on the global batch, with the pairs in rank-major order.

@@ -154,25 +154,22 @@ class JointObjective(nn.Module):
         self.queue = (
             EmbeddingQueue(cfg.queue_length, model.config.projector_dim, n_assign=2) if cfg.queue_length else None
         )
-        self.intra_deepcluster = self.inter_deepcluster = None
         if "deepcluster" in (cfg.intra_clustering, cfg.inter_clustering) and dataset_sizes is None:
             raise ValueError("dataset_sizes (2D samples, volumes) are needed when a clustering is 'deepcluster'")
-        if cfg.intra_clustering == "deepcluster":
-            self.intra_deepcluster = DeepClusterHead(
-                dataset_sizes[0],
-                model.config.projector_dim,
-                model.config.intra_prototypes,  # type: ignore[index]
-                cfg.temperature,
-                cfg.kmeans_iterations,
-            )
-        if cfg.inter_clustering == "deepcluster":
-            self.inter_deepcluster = DeepClusterHead(
-                dataset_sizes[1],
-                model.config.transformer_dim,
-                model.config.inter_prototypes,  # type: ignore[index]
-                cfg.temperature,
-                cfg.kmeans_iterations,
-            )
+        sizes = dataset_sizes or (0, 0)
+
+        def deepcluster_head(kind: str, size: int, dim: int, prototypes: list[int]) -> DeepClusterHead | None:
+            if kind != "deepcluster":
+                return None
+            return DeepClusterHead(size, dim, prototypes, cfg.temperature, cfg.kmeans_iterations)
+
+        mcfg = model.config
+        self.intra_deepcluster = deepcluster_head(
+            cfg.intra_clustering, sizes[0], mcfg.projector_dim, mcfg.intra_prototypes
+        )
+        self.inter_deepcluster = deepcluster_head(
+            cfg.inter_clustering, sizes[1], mcfg.transformer_dim, mcfg.inter_prototypes
+        )
 
     def plan(self, step: int) -> StagePlan:
         if self.schedule is None:
