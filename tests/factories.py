@@ -36,6 +36,18 @@ CORONAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # x->L
 _counter = itertools.count()
 
 
+# Identifying DICOM tags for privacy tests (factory keyword -> value) and every string that must never leak.
+IDENTIFYING_TAGS = {
+    "patient_name": "Doe^Jane",
+    "patient_id": "PID-778899",
+    "birth_date": "19700101",
+    "accession": "ACC-5566",
+    "institution": "St Example Hospital",
+    "study_date": "20240101",
+}
+IDENTIFIERS = (*IDENTIFYING_TAGS.values(), "Jane", "Doe")
+
+
 def _ds(value: float) -> str:
     """A DICOM decimal string (at most 16 characters)."""
     text = f"{float(value):.6f}".rstrip("0").rstrip(".")

@@ -171,16 +171,9 @@ def test_cache_metadata_holds_no_identifiers(tmp_path):
 
 
 def test_cache_of_identifying_dicoms_holds_no_identifier(tmp_path):
-    from factories import random_volume, write_dicom_2d, write_dicom_series
+    from factories import IDENTIFIERS, IDENTIFYING_TAGS, random_volume, write_dicom_2d, write_dicom_series
 
-    tags = {
-        "patient_name": "Doe^Jane",
-        "patient_id": "PID-778899",
-        "birth_date": "19700101",
-        "accession": "ACC-5566",
-        "institution": "St Example Hospital",
-        "study_date": "20240101",
-    }
+    tags = IDENTIFYING_TAGS
     root = tmp_path / "site"
     write_dicom_series(root / "brain", random_volume((4, 5, 6)), (1.0, 1.0, 3.0), **tags)
     write_dicom_2d(root / "chest" / "cr.dcm", np.arange(48, dtype=np.uint16).reshape(6, 8), **tags)
@@ -188,5 +181,5 @@ def test_cache_of_identifying_dicoms_holds_no_identifier(tmp_path):
     report = build_cache(manifest, tmp_path / "cache", PreprocessConfig(), workers=1, progress=False)
     assert report.built == 2 and not report.errors
     blobs = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    for identifier in ("Doe^Jane", "Jane", "PID-778899", "19700101", "ACC-5566", "St Example Hospital", "20240101"):
+    for identifier in IDENTIFIERS:
         assert identifier.encode() not in blobs, f"{identifier} reached the cache"

@@ -13,6 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 from factories import (
+    IDENTIFIERS,
+    IDENTIFYING_TAGS,
     SAGITTAL,
     random_volume,
     write_dicom_2d,
@@ -363,20 +365,11 @@ def test_validate_reports_vanished_file(tmp_path: Path, capsys: pytest.CaptureFi
 
 # --------------------------------------------------------------------------- privacy
 
-IDENTIFIERS = ("Doe^Jane", "PID-778899", "19700101", "ACC-5566", "St Example Hospital", "20240101", "Jane", "Doe")
-
 
 @pytest.fixture
 def identifying_folder(tmp_path: Path) -> Path:
     root = tmp_path / "site"
-    tags = {
-        "patient_name": "Doe^Jane",
-        "patient_id": "PID-778899",
-        "birth_date": "19700101",
-        "accession": "ACC-5566",
-        "institution": "St Example Hospital",
-        "study_date": "20240101",
-    }
+    tags = IDENTIFYING_TAGS
     write_dicom_series(root / "brain", random_volume((4, 5, 6)), (1.0, 1.0, 3.0), **tags)
     write_dicom_2d(root / "chest" / "cr.dcm", np.ones((6, 8), dtype=np.uint16), **tags)
     write_dicom_2d(root / "PID-778899" / "extra.dcm", np.ones((6, 8), dtype=np.uint16), **tags)
