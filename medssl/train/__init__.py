@@ -1,0 +1,1 @@
+"""Training: schedules, optimisers, checkpoints (the trainer loop, DDP and MLflow follow)."""
