@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medssl.objectives.distributed import all_reduce_max, all_reduce_sum, is_distributed
+from medssl.objectives.numerics import at_least_float32, perplexity
 
 __all__ = ["IGNORE_INDEX", "DeepClusterV2", "MemoryBank", "spherical_kmeans"]
 
@@ -243,7 +244,7 @@ class DeepClusterV2(nn.Module):
             table[rows] = labels
             self.assignments[h] = all_reduce_max(table)
             known = self.assignments[h][self.assignments[h] != IGNORE_INDEX]
-            metrics[f"effective_prototypes_h{h}"] = _effective(torch.bincount(known, minlength=k).float())
+            metrics[f"effective_prototypes_h{h}"] = perplexity(torch.bincount(known, minlength=k).float())
         return metrics
 
     def forward(self, scores: Sequence[Sequence[Tensor]], index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -277,7 +278,7 @@ class DeepClusterV2(nn.Module):
         usage: list[Tensor] = []
         with torch.autocast(device_type=scores[0][0].device.type, enabled=False):
             for h, views in enumerate(scores):
-                logits = torch.cat([_at_least_float32(s) for s in views]) / self.temperature  # [V B, K_h]
+                logits = torch.cat([at_least_float32(s) for s in views]) / self.temperature  # [V B, K_h]
                 target = self.assignments[h, idx].to(logits.device)  # [B]
                 targets = target.repeat(len(views))  # [V B], crop-major like the logits
                 total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -286,26 +287,13 @@ class DeepClusterV2(nn.Module):
                 metrics[f"loss_head{h}"] = term.detach()
                 with torch.no_grad():
                     valid = target[target != IGNORE_INDEX]
-                    usage.append(_effective(torch.bincount(valid, minlength=self.n_prototypes[h]).float()))
+                    usage.append(perplexity(torch.bincount(valid, minlength=self.n_prototypes[h]).float()))
             loss = torch.stack(terms).mean()
         with torch.no_grad():
             metrics["effective_prototypes"] = torch.stack(usage).mean()
             known = self.assignments[:, idx] != IGNORE_INDEX
             metrics["unassigned_fraction"] = 1.0 - known.float().mean()
         return loss, metrics
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is half/bfloat16 (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _effective(counts: Tensor) -> Tensor:
-    """``exp`` of the entropy of a histogram of cluster sizes (``[K] -> scalar``); 0 for an empty histogram."""
-    total = counts.sum()
-    p = counts / total.clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return torch.where(total > 0, torch.exp(entropy), torch.zeros_like(entropy))
 
 
 class DeepClusterHead(nn.Module):

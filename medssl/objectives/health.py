@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medssl.objectives.numerics import perplexity
+from medssl.objectives.sepclr import align_loss, uniform_loss
+
 __all__ = [
     "alignment",
     "collapse_report",
@@ -56,7 +59,7 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) 
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if normalize:
         x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
-    return (x - y).norm(dim=1).pow(alpha).mean()
+    return align_loss(x, y, alpha=alpha, tau=0.5)  # SepCLR's alignment with 2 tau = 1
 
 
 @torch.no_grad()
@@ -75,8 +78,7 @@ def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
     x = _as_matrix(x, "x", min_rows=2)
     if normalize:
         x = F.normalize(x, dim=1)
-    sq = torch.pdist(x, p=2).pow(2)
-    return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())
+    return uniform_loss(x, tau=1.0 / (2.0 * t))  # SepCLR's uniformity with t = 1 / (2 tau)
 
 
 @torch.no_grad()
@@ -110,9 +112,7 @@ def effective_prototypes(assignments: Tensor, num_prototypes: int | None = None)
         usage = probs.mean(dim=0)
     else:
         raise ValueError(f"assignments must be [B, K] probabilities or [B] labels, got {tuple(assignments.shape)}")
-    p = usage / usage.sum()
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return float(entropy.exp())
+    return float(perplexity(usage))
 
 
 @torch.no_grad()

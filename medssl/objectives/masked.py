@@ -10,7 +10,6 @@ positions only (the released code averaged over all positions; see reference/met
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -120,8 +119,3 @@ class MaskedSliceModeling(nn.Module):
             cosine = F.cosine_similarity(picked_pred.detach(), picked_target, dim=-1).mean()
         fraction = masked.sum() / valid.sum().clamp(min=1)
         return loss, {"masked_fraction": fraction.detach().float(), "target_cosine": cosine}
-
-
-def expected_masked(length: int, ratio: float) -> int:
-    """How many slices ``sample_slice_mask`` masks in a volume of ``length`` real slices."""
-    return max(0, min(max(1, math.ceil(length * ratio)), length - 1))

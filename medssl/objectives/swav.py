@@ -28,19 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medssl.objectives.numerics import at_least_float32, entropy, perplexity
 from medssl.objectives.sinkhorn import sinkhorn_knopp
 
 __all__ = ["EmbeddingQueue", "SwAVLoss"]
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is half/bfloat16 (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy (nats) of probability vectors along ``dim``, with ``0 log 0 = 0``."""
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=dim)
 
 
 class SwAVLoss(nn.Module):
@@ -138,7 +129,7 @@ class SwAVLoss(nn.Module):
             )
 
         with torch.autocast(device_type=scores[0].device.type, enabled=False):
-            log_p = [F.log_softmax(_at_least_float32(s) / self.temperature, dim=1) for s in scores]  # V × [B, K]
+            log_p = [F.log_softmax(at_least_float32(s) / self.temperature, dim=1) for s in scores]  # V × [B, K]
             terms: list[Tensor] = []
             all_codes: list[Tensor] = []
             metrics: dict[str, Tensor] = {}
@@ -154,8 +145,8 @@ class SwAVLoss(nn.Module):
 
         with torch.no_grad():
             codes = torch.cat(all_codes)  # [|A| B, K]
-            metrics["effective_prototypes"] = torch.exp(_entropy(codes.mean(dim=0)))
-            metrics["code_entropy"] = _entropy(codes).mean()
+            metrics["effective_prototypes"] = perplexity(codes.mean(dim=0))
+            metrics["code_entropy"] = entropy(codes).mean()
         return loss, metrics
 
 
