@@ -18,7 +18,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -60,7 +60,6 @@ class ScanResult:
     errors: list[tuple[str, str]]  # (path relative to the root, reason)
     files_seen: int
     hidden_skipped: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def error_summary(self) -> Counter[str]:
         return Counter(re.sub(r"\s*\(.*", "", reason) for _, reason in self.errors)
