@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
@@ -66,6 +67,34 @@ _RESNET_SPECS: dict[int, tuple[type[ResNetBlock] | type[ResNetBottleneck], list[
 }
 _BLOCK_INPLANES = [64, 128, 256, 512]
 _DEFAULT_MULTISCALE_DIM = 512
+# medssl name -> MONAI ``norm`` argument of ``monai.networks.nets.ResNet``
+NORMS: dict[str, str | tuple[str, dict[str, int]]] = {
+    "batch": "batch",
+    "group": ("group", {"num_groups": 32}),
+    "instance": ("instance", {"affine": True}),
+}
+
+
+def monai_resnet(backbone_config: dict[str, Any]) -> ResNet:
+    """``monai.networks.nets.ResNet(**backbone_config)`` with ``norm`` applied in every block.
+
+    MONAI 1.6's ResNet applies its ``norm`` argument to the stem only and builds BatchNorm in the residual
+    blocks; for ``norm`` other than batch this replaces those BatchNorm layers, so that the network is the one
+    its config describes. With the default BatchNorm it is exactly MONAI's network.
+    """
+    net = ResNet(**backbone_config)
+    norm = backbone_config.get("norm", "batch")
+    if norm != "batch":
+        _replace_batchnorm(net, norm)
+    return net
+
+
+def _replace_batchnorm(module: nn.Module, norm: str | tuple[str, dict[str, Any]]) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=2, channels=child.num_features))
+        else:
+            _replace_batchnorm(child, norm)
 
 
 class ResNetEncoder(nn.Module):
@@ -86,6 +115,9 @@ class ResNetEncoder(nn.Module):
             and project to ``out_dim`` with a Linear layer (as the slice embedding of Nguyen et al., AAAI 2023).
         out_dim: output dimension. ``None`` keeps the final stage's channel count (512 when ``multiscale``). When
             not ``multiscale`` and different from the final channel count, a Linear projection is added.
+        norm: ``"batch"`` (default; converted to SyncBatchNorm under multi-GPU DDP), ``"group"`` (GroupNorm with 32
+            groups: independent of the batch, for tiny per-device batches or exact CPU multi-process equivalence)
+            or ``"instance"``.
 
     Attributes:
         backbone: the MONAI ``ResNet`` (its state dict is MONAI-compatible).
@@ -104,8 +136,11 @@ class ResNetEncoder(nn.Module):
         max_pool: bool = False,
         multiscale: bool = False,
         out_dim: int | None = None,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
         if depth not in _RESNET_SPECS:
             raise ValueError(f"depth must be one of {sorted(_RESNET_SPECS)}, got {depth!r}")
         if in_channels < 1:
@@ -130,8 +165,9 @@ class ResNetEncoder(nn.Module):
             "conv1_t_stride": stem_stride,
             "no_max_pool": not max_pool,
             "feed_forward": False,
+            "norm": NORMS[norm],
         }
-        self.backbone = ResNet(**self.backbone_config)
+        self.backbone = monai_resnet(self.backbone_config)
         self.stage_channels: tuple[int, ...] = tuple(c * block.expansion for c in _BLOCK_INPLANES)
 
         self.proj: nn.Linear | None

@@ -28,6 +28,7 @@ class JointModelConfig:
     in_channels: int = 1
     stem_stride: int = 2
     max_pool: bool = False
+    norm: str = "batch"  # batch | group | instance (encoder; heads drop BatchNorm unless "batch")
     multiscale: bool = False
     embed_dim: int | None = None  # encoder output (projected when set or when multiscale)
     projector_hidden: int = 1024
@@ -44,6 +45,16 @@ class JointModelConfig:
     sep_common_dim: int = 32
     sep_salient_dim: int = 32
     sep_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        from medssl.models.encoders import NORMS, available_encoders
+
+        if self.encoder not in available_encoders():
+            raise ValueError(f"encoder must be one of {available_encoders()}, got {self.encoder!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {self.norm!r}")
+        if self.attention not in ("deformable", "full"):
+            raise ValueError(f"attention must be 'deformable' or 'full', got {self.attention!r}")
 
 
 class JointModel(nn.Module):
@@ -68,9 +79,11 @@ class JointModel(nn.Module):
             max_pool=cfg.max_pool,
             multiscale=cfg.multiscale,
             out_dim=cfg.embed_dim,
+            norm=cfg.norm,
         )
         dim = int(self.encoder.out_dim)
-        self.projector = ProjectionHead(dim, cfg.projector_hidden, cfg.projector_dim)
+        batch_norm = cfg.norm == "batch"
+        self.projector = ProjectionHead(dim, cfg.projector_hidden, cfg.projector_dim, batch_norm=batch_norm)
         self.intra_prototypes = Prototypes(cfg.projector_dim, cfg.intra_prototypes)
         self.transformer = SliceTransformer(
             dim,
@@ -83,7 +96,9 @@ class JointModel(nn.Module):
         )
         self.inter_prototypes = Prototypes(cfg.transformer_dim, cfg.inter_prototypes)
         self.masked = MaskedSliceModeling(dim, cfg.transformer_dim, cfg.mask_ratio)
-        self.sep_heads = SepCLRHeads(dim, cfg.sep_common_dim, cfg.sep_salient_dim, cfg.sep_hidden)
+        self.sep_heads = SepCLRHeads(
+            dim, cfg.sep_common_dim, cfg.sep_salient_dim, cfg.sep_hidden, batch_norm=batch_norm
+        )
 
     def encode(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Encode several image batches with one encoder call per spatial size.

@@ -121,10 +121,9 @@ def joint_entropy_loss(c: Tensor, s: Tensor, tau: float = 0.5) -> Tensor:
         return (torch.logsumexp(log_kernel, dim=1) - math.log(c.shape[0])).mean()
 
 
-def _projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
-    )
+def _projector(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
+    norm: nn.Module = nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 class SepCLRHeads(nn.Module):
@@ -143,6 +142,7 @@ class SepCLRHeads(nn.Module):
         salient_dim: dimension of ``s``.
         hidden_dim: hidden width of both projectors (paper: 128).
         salient_in_dim: feature dimension of the salient encoder, when it differs from ``in_dim``.
+        batch_norm: BatchNorm1d after the hidden Linear (off for batch-independent models, ``model.norm`` != batch).
     """
 
     def __init__(
@@ -152,6 +152,7 @@ class SepCLRHeads(nn.Module):
         salient_dim: int = 32,
         hidden_dim: int = 128,
         salient_in_dim: int | None = None,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -164,8 +165,8 @@ class SepCLRHeads(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if salient_in_dim is not None and salient_in_dim < 1:
             raise ValueError(f"salient_in_dim must be >= 1 or None, got {salient_in_dim}")
-        self.common_head = _projector(in_dim, hidden_dim, common_dim)
-        self.salient_head = _projector(salient_in_dim or in_dim, hidden_dim, salient_dim)
+        self.common_head = _projector(in_dim, hidden_dim, common_dim, batch_norm)
+        self.salient_head = _projector(salient_in_dim or in_dim, hidden_dim, salient_dim, batch_norm)
 
     def forward(self, features: Tensor, salient_features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Project features to the two spaces.
