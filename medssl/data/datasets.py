@@ -189,7 +189,8 @@ class TwoViewStackDataset(_CachedDataset):
     The stack is drawn inside the volume's foreground range along ``plane``; a volume with
     fewer slices is padded (zeros, ``mask`` False). Both views share the slices and differ in
     crop and augmentation. Returns ``{"views": [view1, view2] each [N, 1, s, s],
-    "positions": [N] mm along the plane normal, "mask": [N] bool, "group", "label", "index"}``.
+    "positions": [N] mm along the plane normal, "mask": [N] bool, "mask_noise": [2, N] uniform scores
+    (which slices L_mask hides in each view), "group", "label", "index"}``.
     """
 
     def __init__(self, items: Sequence[CachedItem], config: StackConfig | None = None, seed: int = 0) -> None:
@@ -243,6 +244,7 @@ class TwoViewStackDataset(_CachedDataset):
             "views": views,
             "positions": torch.from_numpy(positions.astype(np.float32)),
             "mask": mask,
+            "mask_noise": torch.from_numpy(rng.random((2, len(indices))).astype(np.float32)),
             "group": cached.row.group,
             "label": cached.row.label,
             "index": index,

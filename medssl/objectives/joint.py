@@ -111,12 +111,14 @@ class StagedSchedule:
 @dataclass
 class StackBatch:
     """Two views of stacks of slices: ``views`` 2 x ``[B, N, C, H, W]``, ``mask`` ``[B, N]`` (True = real
-    slice), ``positions`` ``[B, N]`` mm, ``index`` ``[B]`` dataset indices."""
+    slice), ``positions`` ``[B, N]`` mm, ``index`` ``[B]`` dataset indices, ``mask_noise`` ``[B, 2, N]``
+    uniform scores that choose the masked slices of each view (drawn here when None)."""
 
     views: list[Tensor]
     mask: Tensor
     positions: Tensor | None = None
     index: Tensor | None = None  # [B] dataset indices (DeepCluster-v2)
+    mask_noise: Tensor | None = None
 
 
 @dataclass
@@ -319,7 +321,13 @@ class JointObjective(nn.Module):
                 if volumes[0].shape[0] > 1:
                     metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())
             if w.mask > 0:
-                losses = [self.model.masked(t, mask, self.model.transformer, positions)[0] for t in tokens]
+                noise = stacks.mask_noise  # type: ignore[union-attr]
+                losses = [
+                    self.model.masked(
+                        t, mask, self.model.transformer, positions, noise=None if noise is None else noise[:, v]
+                    )[0]
+                    for v, t in enumerate(tokens)
+                ]
                 loss = torch.stack(losses).mean()
                 total = total + w.mask * loss
                 metrics["loss/mask"] = loss.detach()

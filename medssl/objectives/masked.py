@@ -28,18 +28,29 @@ class SliceSequenceModel(Protocol):
     ) -> _TransformerOutput: ...
 
 
-def sample_slice_mask(valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_slice_mask(
+    valid: torch.Tensor,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Choose ``ceil(ratio * L)`` real slices of each volume (at least one, at most ``L - 1``).
 
     Args:
         valid: ``[B, N]`` bool, True for real slices (padding at the end).
+        noise: ``[B, N]`` uniform [0, 1) scores (the lowest are masked); drawn from ``generator`` when None. The
+            trainer passes per-sample noise from the data loader, so that a sample's mask does not depend on which
+            process or batch it lands in.
     Returns:
         ``[B, N]`` bool, True for the slices to mask; never a padded slice.
     """
     lengths = valid.sum(dim=1)
     counts = torch.clamp(torch.ceil(lengths.float() * ratio).long(), min=1)
     counts = torch.minimum(counts, torch.clamp(lengths - 1, min=0))
-    noise = torch.rand(valid.shape, generator=generator, device=valid.device)
+    if noise is None:
+        noise = torch.rand(valid.shape, generator=generator, device=valid.device)
+    elif noise.shape != valid.shape:
+        raise ValueError(f"noise must have the shape of valid {tuple(valid.shape)}, got {tuple(noise.shape)}")
     noise = noise.masked_fill(~valid, 2.0)  # padded slices sort last
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return ranks < counts[:, None]
@@ -87,6 +98,7 @@ class MaskedSliceModeling(nn.Module):
         positions: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for one batch of slice embeddings.
 
@@ -96,12 +108,13 @@ class MaskedSliceModeling(nn.Module):
             transformer: the slice transformer (called on the corrupted tokens).
             positions: ``[B, N]`` slice positions in mm (passed to the transformer).
             masked: ``[B, N]`` bool slices to mask; drawn with ``mask_ratio`` when None.
+        noise: ``[B, N]`` uniform scores used to draw ``masked`` (see :func:`sample_slice_mask`).
         Returns:
             ``(loss, metrics)``; metrics: ``masked_fraction`` and ``target_cosine`` (cosine between
             predictions and targets on masked slices, a readable progress signal).
         """
         if masked is None:
-            masked = sample_slice_mask(valid, self.mask_ratio, generator)
+            masked = sample_slice_mask(valid, self.mask_ratio, generator, noise)
         if bool((masked & ~valid).any()):
             raise ValueError("masked slices must be real slices (valid)")
         targets = tokens.detach()
