@@ -19,6 +19,7 @@ from factories import (
     write_png,
 )
 
+from medssl.data.dicom import read_header
 from medssl.data.errors import DataError
 from medssl.data.manifest import ManifestRow
 from medssl.data.readers import read_dicom_file, read_dicom_series, read_image_file, read_nifti, read_row
@@ -170,6 +171,13 @@ def test_dicom_2d_plain(tmp_path: Path) -> None:
     assert loaded.modality == "CR"
     np.testing.assert_array_equal(loaded.array, PIXELS.astype(np.float32))
     assert loaded.spacing == pytest.approx((0.15, 0.2))  # from ImagerPixelSpacing (row, column)
+
+
+def test_dicom_2d_zero_pixel_spacing_counts_as_absent(tmp_path: Path) -> None:
+    """Real CR files carry PixelSpacing 0\\0 (pydicom-data's RG1_UNCR): header and reader both fall back to 1 mm."""
+    path = write_dicom_2d(tmp_path / "cr.dcm", PIXELS, pixel_spacing=(0.0, 0.0))
+    assert read_dicom_file(path).spacing == (1.0, 1.0)
+    assert read_header(path, "salt", "cr.dcm").pixel_spacing == (1.0, 1.0)
 
 
 def test_dicom_2d_rescale_slope_and_intercept(tmp_path: Path) -> None:

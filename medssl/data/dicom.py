@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -87,7 +88,7 @@ def read_header(path: Path, salt: str, relative_path: str) -> DicomHeader:
             redacted_path = re.sub(re.escape(value), "[redacted]", redacted_path, flags=re.IGNORECASE)
     position = _floats(ds.get("ImagePositionPatient"), 3)
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2) or (1.0, 1.0)
+    spacing = pixel_spacing(ds)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -123,6 +124,16 @@ def _truncated(element: object, path: Path) -> bool:
     if value is not None:
         return len(value) < length
     return tell + length > path.stat().st_size
+
+
+def pixel_spacing(ds: Any) -> tuple[float, float]:
+    """(row, column) spacing in mm from PixelSpacing, else ImagerPixelSpacing; a missing, malformed, zero or
+    negative value (``0\\0`` occurs in real CR files) counts as absent, and 1 mm is assumed."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = _floats(ds.get(keyword), 2)
+        if values is not None and all(v > 0 for v in values):
+            return (values[0], values[1])
+    return (1.0, 1.0)
 
 
 def _floats(value: object, count: int) -> tuple[float, ...] | None:

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from medssl.data.dicom import assemble_series, series_headers_in_folder
+from medssl.data.dicom import assemble_series, pixel_spacing, series_headers_in_folder
 from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, spacing_from_affine, to_canonical
 from medssl.data.manifest import ManifestRow
@@ -117,10 +117,9 @@ def read_dicom_file(path: Path, apply_voi: bool = True) -> LoadedImage:
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         array = array.max() + array.min() - array
     check_finite(array, path)
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)
     return LoadedImage(
         array=np.ascontiguousarray(array, dtype=np.float32),
-        spacing=(float(spacing[0]), float(spacing[1])),
+        spacing=pixel_spacing(ds),
         affine=None,
         modality=modality,
     )
