@@ -66,7 +66,7 @@ PHANTOM_FOLDER = "phantoms"
 DEMO_SCAN_EXCLUDE = (README_NAME, LABELS_NAME)
 # The optional packages that bring real images (the `demo` extra); nibabel and pydicom are core.
 DEMO_REQUIREMENTS = ("nilearn>=0.10", "pydicom-data>=1.0")
-GENERATOR_VERSION = 1  # bump when the phantoms change: re-running then rewrites them
+GENERATOR_VERSION = 2  # bump when the phantoms change: re-running then rewrites them
 LABELS_COLUMNS = ("path", "modality", "group", "label")
 BACKGROUND, TARGET = "background", "target"
 
@@ -434,22 +434,6 @@ def _size(path: Path) -> int:
 # --------------------------------------------------------------------------- real files
 
 
-def _bad_spacing(ds: Dataset) -> list[str]:
-    """Keywords of pixel-spacing elements with a zero, negative or non-numeric value."""
-    bad = []
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        try:
-            ok = all(float(v) > 0 for v in value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            bad.append(keyword)
-    return bad
-
-
 def _copy_real(source: DemoSource, dest: Path) -> tuple[str, tuple[int, ...]]:
     """Copy (or extract) one real file atomically; returns (changes made, shape)."""
     assert source.path is not None
@@ -467,22 +451,13 @@ def _copy_real(source: DemoSource, dest: Path) -> tuple[str, tuple[int, ...]]:
         shutil.copyfile(source.path, tmp)
         os.replace(tmp, dest)
         return "", tuple(int(s) for s in nib.load(str(dest)).shape)
-    ds = pydicom.dcmread(source.path)
+    ds = pydicom.dcmread(source.path, stop_before_pixels=True)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     shape = (int(ds.Rows), int(ds.Columns)) + ((frames,) if frames > 1 else ())
     tmp = _tmp_name(dest)
-    bad = _bad_spacing(ds)
-    if bad:
-        # e.g. RG1: PixelSpacing 0\0 would give 0 mm pixels; without it the readers assume 1 mm
-        changes = "removed invalid " + ", ".join(f"{k} {'/'.join(str(v) for v in ds.get(k))}" for k in bad)
-        for keyword in bad:
-            delattr(ds, keyword)
-        ds.save_as(tmp)
-    else:
-        shutil.copyfile(source.path, tmp)
-        changes = ""
+    shutil.copyfile(source.path, tmp)  # unchanged: the scanner pseudonymises (and copes with RG1's 0\0 spacing)
     os.replace(tmp, dest)
-    return changes, shape
+    return "", shape
 
 
 def _check_path_is_neutral(path: Path, out_dir: Path) -> None:
