@@ -124,6 +124,43 @@ def cmd_manifest_preprocess(args: argparse.Namespace) -> int:
     return 0 if report.built + report.reused > 0 else 2
 
 
+def _exit_code(status: str) -> int:
+    """0 when the run finished; 128 + SIGTERM when it stopped on a signal after its checkpoint (schedulers requeue)."""
+    return 0 if status == "finished" else 143
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medssl.train.config import compose_pretrain_config
+    from medssl.train.trainer import Trainer
+
+    config = compose_pretrain_config(args.overrides, config_name=args.config_name, directory=args.config_dir)
+    if args.print_config:
+        import yaml
+
+        from medssl.train.config import to_container
+
+        print(yaml.safe_dump(to_container(config), sort_keys=False), end="")
+        return 0
+    result = Trainer(config).fit()
+    return _exit_code(result.status)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medssl.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(
+        out=Path(args.out),
+        data=Path(args.data) if args.data else None,
+        steps=args.steps,
+        overrides=tuple(args.overrides),
+        progress=not args.no_progress,
+    )
+    result = run_demo(plan)
+    if result.status == "finished":
+        print(f"demo finished: backbone {result.backbone}")
+    return _exit_code(result.status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medssl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
@@ -168,6 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preprocess.add_argument("--no-progress", action="store_true")
     preprocess.set_defaults(func=cmd_manifest_preprocess)
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="self-supervised pretraining (Hydra overrides, e.g. method=joint trainer.max_steps=200)",
+        description="Compose configs/pretrain.yaml with Hydra overrides and train. Under torchrun "
+        "(torchrun --nproc_per_node=K -m medssl pretrain ...) every process joins one DDP run.",
+    )
+    pretrain.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
+    pretrain.add_argument("--config-name", default="pretrain", help="top-level config (default: pretrain)")
+    pretrain.add_argument(
+        "--config-dir", help="config folder (default: $MEDSSL_CONFIG_DIR, else the repository's configs/)"
+    )
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    demo = commands.add_parser(
+        "demo",
+        help="short joint pretraining on embedded real images (no download), or on --data DIR",
+        description="Assemble real images shipped by pip packages (nilearn, pydicom-data, pydicom, nibabel) plus "
+        "synthetic phantoms, scan them, and pretrain with configs/demo.yaml. Prints where to look afterwards.",
+    )
+    demo.add_argument("overrides", nargs="*", help="Hydra overrides on top of configs/demo.yaml")
+    demo.add_argument("--data", help="use this folder (DICOM/NIfTI/PNG, e.g. ../shared/data) instead of the demo data")
+    demo.add_argument("--out", default="outputs/demo", help="where the demo writes (default: outputs/demo)")
+    demo.add_argument("--steps", type=int, help="optimiser steps (default: trainer.max_steps of configs/trainer/demo)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -177,9 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except (DataError, ManifestError, ValueError) as exc:
+    except (DataError, ManifestError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from medssl.train.trainer import NonFiniteLossError
+
+        if isinstance(exc, NonFiniteLossError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""The pretraining configuration (``configs/pretrain.yaml`` and its groups) as typed dataclasses.
+
+Hydra composes the YAML files and the command-line overrides; :func:`pretrain_config` checks the
+result against these dataclasses, so that a misspelt key or a wrong value fails before any work
+starts, with a message naming the key (``trainer.optimizer.lr: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from medssl.data.config import DataConfig
+from medssl.models.joint import JointModelConfig
+from medssl.objectives.joint import JointObjectiveConfig
+from medssl.objectives.simclr import MoCHiConfig
+
+METHODS = ("joint", "simclr")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+    hard_negative_mixing: MoCHiConfig | None = None
+
+
+@dataclass
+class MethodConfig:
+    """``name``: ``joint`` (any weighting of L_intra, L_inter, L_mask, L_sep) or ``simclr`` (the baseline)."""
+
+    name: str = "joint"
+    objective: JointObjectiveConfig = field(default_factory=JointObjectiveConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"name must be one of {METHODS}, got {self.name!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimiser and its per-step schedules (linear warm-up, then cosine to ``final_lr``).
+
+    ``scale_lr_with_batch``: multiply ``lr`` by (global 2D batch) / 256 (Goyal et al., 2017).
+    ``weight_decay_end``: cosine schedule of the weight decay (DINO); ``null`` keeps it constant.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.3
+    final_lr: float = 0.0
+    warmup_steps: int = 100
+    start_warmup_lr: float = 0.0
+    scale_lr_with_batch: bool = False
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-6
+    weight_decay_end: float | None = None
+    lars_eta: float = 0.001
+    clip_grad: float = 0.0  # max global gradient norm; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.lr <= 0 or self.final_lr < 0 or self.start_warmup_lr < 0:
+            raise ValueError(f"lr must be > 0 and final_lr, start_warmup_lr >= 0, got {self.lr}, {self.final_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("warmup_steps, weight_decay and clip_grad must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class BatchConfig:
+    """Samples per optimiser step, summed over all processes and accumulation steps (the global batch).
+
+    ``images``: 2D samples (each gives ``data.views.n_global + n_local`` crops); ``stacks``: volumes
+    (two views of ``data.stacks.n_slices`` slices each); ``sep``: background + target samples for SepCLR.
+    Streams whose losses have weight 0 are not loaded.
+    """
+
+    images: int = 64
+    stacks: int = 8
+    sep: int = 32
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    accumulate: int = 1
+    num_workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp16 + loss scaling on older ones, fp32 on CPU
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the encoder
+    sync_batchnorm: bool = True  # SyncBatchNorm under multi-GPU DDP (CUDA only)
+    dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = "auto"  # auto: continue this run name's last checkpoint if there is one; or a path; or null
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.accumulate < 1 or self.num_workers < 0 or self.log_every < 1:
+            raise ValueError("accumulate and log_every must be >= 1 and num_workers >= 0")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every must be >= 0 (0 = only at the end) and keep_checkpoints >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dist_backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"dist_backend must be auto, nccl or gloo, got {self.dist_backend!r}")
+
+
+@dataclass
+class PicturesConfig:
+    samples: int = 256  # 2D samples embedded for the projection and the prototype gallery
+    every: int = 0  # steps between picture sets; 0 = at the end only
+
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = True
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else a local store in the project folder
+    experiment: str = "medssl-pretrain"
+    log_checkpoints: bool = True
+    pictures: PicturesConfig = field(default_factory=PicturesConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # null: <method>-<YYYYmmdd-HHMMSS>
+    output_dir: str = "outputs"  # checkpoints and pictures go to <output_dir>/<name>/
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: JointModelConfig = field(default_factory=JointModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _section_of(exc: BaseException) -> str:
+    """Best guess of the config section whose ``__post_init__`` raised, from the traceback."""
+    tb = exc.__traceback__
+    section = ""
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        name = type(owner).__name__ if owner is not None else ""
+        section = _SECTIONS.get(name, section)
+        tb = tb.tb_next
+    return section
+
+
+_SECTIONS = {
+    "DataConfig": "data",
+    "PreprocessConfig": "data.preprocess",
+    "MultiCropConfig": "data.views",
+    "AugmentConfig": "data.*.augment",
+    "SliceConfig": "data.slices",
+    "StackConfig": "data.stacks",
+    "JointModelConfig": "model",
+    "MethodConfig": "method",
+    "JointObjectiveConfig": "method.objective",
+    "LossWeights": "method.objective",
+    "TrainerConfig": "trainer",
+    "OptimizerConfig": "trainer.optimizer",
+}
+
+
+def pretrain_config(
+    values: DictConfig | dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> PretrainConfig:
+    """Typed ``PretrainConfig`` from a composed config plus ``key=value`` overrides.
+
+    Raises:
+        ValueError: naming the key, for unknown keys, wrong types and out-of-range values.
+    """
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(PretrainConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
+        )
+        config: PretrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
+        if cause is not None:  # a dataclass __post_init__ check, wrapped by OmegaConf
+            section = _section_of(cause)
+            raise ValueError(f"{section + ': ' if section else ''}{cause}") from None
+        raise ValueError(f"{key}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        section = _section_of(exc)
+        raise ValueError(f"{section + ': ' if section else ''}{exc}") from None
+    return config
+
+
+def to_container(config: PretrainConfig) -> dict[str, Any]:
+    """The resolved configuration as plain nested dicts/lists (for YAML, MLflow params and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def config_dir() -> Path:
+    """The folder with ``pretrain.yaml``: ``$MEDSSL_CONFIG_DIR``, else ``configs/`` of the source checkout."""
+    env = os.environ.get("MEDSSL_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    for candidate in candidates:
+        if (candidate / "pretrain.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no pretrain.yaml in {', '.join(map(str, candidates))}; set MEDSSL_CONFIG_DIR to the repository's configs/"
+    )
+
+
+def compose_pretrain_config(
+    overrides: list[str] | None = None, config_name: str = "pretrain", directory: str | Path | None = None
+) -> PretrainConfig:
+    """Compose ``configs/<config_name>.yaml`` with its groups and Hydra ``overrides`` (``method=simclr``,
+    ``trainer.max_steps=200``, ``+extra=...``), then type-check it.
+
+    Raises:
+        ValueError: an unknown group option, key or bad value, naming it.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    # The typed schema under the YAML files: every key of PretrainConfig exists (and can be overridden) even
+    # where a group's YAML leaves it out, and Hydra checks types while it composes.
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    folder = Path(directory) if directory is not None else config_dir()
+    try:
+        with initialize_config_dir(config_dir=str(folder.resolve()), version_base="1.3"):
+            composed = compose(config_name=config_name, overrides=list(overrides or []))
+    except HydraException as exc:
+        text = str(exc).split("Config search path:")[0]
+        if exc.__cause__ is not None:  # e.g. the OmegaConf type error behind "Error merging override ..."
+            text += f": {str(exc.__cause__).splitlines()[0]}"
+        raise ValueError(" ".join(line.strip() for line in text.splitlines() if line.strip())) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ValueError(f"{key}: {str(exc).splitlines()[0]}") from None
+    return pretrain_config(composed)

@@ -1,0 +1,211 @@
+"""Data streams of a pretraining run: global batches, split across processes and accumulation steps.
+
+A *global batch* is what one optimiser step sees, summed over all processes. Epoch ``e`` of a
+stream is a fixed function of ``(seed, e)``; its global batches are cut into ``world_size x
+accumulate`` equal shares and process ``r`` takes share ``m * world_size + r`` at accumulation
+step ``m``. Hence
+
+* one process and ``K`` processes see the same samples in each optimiser step (DDP equivalence);
+* the position in the data is one number per stream (global batches consumed), which a checkpoint
+  stores and a resumed run skips to without loading any sample.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medssl.data.samplers import BalancedGroupBatchSampler
+
+
+def shuffled_batches(size: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Epoch ``epoch`` of a dataset of ``size`` samples as global batches of ``batch`` indices.
+
+    ``max(1, size // batch)`` batches from consecutive permutations (a dataset smaller than one batch is
+    repeated, so tiny datasets still train); the remainder of the last permutation is dropped.
+    """
+    if size < 1:
+        raise ValueError("the dataset is empty")
+    n_batches = max(1, size // batch)
+    rng = np.random.default_rng([seed, epoch])
+    rounds = -(-n_batches * batch // size)
+    order = np.concatenate([rng.permutation(size) for _ in range(rounds)])[: n_batches * batch]
+    return list(order.reshape(n_batches, batch))
+
+
+def balanced_batches(sampler: BalancedGroupBatchSampler, epoch: int) -> list[np.ndarray]:
+    """Epoch ``epoch`` of a (single-replica) balanced sampler: each batch is background half, then target half."""
+    sampler.set_epoch(epoch)
+    return [np.asarray(b, dtype=np.int64) for b in sampler]
+
+
+def share(batch: np.ndarray, parts: int, part: int, balanced: bool) -> list[int]:
+    """Share ``part`` of ``parts`` of a global batch; ``balanced`` splits each half separately, so that every share
+    keeps the background/target balance."""
+    if not balanced:
+        return [int(i) for i in np.array_split(batch, parts)[part]]
+    half = len(batch) // 2
+    return [int(i) for i in np.concatenate([np.array_split(h, parts)[part] for h in (batch[:half], batch[half:])])]
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Yields this process's shares of the global batches of one epoch, from global batch ``start`` on.
+
+    Args:
+        epoch_batches: ``epoch -> list of global batches`` (index arrays).
+        world_size, rank: processes and this one's rank.
+        accumulate: gradient-accumulation steps per optimiser step.
+        balanced: keep background/target halves balanced in every share (SepCLR).
+    """
+
+    def __init__(
+        self,
+        epoch_batches: Callable[[int], list[np.ndarray]],
+        world_size: int = 1,
+        rank: int = 0,
+        accumulate: int = 1,
+        balanced: bool = False,
+    ) -> None:
+        self.epoch_batches = epoch_batches
+        self.world_size = world_size
+        self.rank = rank
+        self.accumulate = accumulate
+        self.balanced = balanced
+        self.epoch = 0
+        self.start = 0
+        self._batches: list[np.ndarray] = epoch_batches(0)
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        if epoch != self.epoch:
+            self._batches = self.epoch_batches(epoch)
+        self.epoch, self.start = epoch, start
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def __len__(self) -> int:
+        return (len(self._batches) - self.start) * self.accumulate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        parts = self.world_size * self.accumulate
+        for batch in self._batches[self.start :]:
+            for micro in range(self.accumulate):
+                yield share(batch, parts, micro * self.world_size + self.rank, self.balanced)
+
+
+def _loader_context() -> Any:
+    """Fork where the platform has it (fast start, shares the memory-mapped cache); the default elsewhere."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return None
+
+
+class Stream:
+    """An endless iterator of this process's micro-batches for one data stream.
+
+    ``consumed`` counts global batches (optimiser steps) taken from the stream; :meth:`restore` moves to a
+    count without reading any sample. ``next_step()`` returns the ``accumulate`` micro-batches of one step.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dataset: Dataset,
+        sampler: ShardedBatchSampler,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.name = name
+        self.dataset = dataset
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.consumed = 0
+        self._iterator: Iterator[Any] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step reads from."""
+        return self.consumed // self.batches_per_epoch
+
+    @property
+    def at_epoch_start(self) -> bool:
+        """True when the next step is the first of an epoch after the first one."""
+        return self.consumed > 0 and self.consumed % self.batches_per_epoch == 0
+
+    def restore(self, consumed: int) -> None:
+        self.consumed = int(consumed)
+        self._iterator = None
+
+    def _open(self) -> None:
+        epoch, start = divmod(self.consumed, self.batches_per_epoch)
+        self.sampler.set_position(epoch, start)
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            multiprocessing_context=_loader_context() if self.num_workers else None,
+        )
+        self._iterator = iter(loader)
+
+    def next_step(self) -> list[Any]:
+        """The micro-batches of the next optimiser step (one per accumulation step)."""
+        if self._iterator is None:
+            self._open()
+        micro = [next(self._iterator) for _ in range(self.sampler.accumulate)]  # type: ignore[arg-type]
+        self.consumed += 1
+        if self.consumed % self.batches_per_epoch == 0:
+            self._iterator = None  # the next call opens the next epoch (with the dataset's new epoch seed)
+        return micro
+
+
+@dataclass
+class StepTimer:
+    """Wall time of the data (waiting for batches and copying them) against the whole step."""
+
+    data_seconds: float = 0.0
+    total_seconds: float = 0.0
+    _mark: float = 0.0
+
+    def start_data(self) -> None:
+        self._mark = time.perf_counter()
+
+    def stop_data(self) -> None:
+        self.data_seconds += time.perf_counter() - self._mark
+
+    def fraction(self) -> float:
+        return self.data_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def reset(self) -> None:
+        self.data_seconds = self.total_seconds = 0.0
+
+
+def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move tensors (nested in lists/dicts) to ``device``; 4-d image batches optionally to channels-last."""
+    if isinstance(value, torch.Tensor):
+        moved = value.to(device, non_blocking=True)
+        if channels_last and moved.dim() == 4 and moved.is_floating_point():
+            moved = moved.contiguous(memory_format=torch.channels_last)
+        return moved
+    if isinstance(value, dict):
+        return {k: to_device(v, device, channels_last) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(v, device, channels_last) for v in value)
+    return value

@@ -1,0 +1,631 @@
+"""The pretraining loop: devices, precision, DDP, accumulation, schedules, checkpoints, tracking.
+
+Losses and models stay pure modules; this is the one place that owns devices, the process group,
+files and the experiment tracker. One :class:`Trainer` runs one MLflow run, on one process or on
+each process that ``torchrun`` starts (only rank 0 logs and writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from medssl.models.joint import JointModel
+from medssl.objectives.baseline import SimCLRObjective
+from medssl.objectives.joint import JointObjective, SepBatch, StackBatch
+from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medssl.train.config import PretrainConfig, to_container
+from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
+from medssl.train.loaders import StepTimer, Stream, to_device
+from medssl.train.optim import build_optimizer, set_schedule_values
+from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data
+from medssl.train.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "medssl-pretrain/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "interrupted"
+    step: int
+    run_name: str
+    output_dir: Path
+    run_id: str | None = None
+    artifact_uri: str | None = None
+    checkpoint: Path | None = None
+    backbone: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """``None`` for fp32; bf16 where the GPU supports it, fp16 (with loss scaling) on older GPUs."""
+    if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_name(config: PretrainConfig) -> str:
+    return f"{config.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint named by ``<run_dir>/checkpoints/latest``, if any."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+    return path if path.is_file() else None
+
+
+def find_resume_checkpoint(config: PretrainConfig, run_dir: Path | None) -> Path | None:
+    """What ``trainer.resume`` points at: ``auto`` (this run name's latest checkpoint, if any), a run folder,
+    a checkpoint file, or nothing (``null``)."""
+    resume = config.trainer.resume
+    if resume in (None, "", "none", "null"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir) if run_dir is not None else None
+    path = Path(resume)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path) or latest_checkpoint(path.parent)
+        if found is None:
+            raise FileNotFoundError(f"trainer.resume: {path}: no checkpoints/latest in this folder")
+        return found
+    raise FileNotFoundError(f"trainer.resume: {path}: no such checkpoint file or run folder")
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs ``config`` to ``trainer.max_steps`` (or until SIGTERM/SIGINT, after a checkpoint).
+
+    Args:
+        config: the typed pretraining configuration.
+        project_dir: where relative paths, the default MLflow store and ``outputs/`` live.
+        callbacks: ``fn(step, metrics)`` called after every optimiser step on every rank (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        config: PretrainConfig,
+        project_dir: str | Path | None = None,
+        callbacks: list[Callable[[int, dict[str, float]], None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.project_dir = Path(project_dir or Path.cwd()).resolve()
+        self.callbacks = list(callbacks or [])
+
+    # ------------------------------------------------------------------ setup
+    def _build_objective(self, data: PreparedData) -> nn.Module:
+        cfg = self.config
+        try:
+            model = JointModel(cfg.model)
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from None
+        if cfg.method.name == "simclr":
+            return SimCLRObjective(model, cfg.method.simclr.temperature, cfg.method.simclr.hard_negative_mixing)
+        sizes = (len(data.images) if data.images is not None else 0, len(data.stacks) if data.stacks is not None else 0)
+        return JointObjective(model, cfg.method.objective, dataset_sizes=sizes)
+
+    def _paths(self, run_name: str) -> Path:
+        out = Path(self.config.run.output_dir)
+        out = out if out.is_absolute() else self.project_dir / out
+        return out / run_name
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        ctx = setup_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+        try:
+            return self._fit(ctx)
+        finally:
+            teardown_distributed()
+
+    def _fit(self, ctx: DistributedContext) -> TrainResult:
+        from medssl.train import tracking  # mlflow import is slow; only the trainer needs it
+
+        cfg = self.config
+        tcfg = cfg.trainer
+        device = ctx.device
+        run_name = str(broadcast_object(cfg.run.name or default_run_name(cfg)))
+        run_dir = self._paths(run_name)
+        resume_path = find_resume_checkpoint(cfg, run_dir)
+        checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
+        if checkpoint is not None and checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"trainer.resume: {resume_path}: not a medssl pretraining checkpoint")
+        if checkpoint is not None and cfg.run.name is None:
+            run_name = str(checkpoint["run_name"])
+            run_dir = self._paths(run_name)
+
+        # Data: rank 0 builds the cache, the others wait and then open it.
+        streams_needed = needed_streams(cfg)
+        if ctx.is_main:
+            data = prepare_data(cfg, streams_needed, build=True, progress=tcfg.progress)
+        if ctx.enabled:
+            dist.barrier()
+        if not ctx.is_main:
+            data = prepare_data(cfg, streams_needed, build=False, progress=False)
+        streams = build_streams(cfg, data, ctx, pin_memory=device.type == "cuda")
+
+        # Model, objective, optimiser.
+        seed_everything(cfg.seed)
+        objective = self._build_objective(data)
+        model: JointModel = objective.model  # type: ignore[assignment]
+        channels_last = tcfg.channels_last and device.type == "cuda"
+        if ctx.enabled and device.type == "cuda" and tcfg.sync_batchnorm:
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+            model = objective.model  # type: ignore[assignment]
+        objective.to(device)
+        if channels_last:
+            model.encoder.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(objective, tcfg.optimizer)
+        amp_dtype = resolve_precision(tcfg.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        batch_2d = tcfg.batch.images
+        base_lr = tcfg.optimizer.lr * (batch_2d / 256 if tcfg.optimizer.scale_lr_with_batch else 1.0)
+        opt = tcfg.optimizer
+        lr_schedule = warmup_cosine(
+            base_lr, opt.final_lr, tcfg.max_steps, min(opt.warmup_steps, tcfg.max_steps), opt.start_warmup_lr
+        )
+        wd_end = opt.weight_decay if opt.weight_decay_end is None else opt.weight_decay_end
+        wd_schedule = warmup_cosine(opt.weight_decay, wd_end, tcfg.max_steps)
+
+        step = 0
+        history: dict[str, list[list[float]]] = {}
+        run_id: str | None = None
+        if checkpoint is not None:
+            objective.load_state_dict(checkpoint["objective"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            for name, stream in streams.items():
+                stream.restore(int(checkpoint["streams"].get(name, 0)))
+            set_rng_state(checkpoint["rng"])
+            step = int(checkpoint["step"])
+            history = {k: [list(map(float, p)) for p in v] for k, v in checkpoint.get("history", {}).items()}
+            run_id = checkpoint.get("mlflow_run_id")
+            if ctx.is_main:
+                log.info("resuming %s from %s at step %d", run_name, resume_path, step)
+        if tcfg.compile:
+            model.encoder.compile()
+
+        wrapped: nn.Module = objective
+        if ctx.enabled:
+            wrapped = DistributedDataParallel(
+                objective,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True,  # stages and methods leave heads unused
+                broadcast_buffers=False,  # queues, memory banks and BN statistics stay per process
+            )
+
+        # Tracking (rank 0).
+        config_dict = to_container(cfg)
+        config_dict["run"]["name"] = run_name
+        tracker = tracking.Tracker(
+            cfg.logging.tracking_uri or tracking.default_tracking_uri(self.project_dir),
+            cfg.logging.experiment,
+            run_name=run_name,
+            run_id=run_id,
+            enabled=ctx.is_main and cfg.logging.mlflow,
+            tags={"medssl.method": cfg.method.name, "medssl.world_size": str(ctx.world_size)},
+        )
+        self._log_run_start(tracker, config_dict, data, resumed=checkpoint is not None)
+
+        samples_per_step = sum(
+            {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}[n] for n in streams
+        )
+        timer = StepTimer()
+        window: dict[str, float] = {}
+        window_steps = 0
+        last_metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=tcfg.max_steps,
+            initial=step,
+            disable=not (ctx.is_main and tcfg.progress),
+            desc=run_name,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        status = "finished"
+        saved: Path | None = None
+        primary = streams.get("images") or next(iter(streams.values()))
+        try:
+            with _StopRequest() as stop:
+                objective.train()
+                while step < tcfg.max_steps:
+                    step_start = time.perf_counter()
+                    if isinstance(objective, JointObjective):
+                        if primary.at_epoch_start:
+                            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + primary.epoch)
+                            for k, v in objective.cluster(generator).items():
+                                window[k] = float(v)
+                        objective.normalize_prototypes()
+                    set_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
+                    optimizer.zero_grad(set_to_none=True)
+
+                    timer.start_data()
+                    plan = objective.plan(step) if isinstance(objective, JointObjective) else None
+                    fetched = {name: s.next_step() for name, s in streams.items() if _stream_active(name, plan)}
+                    timer.stop_data()
+
+                    step_metrics: dict[str, Tensor] = {}
+                    for micro in range(tcfg.accumulate):
+                        timer.start_data()
+                        inputs = self._inputs({k: v[micro] for k, v in fetched.items()}, device, channels_last)
+                        if isinstance(objective, SimCLRObjective):
+                            inputs.pop("crop_index", None)
+                        timer.stop_data()
+                        sync = micro == tcfg.accumulate - 1 or not ctx.enabled
+                        with (
+                            contextlib.nullcontext() if sync else wrapped.no_sync(),  # type: ignore[operator]
+                            torch.autocast(
+                                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                            ),
+                        ):
+                            loss, metrics = wrapped(step=step, **inputs)
+                        scaler.scale(loss / tcfg.accumulate).backward()
+                        for k, v in metrics.items():
+                            if isinstance(v, Tensor):
+                                step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / tcfg.accumulate
+                    if isinstance(objective, JointObjective):
+                        objective.after_backward(step)
+                    if opt.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        grad_norm = nn.utils.clip_grad_norm_(objective.parameters(), opt.clip_grad)
+                        step_metrics["grad_norm"] = grad_norm.detach().float()
+
+                    # One synchronisation per step for the metric values and the non-finite check.
+                    keys = sorted(step_metrics)
+                    values = torch.stack([step_metrics[k].reshape(()) for k in keys])
+                    non_finite = (~torch.isfinite(values)).any().float().reshape(1)
+                    if ctx.enabled:
+                        dist.all_reduce(values)
+                        values /= ctx.world_size
+                        dist.all_reduce(non_finite, op=dist.ReduceOp.MAX)
+                    host = dict(zip(keys, values.tolist(), strict=True))
+                    if non_finite.item() > 0:
+                        bad = {k: v for k, v in host.items() if k.startswith("loss/")}
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in bad.items())}); "
+                            "lower trainer.optimizer.lr, set trainer.optimizer.clip_grad, or use trainer.precision=fp32"
+                        )
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                    timer.total_seconds += time.perf_counter() - step_start
+
+                    host["lr"] = float(lr_schedule[step - 1])
+                    for k, v in host.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_steps += 1
+                    for callback in self.callbacks:
+                        callback(step, host)
+                    bar.update(1)
+                    if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                        last_metrics = {k: v / window_steps for k, v in window.items() if not k.startswith("cluster/")}
+                        last_metrics.update({k: v for k, v in window.items() if k.startswith("cluster/")})
+                        last_metrics["throughput/samples_per_s"] = (
+                            samples_per_step * window_steps / max(timer.total_seconds, 1e-9)
+                        )
+                        last_metrics["throughput/data_wait_fraction"] = timer.fraction()
+                        last_metrics["epoch"] = float(primary.epoch)
+                        tracker.log_metrics(last_metrics, step)
+                        for k, v in last_metrics.items():
+                            history.setdefault(k, []).append([float(step), float(v)])
+                        bar.set_postfix(
+                            loss=f"{last_metrics.get('loss/total', float('nan')):.4f}",
+                            samples_s=f"{last_metrics['throughput/samples_per_s']:.1f}",
+                            refresh=False,
+                        )
+                        window, window_steps = {}, 0
+                        timer.reset()
+                    pictures_every = cfg.logging.pictures.every
+                    if pictures_every and step % pictures_every == 0 and step < tcfg.max_steps and ctx.is_main:
+                        self._log_pictures(tracker, model, data, history, device, step)
+                    if _agreed(stop.signal is not None, ctx, device):
+                        status = "interrupted"
+                        break
+                    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+                        saved = self._checkpoint(
+                            ctx,
+                            run_dir,
+                            objective,
+                            optimizer,
+                            scaler,
+                            streams,
+                            step,
+                            history,
+                            tracker.run_id,
+                            run_name,
+                            tracker,
+                            log_artifact=False,
+                        )
+        except BaseException:
+            bar.close()
+            tracker.finish("FAILED")
+            raise
+        bar.close()
+        saved = self._checkpoint(
+            ctx,
+            run_dir,
+            objective,
+            optimizer,
+            scaler,
+            streams,
+            step,
+            history,
+            tracker.run_id,
+            run_name,
+            tracker,
+            log_artifact=status == "finished" and cfg.logging.log_checkpoints,
+        )
+        backbone = None
+        if status == "finished" and ctx.is_main:
+            backbone = self._export_backbone(run_dir, model, tracker, run_name)
+            self._log_pictures(tracker, model, data, history, device, step)
+        if ctx.enabled:
+            dist.barrier()
+        tracker.finish("FINISHED" if status == "finished" else "KILLED")
+        result = TrainResult(
+            status=status,
+            step=step,
+            run_name=run_name,
+            output_dir=run_dir,
+            run_id=tracker.run_id,
+            artifact_uri=tracker.artifact_uri,
+            checkpoint=saved,
+            backbone=backbone,
+            metrics=last_metrics,
+        )
+        if ctx.is_main:
+            self._summary(result, tracker)
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _inputs(batches: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+        """Loader batches -> keyword arguments of the objective's forward."""
+        inputs: dict[str, Any] = {}
+        if "images" in batches:
+            images = batches["images"]
+            inputs["crops"] = to_device(images["views"], device, channels_last)
+            inputs["crop_index"] = images["index"].to(device)
+        if "stacks" in batches:
+            stacks = batches["stacks"]
+            inputs["stacks"] = StackBatch(
+                views=to_device(stacks["views"], device),
+                mask=stacks["mask"].to(device),
+                positions=stacks["positions"].to(device),
+                index=stacks["index"].to(device),
+                mask_noise=stacks["mask_noise"].to(device),
+            )
+        if "sep" in batches:
+            sep = batches["sep"]
+            target = torch.tensor([g == "target" for g in sep["group"]], device=device)
+            inputs["sep"] = SepBatch(views=to_device(sep["views"][:2], device, channels_last), is_target=target)
+        return inputs
+
+    def _log_run_start(self, tracker: Any, config_dict: dict[str, Any], data: PreparedData, resumed: bool) -> None:
+        from medssl.train import tracking
+
+        summary = data.manifest.summary()
+        fingerprint = tracking.manifest_fingerprint(Path(self.config.data.manifest))
+        params = tracking.flatten_config(config_dict)
+        params.update({f"manifest.{k}": str(v) for k, v in fingerprint.items() if k != "sha256"})
+        tracker.log_params(params, allow_changes=resumed)
+        tracker.set_tags({"medssl.manifest_sha256": fingerprint.get("sha256", ""), "medssl.resumed": str(resumed)})
+        import yaml
+
+        tracker.log_text(yaml.safe_dump(config_dict, sort_keys=False), "config/pretrain.yaml")
+        tracker.log_dict(
+            {
+                "manifest": summary,
+                "fingerprint": fingerprint,
+                "samples": {
+                    "images": len(data.images) if data.images is not None else 0,
+                    "stacks": len(data.stacks) if data.stacks is not None else 0,
+                },
+            },
+            "data/summary.json",
+        )
+
+    def _checkpoint(
+        self,
+        ctx: DistributedContext,
+        run_dir: Path,
+        objective: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        streams: dict[str, Stream],
+        step: int,
+        history: dict[str, list[list[float]]],
+        run_id: str | None,
+        run_name: str,
+        tracker: Any,
+        log_artifact: bool,
+    ) -> Path | None:
+        path: Path | None = None
+        if ctx.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "run_name": run_name,
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "streams": {name: s.consumed for name, s in streams.items()},
+                "rng": rng_state(),
+                "history": history,
+                "mlflow_run_id": run_id,
+                "world_size": ctx.world_size,
+                "config": to_container(self.config),
+            }
+            directory = run_dir / "checkpoints"
+            path = save_checkpoint(directory / f"step_{step:08d}.pt", state)
+            from medssl.data.manifest import atomic_write_text
+
+            atomic_write_text(directory / "latest", path.name + "\n")
+            kept = sorted(directory.glob("step_*.pt"))
+            for old in kept[: -self.config.trainer.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+            if log_artifact:
+                tracker.log_artifact(path, "checkpoints")
+        if ctx.enabled:
+            dist.barrier()
+        return path
+
+    def _export_backbone(self, run_dir: Path, model: JointModel, tracker: Any, run_name: str) -> Path:
+        """The encoder's MONAI ResNet weights (``backbone.pt``) and how to rebuild it (``backbone.json``)."""
+        import json
+
+        from medssl.data.manifest import atomic_write_text
+
+        encoder = getattr(model.encoder, "_orig_mod", model.encoder)
+        backbone = getattr(encoder, "backbone", encoder)
+        weights = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+        path = save_checkpoint(run_dir / "backbone.pt", weights)
+        meta = {
+            "network": "monai.networks.nets.ResNet",
+            "kwargs": getattr(encoder, "backbone_config", {}),
+            "out_dim": int(getattr(encoder, "out_dim", 0)),
+            "encoder": self.config.model.encoder,
+            "method": self.config.method.name,
+            "run_name": run_name,
+            "run_id": tracker.run_id,
+            "preprocess": to_container(self.config)["data"]["preprocess"],
+            "input": {
+                "channels": self.config.model.in_channels,
+                "spatial_dims": 2,
+                "crop": self.config.data.views.global_size,
+            },
+        }
+        atomic_write_text(run_dir / "backbone.json", json.dumps(meta, indent=2))
+        tracker.log_artifact(path, "backbone")
+        tracker.log_artifact(run_dir / "backbone.json", "backbone")
+        return path
+
+    def _log_pictures(
+        self,
+        tracker: Any,
+        model: JointModel,
+        data: PreparedData,
+        history: dict[str, list[list[float]]],
+        device: torch.device,
+        step: int,
+    ) -> None:
+        from medssl.train import pictures
+
+        pcfg = self.config.logging.pictures
+        folder = f"pictures/step_{step:08d}"
+        if history:
+            tracker.log_figure(
+                pictures.curves_figure({k: [tuple(p) for p in v] for k, v in history.items()}), f"{folder}/curves.png"
+            )
+        dataset = data.images or data.sep
+        if dataset is None or pcfg.samples < 1:
+            return
+        snapshot = pictures.embedding_snapshot(
+            model,
+            dataset,
+            min(pcfg.samples, len(dataset)),
+            self.config.data.views.global_size,
+            device,
+            generator_seed=self.config.seed,
+        )
+        figures = pictures.snapshot_figures(snapshot, f"encoder features, step {step}")
+        for name, figure in figures.items():
+            if name.startswith("prototype") and not _trains_intra_prototypes(self.config):
+                continue  # untrained prototypes: their gallery would mislead
+            tracker.log_figure(figure, f"{folder}/{name}")
+
+    @staticmethod
+    def _summary(result: TrainResult, tracker: Any) -> None:
+        from medssl.train import tracking
+
+        loss = result.metrics.get("loss/total", math.nan)
+        where = result.artifact_uri or str(result.output_dir)
+        print(
+            f"medssl pretrain: {result.status} at step {result.step} (loss {loss:.4f}); run {result.run_name}"
+            f"{' id ' + result.run_id if result.run_id else ''}; artifacts: {where}; checkpoints: "
+            f"{result.output_dir / 'checkpoints'}"
+        )
+        if result.run_id:
+            print(f"look at it with: {tracking.ui_command(tracker.tracking_uri)}")
+        if result.status == "interrupted":
+            print(f"resume with: medssl pretrain ... run.name={result.run_name} (trainer.resume=auto)")
+
+
+def _trains_intra_prototypes(config: PretrainConfig) -> bool:
+    objective = config.method.objective
+    return config.method.name == "joint" and (objective.weights.intra > 0 or objective.stages is not None)
+
+
+def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (a signal may reach the processes at different steps)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _stream_active(name: str, plan: Any) -> bool:
+    """Whether this step's stage reads the stream (all streams for methods without stages)."""
+    if plan is None:
+        return True
+    w = plan.weights
+    return {"images": w.intra > 0, "stacks": w.inter > 0 or w.mask > 0, "sep": w.sep > 0}[name]

@@ -1,0 +1,216 @@
+"""The pretraining loop end to end on small real files: every method, MLflow content, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import monai.networks.nets as monai_nets
+import pytest
+import torch
+from mlflow import MlflowClient
+from training import tiny_overrides, write_training_data
+
+from medssl.objectives.joint import JointObjective
+from medssl.train.checkpoint import load_checkpoint
+from medssl.train.config import compose_pretrain_config
+from medssl.train.trainer import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("train")
+    return folder, write_training_data(folder)
+
+
+def run(folder: Path, manifest: Path, *extra: str, callbacks=None):
+    config = compose_pretrain_config(tiny_overrides(manifest, folder, *extra))
+    return Trainer(config, project_dir=folder, callbacks=callbacks).fit()
+
+
+def client(folder: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+
+
+def artifact_paths(mlflow: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in mlflow.list_artifacts(run_id, path):
+        found.extend(artifact_paths(mlflow, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def test_joint_run_logs_metrics_pictures_and_a_monai_backbone(dataset):
+    folder, manifest = dataset
+    result = run(folder, manifest, "trainer.max_steps=4", "run.name=joint")
+    assert result.status == "finished" and result.step == 4
+    mlflow = client(folder)
+    logged = mlflow.get_run(result.run_id)
+    assert logged.info.status == "FINISHED"
+    metrics = logged.data.metrics
+    for key in (
+        "loss/total",
+        "loss/intra",
+        "loss/inter",
+        "loss/mask",
+        "lr",
+        "throughput/samples_per_s",
+        "throughput/data_wait_fraction",
+        "health/intra_effective_prototypes",
+        "health/inter_alignment",
+    ):
+        assert key in metrics, key
+    assert [m.step for m in mlflow.get_metric_history(result.run_id, "loss/total")] == [1, 2, 3, 4]
+    params = logged.data.params
+    assert params["method.name"] == "joint" and params["trainer.max_steps"] == "4"
+    assert params["model.encoder"] == "resnet10"
+    artifacts = artifact_paths(mlflow, result.run_id)
+    assert "config/pretrain.yaml" in artifacts and "data/summary.json" in artifacts
+    assert "backbone/backbone.pt" in artifacts and "backbone/backbone.json" in artifacts
+    assert any(a.endswith("checkpoints/step_00000004.pt") for a in artifacts)
+    for picture in ("curves.png", "embeddings.png", "prototype_gallery.png", "prototype_usage.png"):
+        assert any(a.endswith(picture) for a in artifacts), picture
+
+    # The exported backbone is a plain MONAI ResNet: strict loading, same features as the trained encoder.
+    meta = json.loads((result.output_dir / "backbone.json").read_text(encoding="utf-8"))
+    assert meta["network"] == "monai.networks.nets.ResNet" and meta["run_id"] == result.run_id
+    kwargs = dict(meta["kwargs"])
+    kwargs["norm"] = tuple(kwargs["norm"]) if isinstance(kwargs["norm"], list) else kwargs["norm"]
+    net = monai_nets.ResNet(**kwargs)
+    net.load_state_dict(load_checkpoint(result.backbone), strict=True)
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, meta["out_dim"])
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("swav2d", ()),
+        ("dcv2_2d", ("trainer.batch.images=32",)),  # several epochs: k-means runs at each epoch start
+        ("sepclr", ()),
+        ("simclr", ()),
+        ("staged", ("method.objective.stages=[1,2]",)),
+    ],
+)
+def test_every_method_trains(dataset, method, extra):
+    folder, manifest = dataset
+    seen: list[dict[str, float]] = []
+    steps = 6 if method == "dcv2_2d" else 3
+    result = run(
+        folder,
+        manifest,
+        f"method={method}",
+        f"trainer.max_steps={steps}",
+        f"run.name={method}",
+        "logging=none",
+        *extra,
+        callbacks=[lambda step, metrics: seen.append(metrics)],
+    )
+    assert result.status == "finished" and result.run_id is None
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in seen)
+    if method == "sepclr":
+        assert "loss/sep" in seen[0] and "loss/intra" not in seen[0]
+    if method == "simclr":
+        assert "loss/simclr" in seen[0]
+    if method == "staged":
+        assert ["loss/intra" in m for m in seen] == [True, False, True]
+        assert ["loss/mask" in m for m in seen] == [False, True, True]
+    if method == "dcv2_2d":
+        assert seen[0]["loss/intra"] == 0.0  # waiting for the first clustering
+        assert seen[-1]["loss/intra"] > 0.0
+
+
+def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint)["objective"]
+
+
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(dataset):
+    folder, manifest = dataset
+    common = ("trainer.max_steps=6", "trainer.checkpoint_every=0", "trainer.optimizer.warmup_steps=2")
+    straight = run(folder, manifest, *common, "run.name=straight")
+
+    def kill_at_3(step: int, metrics: dict[str, float]) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = run(folder, manifest, *common, "run.name=killed", callbacks=[kill_at_3])
+    assert interrupted.status == "interrupted" and interrupted.step == 3
+    assert interrupted.checkpoint is not None and interrupted.checkpoint.name == "step_00000003.pt"
+    assert client(folder).get_run(interrupted.run_id).info.status == "KILLED"
+
+    resumed = run(folder, manifest, *common, "run.name=killed")  # trainer.resume=auto
+    assert resumed.status == "finished" and resumed.step == 6
+    assert resumed.run_id == interrupted.run_id  # the MLflow run continues
+    history = client(folder).get_metric_history(resumed.run_id, "loss/total")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    expected, got = parameters(straight.checkpoint), parameters(resumed.checkpoint)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    straight_loss = client(folder).get_metric_history(straight.run_id, "loss/total")
+    assert [m.value for m in straight_loss] == [m.value for m in history]
+
+
+def test_crash_resumes_from_the_last_periodic_checkpoint(dataset):
+    folder, manifest = dataset
+    common = ("trainer.max_steps=5", "trainer.checkpoint_every=2", "logging=none")
+    straight = run(folder, manifest, *common, "run.name=straight-crash")
+
+    def crash_at_3(step: int, metrics: dict[str, float]) -> None:
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(folder, manifest, *common, "run.name=crashed", callbacks=[crash_at_3])
+    latest = folder / "outputs" / "crashed" / "checkpoints" / "latest"
+    assert latest.read_text(encoding="utf-8").strip() == "step_00000002.pt"
+    resumed = run(folder, manifest, *common, "run.name=crashed")
+    assert resumed.step == 5
+    expected, got = parameters(straight.checkpoint), parameters(resumed.checkpoint)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    # keep_checkpoints=2 (trainer/cpu.yaml): older step files are pruned
+    kept = sorted(p.name for p in (folder / "outputs" / "crashed" / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_00000004.pt", "step_00000005.pt"]
+
+
+def test_gradient_accumulation_sees_the_same_samples(dataset):
+    folder, manifest = dataset
+    result = run(folder, manifest, "trainer.max_steps=2", "trainer.accumulate=2", "run.name=accum", "logging=none")
+    state = load_checkpoint(result.checkpoint)
+    assert state["streams"] == {"images": 2, "stacks": 2}
+    with pytest.raises(ValueError, match=r"trainer\.batch\.stacks=2 must be a multiple of .* = 4"):
+        run(folder, manifest, "trainer.accumulate=4", "run.name=accum4", "logging=none")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(dataset, monkeypatch):
+    folder, manifest = dataset
+    original = JointObjective.forward
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        if kwargs.get("step") == 1:
+            loss = loss * float("nan")
+            metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    monkeypatch.setattr(JointObjective, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .*loss/total=nan"):
+        run(folder, manifest, "trainer.max_steps=3", "run.name=nan")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.optimizer.name=adam", r"trainer\.optimizer: name must be one of"),
+        ("trainer.max_step=3", r"trainer\.max_step"),
+        ("method=byol", r"method/byol.*Available options"),
+        ("model.norm=layer", r"model: norm must be one of"),
+        ("trainer.resume=/nonexistent/run", r"trainer\.resume: /nonexistent/run"),
+        ("data.manifest=/nonexistent.csv", r"data\.manifest: /nonexistent\.csv"),
+    ],
+)
+def test_bad_configuration_names_the_key(dataset, override, message):
+    folder, manifest = dataset
+    with pytest.raises((ValueError, FileNotFoundError, Exception), match=message):
+        run(folder, manifest, override, "run.name=bad", "logging=none")
