@@ -214,3 +214,29 @@ def test_bad_configuration_names_the_key(dataset, override, message):
     folder, manifest = dataset
     with pytest.raises((ValueError, FileNotFoundError, Exception), match=message):
         run(folder, manifest, override, "run.name=bad", "logging=none")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(dataset, precision):
+    """bf16 autocast, and fp16 with the gradient scaler (unscaled before clipping); the GPU figures are in
+    BENCHMARKS.md when a GPU was available."""
+    folder, manifest = dataset
+    result = run(
+        folder, manifest, f"trainer.precision={precision}", "trainer.max_steps=2", f"run.name={precision}",
+        "logging=none",
+    )  # fmt: skip
+    state = load_checkpoint(result.checkpoint)
+    assert result.status == "finished"
+    assert bool(state["scaler"]) == (precision == "fp16")  # the scaler's state exists only when it is enabled
+    assert all(torch.isfinite(v).all() for v in state["objective"].values() if v.is_floating_point())
+
+
+def test_loader_workers_do_not_change_the_run(dataset):
+    """Samples are seeded by (seed, epoch, index): 0 or 2 worker processes give the same parameters."""
+    folder, manifest = dataset
+    common = ("trainer.max_steps=2", "logging=none")
+    serial = run(folder, manifest, *common, "run.name=w0")
+    parallel = run(folder, manifest, *common, "run.name=w2", "trainer.num_workers=2")
+    expected, got = parameters(serial.checkpoint), parameters(parallel.checkpoint)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

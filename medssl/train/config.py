@@ -130,6 +130,7 @@ class TrainerConfig:
 class PicturesConfig:
     samples: int = 256  # 2D samples embedded for the projection and the prototype gallery
     every: int = 0  # steps between picture sets; 0 = at the end only
+    gallery: bool = True  # example images per prototype: turn off if pixels may carry burned-in text
 
 
 @dataclass

@@ -331,7 +331,9 @@ class Trainer:
                     # One synchronisation per step for the metric values and the non-finite check.
                     keys = sorted(step_metrics)
                     values = torch.stack([step_metrics[k].reshape(()) for k in keys])
-                    non_finite = (~torch.isfinite(values)).any().float().reshape(1)
+                    # Losses only: with fp16 an infinite gradient norm is the scaler's business (it skips the step).
+                    loss_rows = [i for i, k in enumerate(keys) if k.startswith("loss/")]
+                    non_finite = (~torch.isfinite(values[loss_rows])).any().float().reshape(1)
                     if ctx.enabled:
                         dist.all_reduce(values)
                         values /= ctx.world_size
@@ -590,6 +592,8 @@ class Trainer:
         for name, figure in figures.items():
             if name.startswith("prototype") and not _trains_intra_prototypes(self.config):
                 continue  # untrained prototypes: their gallery would mislead
+            if name == "prototype_gallery.png" and not pcfg.gallery:
+                continue
             tracker.log_figure(figure, f"{folder}/{name}")
 
     @staticmethod

@@ -1,0 +1,83 @@
+"""The `medssl pretrain` and `medssl demo` commands as a user types them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from training import write_training_data
+
+from medssl.cli import main
+
+# Fast settings for the demo command (its defaults train for minutes).
+FAST_DEMO = [
+    "model.projector_hidden=32",
+    "model.intra_prototypes=[8]",
+    "model.transformer_dim=32",
+    "model.inter_prototypes=[4]",
+    "data.views.global_size=32",
+    "data.views.local_size=16",
+    "data.stacks.size=32",
+    "trainer.num_workers=0",
+    "logging.pictures.samples=16",
+]
+
+
+def test_print_config_shows_the_composed_configuration(capsys):
+    assert main(["pretrain", "--print-config", "method=simclr", "trainer.max_steps=7"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["method"]["name"] == "simclr"
+    assert config["trainer"]["max_steps"] == 7
+    assert config["data"]["manifest"] == "data_manifests/demo.csv"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_step=3", "trainer.max_step"),
+        ("trainer.optimizer.lr=-1", "trainer.optimizer: lr must be > 0"),
+        ("data.views.global_size=big", "data.views.global_size"),
+    ],
+)
+def test_bad_overrides_exit_2_naming_the_key(capsys, override, message):
+    assert main(["pretrain", "--print-config", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "data.manifest=nothing_here.csv", "logging=none"]) == 2
+    assert "data.manifest: nothing_here.csv: no such manifest" in capsys.readouterr().err
+
+
+def test_demo_on_a_user_folder(tmp_path, capsys, monkeypatch):
+    write_training_data(tmp_path / "user", volumes=3, images=4)
+    monkeypatch.chdir(tmp_path)
+    code = main(["demo", "--data", str(tmp_path / "user" / "data"), "--out", "demo", "--steps", "2", "--no-progress",
+                 *FAST_DEMO])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "demo data: 7 items (4 2D images, 3 3D volumes)" in out
+    assert "mlflow ui --backend-store-uri" in out and "demo finished: backbone" in out
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "loss/total" in runs[0].data.metrics and runs[0].data.params["method.name"] == "joint"
+    assert list((tmp_path / "demo" / "runs").glob("*/backbone.pt"))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("nilearn") is None or importlib.util.find_spec("data_store") is None,
+    reason="the demo packages (pip install -e '.[demo]': nilearn, pydicom-data) are not installed",
+)
+def test_demo_on_the_embedded_data(tmp_path, capsys, monkeypatch):
+    """What `make demo` runs, for 2 steps: assemble the real images from pip packages, scan, cache, train."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "outputs/demo", "--steps", "2", "--no-progress", *FAST_DEMO]) == 0
+    out = capsys.readouterr().out
+    assert "real: 10 (2 from nibabel, 1 from nilearn, 2 from pydicom, 5 from pydicom-data)" in out
+    assert Path(tmp_path / "outputs" / "demo" / "demo_manifest.csv").is_file()
+    assert "demo finished" in out
