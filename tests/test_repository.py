@@ -14,6 +14,23 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+def test_readme_quick_start_has_the_two_commands_and_the_makefile_both_targets():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make demo" in quick_start and "make test" in quick_start
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "\ndemo: setup\n" in makefile and "\ntest: setup\n" in makefile
+
+
+def test_every_config_group_option_composes():
+    from medssl.train.config import compose_pretrain_config
+
+    for group in ("data", "model", "method", "trainer", "logging"):
+        for option in sorted((ROOT / "configs" / group).glob("*.yaml")):
+            compose_pretrain_config([f"{group}={option.stem}"])
+    compose_pretrain_config(config_name="demo")
+
+
 def test_notebook_code_cells_parse():
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
