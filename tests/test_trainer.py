@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import monai.networks.nets as monai_nets
@@ -240,3 +243,30 @@ def test_loader_workers_do_not_change_the_run(dataset):
     expected, got = parameters(serial.checkpoint), parameters(parallel.checkpoint)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(dataset):
+    """As Ctrl-C or a scheduler does it: every process of the group (main and DataLoader workers) gets the signal;
+    the workers ignore it, the main process finishes its step, checkpoints and exits 143; the rerun resumes."""
+    folder, manifest = dataset
+    repo = Path(__file__).resolve().parents[1]
+    overrides = tiny_overrides(
+        manifest, folder, "trainer.max_steps=400", "trainer.checkpoint_every=1", "trainer.num_workers=2",
+        "logging=none", "run.name=group-kill",
+    )  # fmt: skip
+    env = {**os.environ, "MEDSSL_CONFIG_DIR": str(repo / "configs"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "medssl", "pretrain", *overrides]
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    latest = folder / "outputs" / "group-kill" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 143, output[-3000:]
+    assert "interrupted at step" in output and "resume with" in output
+    step = load_checkpoint(folder / "outputs" / "group-kill" / "checkpoints" / latest.read_text().strip())["step"]
+    assert 1 <= step < 400
+    resumed = run(folder, manifest, f"trainer.max_steps={step + 1}", "logging=none", "run.name=group-kill")
+    assert resumed.status == "finished" and resumed.step == step + 1

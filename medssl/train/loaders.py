@@ -13,6 +13,7 @@ step ``m``. Hence
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -102,6 +103,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
                 yield share(batch, parts, micro * self.world_size + self.rank, self.balanced)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: Ctrl-C and schedulers signal the whole process group, and the main
+    process must outlive its workers long enough to finish the step and write its checkpoint (it then stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader_context() -> Any:
     """Fork where the platform has it (fast start, shares the memory-mapped cache); the default elsewhere."""
     if sys.platform.startswith("linux"):
@@ -162,6 +170,7 @@ class Stream:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             multiprocessing_context=_loader_context() if self.num_workers else None,
+            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
         )
         self._iterator = iter(loader)
 

@@ -8,6 +8,8 @@ each process that ``torchrun`` starts (only rank 0 logs and writes checkpoints).
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
 import random
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from medssl.data.manifest import atomic_write_text
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
 from medssl.objectives.joint import JointObjective, SepBatch, StackBatch
@@ -57,6 +60,49 @@ class TrainResult:
     checkpoint: Path | None = None
     backbone: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint restores."""
+
+    run_name: str
+    run_dir: Path
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    streams: dict[str, Stream]
+    step: int = 0
+    history: dict[str, list[list[float]]] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+class MetricWindow:
+    """Step metrics averaged between two log steps, with throughput and the data-wait fraction."""
+
+    def __init__(self) -> None:
+        self.timer = StepTimer()
+        self.sums: dict[str, float] = {}
+        self.events: dict[str, float] = {}  # once-per-epoch values (k-means), logged as they are
+        self.steps = 0
+        self.samples = 0
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+
+    def close(self, epoch: int) -> dict[str, float]:
+        """The window's averages (``throughput/*``, ``epoch`` included); starts a new window."""
+        metrics = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        metrics.update(self.events)
+        metrics["throughput/samples_per_s"] = self.samples / max(self.timer.total_seconds, 1e-9)
+        metrics["throughput/data_wait_fraction"] = self.timer.fraction()
+        metrics["epoch"] = float(epoch)
+        self.sums, self.events, self.steps, self.samples = {}, {}, 0, 0
+        self.timer.reset()
+        return metrics
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -225,21 +271,11 @@ class Trainer:
         wd_end = opt.weight_decay if opt.weight_decay_end is None else opt.weight_decay_end
         wd_schedule = warmup_cosine(opt.weight_decay, wd_end, tcfg.max_steps)
 
-        step = 0
-        history: dict[str, list[list[float]]] = {}
-        run_id: str | None = None
+        state = RunState(run_name, run_dir, objective, optimizer, scaler, streams)
         if checkpoint is not None:
-            objective.load_state_dict(checkpoint["objective"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            for name, stream in streams.items():
-                stream.restore(int(checkpoint["streams"].get(name, 0)))
-            set_rng_state(checkpoint["rng"])
-            step = int(checkpoint["step"])
-            history = {k: [list(map(float, p)) for p in v] for k, v in checkpoint.get("history", {}).items()}
-            run_id = checkpoint.get("mlflow_run_id")
+            self._restore(state, checkpoint)
             if ctx.is_main:
-                log.info("resuming %s from %s at step %d", run_name, resume_path, step)
+                log.info("resuming %s from %s at step %d", run_name, resume_path, state.step)
         if tcfg.compile:
             model.encoder.compile()
 
@@ -259,46 +295,47 @@ class Trainer:
             cfg.logging.tracking_uri or tracking.default_tracking_uri(self.project_dir),
             cfg.logging.experiment,
             run_name=run_name,
-            run_id=run_id,
+            run_id=state.mlflow_run_id,
             enabled=ctx.is_main and cfg.logging.mlflow,
             tags={"medssl.method": cfg.method.name, "medssl.world_size": str(ctx.world_size)},
         )
+        state.mlflow_run_id = tracker.run_id
         self._log_run_start(tracker, config_dict, data, resumed=checkpoint is not None)
 
-        samples_per_step = sum(
-            {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}[n] for n in streams
-        )
-        timer = StepTimer()
-        window: dict[str, float] = {}
-        window_steps = 0
+        batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
+        window = MetricWindow()
+        timer = window.timer
         last_metrics: dict[str, float] = {}
         bar = tqdm(
             total=tcfg.max_steps,
-            initial=step,
+            initial=state.step,
             disable=not (ctx.is_main and tcfg.progress),
             desc=run_name,
             unit="step",
             dynamic_ncols=True,
         )
         status = "finished"
-        saved: Path | None = None
         primary = streams.get("images") or next(iter(streams.values()))
+        joint = objective if isinstance(objective, JointObjective) else None
+        autocast = functools.partial(
+            torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
         try:
             with _StopRequest() as stop:
                 objective.train()
-                while step < tcfg.max_steps:
+                while state.step < tcfg.max_steps:
+                    step = state.step
                     step_start = time.perf_counter()
-                    if isinstance(objective, JointObjective):
-                        if primary.at_epoch_start:
+                    if joint is not None:
+                        if primary.at_epoch_start:  # DeepCluster-v2: k-means on the memory banks (no-op for SwAV)
                             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + primary.epoch)
-                            for k, v in objective.cluster(generator).items():
-                                window[k] = float(v)
-                        objective.normalize_prototypes()
+                            window.events.update({k: float(v) for k, v in joint.cluster(generator).items()})
+                        joint.normalize_prototypes()
                     set_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
                     optimizer.zero_grad(set_to_none=True)
 
                     timer.start_data()
-                    plan = objective.plan(step) if isinstance(objective, JointObjective) else None
+                    plan = joint.plan(step) if joint is not None else None
                     fetched = {name: s.next_step() for name, s in streams.items() if _stream_active(name, plan)}
                     timer.stop_data()
 
@@ -306,125 +343,70 @@ class Trainer:
                     for micro in range(tcfg.accumulate):
                         timer.start_data()
                         inputs = self._inputs({k: v[micro] for k, v in fetched.items()}, device, channels_last)
-                        if isinstance(objective, SimCLRObjective):
+                        if joint is None:
                             inputs.pop("crop_index", None)
                         timer.stop_data()
+                        # gradients are all-reduced once per optimiser step, on the last accumulation step
                         sync = micro == tcfg.accumulate - 1 or not ctx.enabled
-                        with (
-                            contextlib.nullcontext() if sync else wrapped.no_sync(),  # type: ignore[operator]
-                            torch.autocast(
-                                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                            ),
-                        ):
+                        no_sync = contextlib.nullcontext() if sync else wrapped.no_sync()  # type: ignore[operator]
+                        with no_sync, autocast():
                             loss, metrics = wrapped(step=step, **inputs)
                         scaler.scale(loss / tcfg.accumulate).backward()
                         for k, v in metrics.items():
                             if isinstance(v, Tensor):
                                 step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / tcfg.accumulate
-                    if isinstance(objective, JointObjective):
-                        objective.after_backward(step)
+                    if joint is not None:
+                        joint.after_backward(step)
                     if opt.clip_grad > 0:
                         scaler.unscale_(optimizer)
                         grad_norm = nn.utils.clip_grad_norm_(objective.parameters(), opt.clip_grad)
                         step_metrics["grad_norm"] = grad_norm.detach().float()
 
-                    # One synchronisation per step for the metric values and the non-finite check.
-                    keys = sorted(step_metrics)
-                    values = torch.stack([step_metrics[k].reshape(()) for k in keys])
-                    # Losses only: with fp16 an infinite gradient norm is the scaler's business (it skips the step).
-                    loss_rows = [i for i, k in enumerate(keys) if k.startswith("loss/")]
-                    non_finite = (~torch.isfinite(values[loss_rows])).any().float().reshape(1)
-                    if ctx.enabled:
-                        dist.all_reduce(values)
-                        values /= ctx.world_size
-                        dist.all_reduce(non_finite, op=dist.ReduceOp.MAX)
-                    host = dict(zip(keys, values.tolist(), strict=True))
-                    if non_finite.item() > 0:
-                        bad = {k: v for k, v in host.items() if k.startswith("loss/")}
-                        raise NonFiniteLossError(
-                            f"non-finite loss at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in bad.items())}); "
-                            "lower trainer.optimizer.lr, set trainer.optimizer.clip_grad, or use trainer.precision=fp32"
-                        )
+                    host = _reduce_and_check(step_metrics, step, ctx)
                     scaler.step(optimizer)
                     scaler.update()
-                    step += 1
+                    state.step = step = step + 1
                     timer.total_seconds += time.perf_counter() - step_start
 
                     host["lr"] = float(lr_schedule[step - 1])
-                    for k, v in host.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
+                    window.add(host, sum(batch_sizes[name] for name in fetched))
                     for callback in self.callbacks:
                         callback(step, host)
                     bar.update(1)
                     if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-                        last_metrics = {k: v / window_steps for k, v in window.items() if not k.startswith("cluster/")}
-                        last_metrics.update({k: v for k, v in window.items() if k.startswith("cluster/")})
-                        last_metrics["throughput/samples_per_s"] = (
-                            samples_per_step * window_steps / max(timer.total_seconds, 1e-9)
-                        )
-                        last_metrics["throughput/data_wait_fraction"] = timer.fraction()
-                        last_metrics["epoch"] = float(primary.epoch)
+                        last_metrics = window.close(primary.epoch)
                         tracker.log_metrics(last_metrics, step)
                         for k, v in last_metrics.items():
-                            history.setdefault(k, []).append([float(step), float(v)])
+                            state.history.setdefault(k, []).append([float(step), float(v)])
                         bar.set_postfix(
                             loss=f"{last_metrics.get('loss/total', float('nan')):.4f}",
                             samples_s=f"{last_metrics['throughput/samples_per_s']:.1f}",
                             refresh=False,
                         )
-                        window, window_steps = {}, 0
-                        timer.reset()
                     pictures_every = cfg.logging.pictures.every
                     if pictures_every and step % pictures_every == 0 and step < tcfg.max_steps and ctx.is_main:
-                        self._log_pictures(tracker, model, data, history, device, step)
+                        self._log_pictures(tracker, model, data, state.history, device, step)
                     if _agreed(stop.signal is not None, ctx, device):
                         status = "interrupted"
                         break
                     if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
-                        saved = self._checkpoint(
-                            ctx,
-                            run_dir,
-                            objective,
-                            optimizer,
-                            scaler,
-                            streams,
-                            step,
-                            history,
-                            tracker.run_id,
-                            run_name,
-                            tracker,
-                            log_artifact=False,
-                        )
+                        self._checkpoint(ctx, state, tracker, log_artifact=False)
         except BaseException:
             bar.close()
             tracker.finish("FAILED")
             raise
         bar.close()
-        saved = self._checkpoint(
-            ctx,
-            run_dir,
-            objective,
-            optimizer,
-            scaler,
-            streams,
-            step,
-            history,
-            tracker.run_id,
-            run_name,
-            tracker,
-            log_artifact=status == "finished" and cfg.logging.log_checkpoints,
-        )
+        saved = self._checkpoint(ctx, state, tracker, log_artifact=status == "finished" and cfg.logging.log_checkpoints)
         backbone = None
         if status == "finished" and ctx.is_main:
             backbone = self._export_backbone(run_dir, model, tracker, run_name)
-            self._log_pictures(tracker, model, data, history, device, step)
+            self._log_pictures(tracker, model, data, state.history, device, state.step)
         if ctx.enabled:
             dist.barrier()
         tracker.finish("FINISHED" if status == "finished" else "KILLED")
         result = TrainResult(
             status=status,
-            step=step,
+            step=state.step,
             run_name=run_name,
             output_dir=run_dir,
             run_id=tracker.run_id,
@@ -485,41 +467,38 @@ class Trainer:
             "data/summary.json",
         )
 
-    def _checkpoint(
-        self,
-        ctx: DistributedContext,
-        run_dir: Path,
-        objective: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
-        streams: dict[str, Stream],
-        step: int,
-        history: dict[str, list[list[float]]],
-        run_id: str | None,
-        run_name: str,
-        tracker: Any,
-        log_artifact: bool,
-    ) -> Path | None:
+    def _restore(self, state: RunState, checkpoint: dict[str, Any]) -> None:
+        state.objective.load_state_dict(checkpoint["objective"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scaler.load_state_dict(checkpoint["scaler"])
+        for name, stream in state.streams.items():
+            stream.restore(int(checkpoint["streams"].get(name, 0)))
+        set_rng_state(checkpoint["rng"])
+        state.step = int(checkpoint["step"])
+        state.history = {k: [list(map(float, p)) for p in v] for k, v in checkpoint.get("history", {}).items()}
+        state.mlflow_run_id = checkpoint.get("mlflow_run_id")
+
+    def _checkpoint(self, ctx: DistributedContext, state: RunState, tracker: Any, log_artifact: bool) -> Path | None:
+        """Rank 0 writes ``checkpoints/step_<k>.pt`` atomically, points ``checkpoints/latest`` at it and prunes old
+        ones (``trainer.keep_checkpoints``); every rank waits for it."""
         path: Path | None = None
         if ctx.is_main:
-            state = {
+            content = {
                 "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "run_name": run_name,
-                "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "streams": {name: s.consumed for name, s in streams.items()},
+                "step": state.step,
+                "run_name": state.run_name,
+                "objective": state.objective.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "streams": {name: s.consumed for name, s in state.streams.items()},
                 "rng": rng_state(),
-                "history": history,
-                "mlflow_run_id": run_id,
+                "history": state.history,
+                "mlflow_run_id": state.mlflow_run_id,
                 "world_size": ctx.world_size,
                 "config": to_container(self.config),
             }
-            directory = run_dir / "checkpoints"
-            path = save_checkpoint(directory / f"step_{step:08d}.pt", state)
-            from medssl.data.manifest import atomic_write_text
-
+            directory = state.run_dir / "checkpoints"
+            path = save_checkpoint(directory / f"step_{state.step:08d}.pt", content)
             atomic_write_text(directory / "latest", path.name + "\n")
             kept = sorted(directory.glob("step_*.pt"))
             for old in kept[: -self.config.trainer.keep_checkpoints]:
@@ -532,10 +511,6 @@ class Trainer:
 
     def _export_backbone(self, run_dir: Path, model: JointModel, tracker: Any, run_name: str) -> Path:
         """The encoder's MONAI ResNet weights (``backbone.pt``) and how to rebuild it (``backbone.json``)."""
-        import json
-
-        from medssl.data.manifest import atomic_write_text
-
         encoder = getattr(model.encoder, "_orig_mod", model.encoder)
         backbone = getattr(encoder, "backbone", encoder)
         weights = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
@@ -611,6 +586,28 @@ class Trainer:
             print(f"look at it with: {tracking.ui_command(tracker.tracking_uri)}")
         if result.status == "interrupted":
             print(f"resume with: medssl pretrain ... run.name={result.run_name} (trainer.resume=auto)")
+
+
+def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: DistributedContext) -> dict[str, float]:
+    """The step's metrics averaged over processes, as floats (one synchronisation per step); raises
+    :class:`NonFiniteLossError` on every rank when a loss is NaN or infinite on any. Only losses count: with fp16
+    an infinite gradient norm is the loss scaler's business (it skips that step)."""
+    keys = sorted(step_metrics)
+    values = torch.stack([step_metrics[k].reshape(()) for k in keys])
+    loss_rows = [i for i, k in enumerate(keys) if k.startswith("loss/")]
+    non_finite = (~torch.isfinite(values[loss_rows])).any().float().reshape(1)
+    if ctx.enabled:
+        dist.all_reduce(values)
+        values /= ctx.world_size
+        dist.all_reduce(non_finite, op=dist.ReduceOp.MAX)
+    host = dict(zip(keys, values.tolist(), strict=True))
+    if non_finite.item() > 0:
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in host.items() if k.startswith("loss/"))
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({losses}); lower trainer.optimizer.lr, "
+            "set trainer.optimizer.clip_grad, or use trainer.precision=fp32"
+        )
+    return host
 
 
 def _trains_intra_prototypes(config: PretrainConfig) -> bool:
