@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _isolated import run_isolated
 from _report import update_section
 
 DATASETS: dict[str, dict[str, Any]] = {
@@ -148,26 +148,6 @@ def phase_loader(manifest: str, cache: str, kind: str, workers: int, batches: in
     }
 
 
-def _target(queue: mp.Queue, name: str, kwargs: dict[str, Any]) -> None:
-    queue.put(globals()[name](**kwargs))
-
-
-def run_isolated(name: str, **kwargs: Any) -> dict[str, Any]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_target, args=(queue, name, kwargs))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:  # queue.Empty: is the phase still alive?
-            if not process.is_alive():
-                raise RuntimeError(f"benchmark phase {name} died (exit code {process.exitcode})") from None
-    process.join()
-    return result
-
-
 def markdown(results: dict[str, Any], command: str) -> str:
     lines = [
         "## Data pipeline (`benchmarks/data_pipeline.py`)",
@@ -237,15 +217,15 @@ def main() -> int:
             cache = str(workdir / f"cache-{name}")
             shutil.rmtree(cache, ignore_errors=True)
             entry: dict[str, Any] = {
-                "scan": run_isolated("phase_scan", folder=str(data / name), manifest=manifest, options=options)
+                "scan": run_isolated(phase_scan, folder=str(data / name), manifest=manifest, options=options)
             }
-            entry["cache"] = run_isolated("phase_cache", manifest=manifest, cache=cache, workers=args.cache_workers)
+            entry["cache"] = run_isolated(phase_cache, manifest=manifest, cache=cache, workers=args.cache_workers)
             entry["loaders"] = {}
             kinds = ["raw", "2d"] + (["3d"] if name == "msd-hippocampus" else [])
             for kind in kinds:
                 for workers in [0] if kind == "raw" else [0, 2]:
                     entry["loaders"][f"{kind}:{workers}"] = run_isolated(
-                        "phase_loader",
+                        phase_loader,
                         manifest=manifest,
                         cache=cache,
                         kind=kind,

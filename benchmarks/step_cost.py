@@ -13,7 +13,6 @@ in a fresh process per measurement (RSS growth over the set-up).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _isolated import run_isolated
 from _report import update_section
 
 
@@ -127,26 +127,6 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _target(queue: mp.Queue, args: dict[str, Any]) -> None:
-    queue.put(measure(args))
-
-
-def run_isolated(args: dict[str, Any]) -> dict[str, Any]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_target, args=(queue, args))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:
-            if not process.is_alive():
-                raise RuntimeError(f"measurement died (exit code {process.exitcode})") from None
-    process.join()
-    return result
-
-
 def markdown(
     split: dict[str, Any], bare: dict[str, Any], full: dict[str, Any], args: dict[str, Any], command: str
 ) -> str:
@@ -199,10 +179,10 @@ def main() -> int:
     parser.add_argument("--update", help="write the results into this Markdown file (e.g. BENCHMARKS.md)")
     parsed = parser.parse_args()
     args = {k: v for k, v in vars(parsed).items() if k != "update"}
-    split = run_isolated({**args, "only": None})
+    split = run_isolated(measure, args={**args, "only": None})
     print("split", split, flush=True)
-    bare = run_isolated({**args, "only": "bare"})
-    full = run_isolated({**args, "only": "full"})
+    bare = run_isolated(measure, args={**args, "only": "bare"})
+    full = run_isolated(measure, args={**args, "only": "full"})
     print("bare", bare, "full", full, flush=True)
     command = "python benchmarks/step_cost.py " + " ".join(sys.argv[1:])
     text = markdown(split, bare, full, args, command)

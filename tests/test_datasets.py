@@ -79,8 +79,12 @@ def test_samples_depend_on_seed_epoch_and_index_only(tmp_path):
     for a, b in zip(first, again, strict=True):
         torch.testing.assert_close(a, b)
     dataset.set_epoch(1)
-    assert not torch.equal(dataset[4]["views"][0], first[0])
+    second_epoch = dataset[4]["views"][0]
+    assert not torch.equal(second_epoch, first[0])
     dataset.set_epoch(0)
+    tagged = dataset[(1, 4)]  # the epoch carried by the index, as the trainer's samplers do it
+    torch.testing.assert_close(tagged["views"][0], second_epoch)
+    assert tagged["index"] == 4
 
     def batches(workers: int) -> list[torch.Tensor]:
         loader = DataLoader(dataset, batch_size=4, num_workers=workers, shuffle=False)

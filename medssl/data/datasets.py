@@ -6,8 +6,9 @@
   ``[N, 1, s, s]`` with the slices' physical positions (mm) and a padding mask.
 
 Randomness is drawn from ``numpy.random.default_rng([seed, epoch, index])``: a sample is the
-same whichever worker (or how many workers) produce it, and differs between epochs
-(call ``set_epoch`` before iterating, as with ``DistributedSampler``).
+same whichever worker (or how many workers) produce it, and differs between epochs. The epoch is
+either set with ``set_epoch`` before iterating (as with ``DistributedSampler``) or carried by the
+index itself, ``dataset[(epoch, index)]``, which lets long-lived loader workers cross epochs.
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ class _CachedDataset(Dataset):
             self._arrays[item] = array
         return array
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """``(epoch, index)`` of a plain index (the current epoch) or of an epoch-tagged one."""
+        if isinstance(key, tuple):
+            return int(key[0]), int(key[1])
+        return self.epoch, int(key)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -171,8 +178,9 @@ class MultiCropSliceDataset(_CachedDataset):
         scale = self.items[item].entry.scale
         return torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32) * scale)[None]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self.rng(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._key(key)
+        rng = self.rng(index, epoch)
         row = self.items[int(self.item_index[index])].row
         return {
             "views": self.multicrop(self.image(index, rng), rng),
@@ -221,8 +229,9 @@ class TwoViewStackDataset(_CachedDataset):
         indices = start + cfg.stride * np.arange(cfg.n_slices)
         return indices, indices < depth
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self.rng(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._key(key)
+        rng = self.rng(index, epoch)
         cached = self.items[index]
         array = self.array(index)
         channel = int(rng.integers(array.shape[0]))

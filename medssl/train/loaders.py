@@ -7,7 +7,8 @@ step ``m``. Hence
 
 * one process and ``K`` processes see the same samples in each optimiser step (DDP equivalence);
 * the position in the data is one number per stream (global batches consumed), which a checkpoint
-  stores and a resumed run skips to without loading any sample.
+  stores and a resumed run skips to without loading any sample;
+* one set of loader workers serves the whole run: indices carry their epoch, ``(epoch, index)``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def share(batch: np.ndarray, parts: int, part: int, balanced: bool) -> list[int]
     return [int(i) for i in np.concatenate([np.array_split(h, parts)[part] for h in (batch[:half], batch[half:])])]
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Yields this process's shares of the global batches of one epoch, from global batch ``start`` on.
+class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless: this process's shares of the global batches, epoch after epoch, from global batch ``start`` of
+    ``epoch`` on (:meth:`set_position`).
+
+    Indices are tagged with their epoch, ``(epoch, index)``: the dataset seeds each sample by epoch without
+    ``set_epoch``, so that one set of loader workers serves the whole run (no re-forking at epoch boundaries).
 
     Args:
-        epoch_batches: ``epoch -> list of global batches`` (index arrays).
+        epoch_batches: ``epoch -> list of global batches`` (index arrays; the same number every epoch).
         world_size, rank: processes and this one's rank.
         accumulate: gradient-accumulation steps per optimiser step.
         balanced: keep background/target halves balanced in every share (SepCLR).
@@ -82,25 +87,19 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.balanced = balanced
         self.epoch = 0
         self.start = 0
-        self._batches: list[np.ndarray] = epoch_batches(0)
+        self.batches_per_epoch = len(epoch_batches(0))
 
     def set_position(self, epoch: int, start: int = 0) -> None:
-        if epoch != self.epoch:
-            self._batches = self.epoch_batches(epoch)
-        self.epoch, self.start = epoch, start
+        self.epoch, self.start = int(epoch), int(start)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._batches)
-
-    def __len__(self) -> int:
-        return (len(self._batches) - self.start) * self.accumulate
-
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         parts = self.world_size * self.accumulate
-        for batch in self._batches[self.start :]:
-            for micro in range(self.accumulate):
-                yield share(batch, parts, micro * self.world_size + self.rank, self.balanced)
+        epoch, start = self.epoch, self.start
+        while True:
+            for batch in self.epoch_batches(epoch)[start:]:
+                for micro in range(self.accumulate):
+                    yield [(epoch, i) for i in share(batch, parts, micro * self.world_size + self.rank, self.balanced)]
+            epoch, start = epoch + 1, 0
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -156,14 +155,14 @@ class Stream:
 
     def restore(self, consumed: int) -> None:
         self.consumed = int(consumed)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loader workers (a new iterator starts at ``consumed`` when needed)."""
         self._iterator = None
 
     def _open(self) -> None:
-        epoch, start = divmod(self.consumed, self.batches_per_epoch)
-        self.sampler.set_position(epoch, start)
-        set_epoch = getattr(self.dataset, "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(epoch)
+        self.sampler.set_position(*divmod(self.consumed, self.batches_per_epoch))
         loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -180,8 +179,6 @@ class Stream:
             self._open()
         micro = [next(self._iterator) for _ in range(self.sampler.accumulate)]  # type: ignore[arg-type]
         self.consumed += 1
-        if self.consumed % self.batches_per_epoch == 0:
-            self._iterator = None  # the next call opens the next epoch (with the dataset's new epoch seed)
         return micro
 
 

@@ -68,7 +68,9 @@ def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True,
     seed = config.seed
     images = stacks = sep = None
     if "images" in streams:
-        images = MultiCropSliceDataset(items, data.views, data.slices, seed=seed)
+        # SimCLR reads the two global crops only: do not make local crops it would discard
+        views = replace(data.views, n_local=0) if config.method.name == "simclr" else data.views
+        images = MultiCropSliceDataset(items, views, data.slices, seed=seed)
         if len(images) == 0:
             raise ManifestError(f"data.manifest: {path}: no 2D image or foreground slice for the 2D stream")
     if "stacks" in streams:

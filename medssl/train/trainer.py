@@ -396,6 +396,8 @@ class Trainer:
             tracker.finish("FAILED")
             raise
         bar.close()
+        for stream in streams.values():
+            stream.close()
         saved = self._checkpoint(ctx, state, tracker, log_artifact=status == "finished" and cfg.logging.log_checkpoints)
         backbone = None
         if status == "finished" and ctx.is_main:
