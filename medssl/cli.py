@@ -161,6 +161,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _exit_code(result.status)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medssl.export.bundle import export_bundle
+
+    path = export_bundle(args.source, Path(args.out), tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow)
+    print(f"MONAI bundle: {path} (configs/metadata.json, configs/inference.json, models/model.pt)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medssl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
@@ -231,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="optimiser steps (default: trainer.max_steps of configs/trainer/demo)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    export = commands.add_parser("export", help="write a pretrained encoder as a MONAI bundle")
+    export.add_argument("source", help="run folder (outputs/<run>), checkpoint file, or MLflow run id")
+    export.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    export.add_argument("--tracking-uri", help="MLflow store of a run id (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    export.add_argument("--no-mlflow", action="store_true", help="do not log the bundle to the run")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

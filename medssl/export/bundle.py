@@ -1,0 +1,310 @@
+"""``medssl export``: a pretrained encoder as a MONAI bundle that MONAI users load without editing keys.
+
+Layout (MONAI bundle specification)::
+
+    <out>/configs/metadata.json   versions, network_data_format, and a ``medssl`` block with the
+                                  adaptation metadata (axis order, spacing, intensity normalisation,
+                                  crop size, key prefix, method, run id)
+    <out>/configs/inference.json  ``network_def``: the encoder as ``monai.networks.nets.ResNet``
+    <out>/models/model.pt         its state dict (MONAI keys, no prefix), read with weights_only=True
+    <out>/docs/README.md          how to load it
+
+The source is a run folder (``outputs/<run>``, with ``backbone.pt`` and ``backbone.json``), a training
+checkpoint (``step_*.pt``) or an MLflow run id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+
+from medssl.data.manifest import atomic_write_text
+from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+
+BUNDLE_VERSION = "1.0.0"
+CHECKPOINT_PREFIX = "model.encoder.backbone."  # where the encoder's weights sit in a training checkpoint
+AXIS_ORDER = (
+    "2D input [C, H, W]: one slice in radiological display orientation (superior/anterior at the top, the "
+    "patient's right on the left), taken from a volume reoriented to RAS+ [X, Y, Z]; a 2D image as stored"
+)
+
+
+@dataclass
+class ExportedBackbone:
+    """A 2D encoder ready to write: MONAI ``ResNet`` kwargs, its weights, and what produced it."""
+
+    network_kwargs: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    out_dim: int
+    config: dict[str, Any]  # the run's resolved pretraining config
+    run_id: str | None
+    run_name: str
+
+
+def _plain_norm(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    norm = kwargs.get("norm", "batch")
+    kwargs["norm"] = list(norm) if isinstance(norm, tuple) else norm
+    return kwargs
+
+
+def backbone_from_checkpoint(path: Path) -> ExportedBackbone:
+    """The encoder of a training checkpoint (``outputs/<run>/checkpoints/step_*.pt``)."""
+    from medssl.models.joint import JointModel
+    from medssl.train.config import pretrain_config
+
+    state = load_checkpoint(path)
+    if "objective" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a medssl pretraining checkpoint")
+    config = pretrain_config(state["config"])
+    encoder = JointModel(config.model).encoder
+    weights = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state["objective"].items() if k.startswith(CHECKPOINT_PREFIX)}
+    missing = set(encoder.backbone.state_dict()) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} encoder tensors missing (e.g. {sorted(missing)[0]})")
+    return ExportedBackbone(
+        network_kwargs=_plain_norm(encoder.backbone_config),
+        weights=weights,
+        out_dim=int(encoder.stage_channels[-1]),
+        config=state["config"],
+        run_id=state.get("mlflow_run_id"),
+        run_name=str(state.get("run_name", path.parent.parent.name)),
+    )
+
+
+def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
+    """``backbone.pt`` + ``backbone.json`` of a finished run, else its latest checkpoint."""
+    meta_path, weights_path = run_dir / "backbone.json", run_dir / "backbone.pt"
+    if meta_path.is_file() and weights_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        checkpoint = _latest(run_dir)
+        config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else {}
+        return ExportedBackbone(
+            network_kwargs=_plain_norm(meta["kwargs"]),
+            weights=load_checkpoint(weights_path),
+            out_dim=int(meta["kwargs"]["block_inplanes"][-1] * (4 if meta["kwargs"]["block"] == "bottleneck" else 1)),
+            config=config,
+            run_id=meta.get("run_id"),
+            run_name=str(meta.get("run_name", run_dir.name)),
+        )
+    checkpoint = _latest(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no backbone.pt/backbone.json and no checkpoints/latest")
+    return backbone_from_checkpoint(checkpoint)
+
+
+def _latest(run_dir: Path) -> Path | None:
+    from medssl.train.trainer import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
+
+
+def backbone_from_mlflow(run_id: str, tracking_uri: str) -> ExportedBackbone:
+    """Download ``backbone/`` of an MLflow run and read it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise ValueError(f"{run_id}: no such MLflow run in {tracking_uri}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, "backbone", tmp))
+        if not (local / "backbone.pt").is_file():
+            raise FileNotFoundError(f"MLflow run {run_id} has no backbone/backbone.pt (did the run finish?)")
+        exported = backbone_from_run_dir(local)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_file = Path(client.download_artifacts(run_id, "config/pretrain.yaml", tmp))
+        except Exception:  # an older run without its config: the metadata says less, the weights are the same
+            config_file = None
+        if config_file is not None:
+            import yaml
+
+            exported.config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    exported.run_id = run_id
+    return exported
+
+
+def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBackbone:
+    """A run folder, a checkpoint file, or an MLflow run id (32 hex digits)."""
+    path = Path(source)
+    if path.is_dir():
+        return backbone_from_run_dir(path)
+    if path.is_file():
+        return backbone_from_checkpoint(path)
+    if len(source) == 32 and all(c in "0123456789abcdef" for c in source):
+        from medssl.train.tracking import default_tracking_uri
+
+        return backbone_from_mlflow(source, tracking_uri or default_tracking_uri(Path.cwd()))
+    raise FileNotFoundError(f"{source}: not a run folder, a checkpoint file or an MLflow run id")
+
+
+def network_definition(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``network_def``: plain MONAI for BatchNorm; medssl's builder for other norms (MONAI 1.6's
+    ResNet applies ``norm`` to its stem only)."""
+    if kwargs.get("norm", "batch") == "batch":
+        return {"_target_": "monai.networks.nets.ResNet", **kwargs}
+    return {"_target_": "medssl.models.encoders.monai_resnet", "backbone_config": kwargs}
+
+
+def adaptation_metadata(exported: ExportedBackbone) -> dict[str, Any]:
+    """What a downstream user needs to feed the encoder as it was pretrained."""
+    data = exported.config.get("data", {})
+    preprocess = data.get("preprocess", {})
+    method = exported.config.get("method", {})
+    return {
+        "run_id": exported.run_id,
+        "run_name": exported.run_name,
+        "method": method.get("name"),
+        "loss_weights": method.get("objective", {}).get("weights"),
+        "encoder": exported.config.get("model", {}).get("encoder"),
+        "spatial_dims": 2,
+        "input_channels": exported.network_kwargs.get("n_input_channels", 1),
+        "axis_order": AXIS_ORDER,
+        "spacing_mm": preprocess.get("spacing"),
+        "max_side_2d": preprocess.get("max_side_2d"),
+        "intensity": {
+            "CT": {"hu_windows_level_width": preprocess.get("ct_windows"), "to": "[0, 1], one channel per window"},
+            "MR": {"percentiles_of_nonzero_voxels": preprocess.get("percentiles"), "to": "[0, 1] (clipped)"},
+            "other": {"percentiles": preprocess.get("percentiles"), "to": "[0, 1] (clipped)"},
+        },
+        "crop_size": data.get("views", {}).get("global_size"),
+        "features": f"global average pool of the last stage: [B, {exported.out_dim}]",
+        "encoder_key_prefix": {"bundle": "", "training_checkpoint": CHECKPOINT_PREFIX},
+    }
+
+
+def bundle_metadata(exported: ExportedBackbone) -> dict[str, Any]:
+    crop = (exported.config.get("data", {}).get("views", {}) or {}).get("global_size") or 96
+    channels = int(exported.network_kwargs.get("n_input_channels", 1))
+    return {
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"medssl export of run {exported.run_name}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {},
+        "task": "Self-supervised pretrained 2D encoder (feature extractor) for medical images",
+        "description": (
+            f"ResNet encoder pretrained by medssl ({exported.config.get('method', {}).get('name', '?')}); "
+            "the input of segmentation, detection and classification fine-tuning."
+        ),
+        "authors": "medssl",
+        "copyright": "the owners of the pretraining data and run",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "num_channels": channels,
+                    "spatial_shape": [crop, crop],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {str(i): "image" for i in range(channels)},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "embedding",
+                    "format": "features",
+                    "num_channels": exported.out_dim,
+                    "spatial_shape": [],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": False,
+                    "channel_def": {},
+                }
+            },
+        },
+        "medssl": adaptation_metadata(exported),
+    }
+
+
+def inference_config(exported: ExportedBackbone) -> dict[str, Any]:
+    """``network_def`` for MONAI's tools (``monai.bundle.load`` copies ``models/model.pt`` into it); ``load_weights``
+    does the same strictly for a parser whose ``bundle_root`` points at the bundle."""
+    return {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": network_definition(exported.network_kwargs),
+        "network": "$@network_def.to(@device)",
+        "checkpoint": "$@bundle_root + '/models/model.pt'",
+        "load_weights": (
+            "$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True), strict=True)"
+        ),
+        "inferer": {"_target_": "SimpleInferer"},
+    }
+
+
+README = """# medssl pretrained encoder
+
+A 2D ResNet encoder pretrained without labels by medssl (run `{run_name}`, method `{method}`).
+
+```python
+import torch
+from monai.bundle import ConfigParser
+
+parser = ConfigParser()
+parser.read_config("configs/inference.json")
+net = parser.get_parsed_content("network_def")
+net.load_state_dict(torch.load("models/model.pt", weights_only=True), strict=True)
+features = net(images)  # images [B, {channels}, H, W] in [0, 1] -> [B, {out_dim}]
+```
+
+Feed it images prepared as in pretraining: `configs/metadata.json` -> `medssl` (axis order,
+spacing, intensity normalisation per modality, crop size).
+"""
+
+
+def write_bundle(exported: ExportedBackbone, out: Path) -> Path:
+    """Write the bundle folder (replaced as a whole: written beside it, then renamed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "configs").mkdir()
+        (tmp / "docs").mkdir()
+        atomic_write_text(tmp / "configs" / "metadata.json", json.dumps(bundle_metadata(exported), indent=2))
+        atomic_write_text(tmp / "configs" / "inference.json", json.dumps(inference_config(exported), indent=2))
+        save_checkpoint(tmp / "models" / "model.pt", {k: v.detach().cpu() for k, v in exported.weights.items()})
+        method = exported.config.get("method", {}).get("name", "?")
+        channels = exported.network_kwargs.get("n_input_channels", 1)
+        atomic_write_text(
+            tmp / "docs" / "README.md",
+            README.format(run_name=exported.run_name, method=method, channels=channels, out_dim=exported.out_dim),
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def export_bundle(source: str, out: str | Path, tracking_uri: str | None = None, log_to_mlflow: bool = True) -> Path:
+    """``medssl export``: resolve ``source``, write the bundle to ``out``, and log it to the run when there is one."""
+    exported = resolve_source(source, tracking_uri)
+    path = write_bundle(exported, Path(out))
+    if log_to_mlflow and exported.run_id:
+        from medssl.train.tracking import Tracker, default_tracking_uri
+
+        uri = tracking_uri or default_tracking_uri(Path.cwd())
+        try:
+            tracker = Tracker(uri, "medssl-pretrain", run_id=exported.run_id)
+        except ValueError:
+            return path  # the run lives in another store: the bundle is written, nothing to log to
+        tracker.log_artifact(path, "bundle")
+        tracker.finish("FINISHED")
+    return path
