@@ -1,0 +1,1 @@
+"""Export of pretrained encoders (MONAI bundles, 2D -> 3D I3D inflation)."""
