@@ -7,7 +7,7 @@ plain MONAI ``ResNet`` built from :attr:`ResNetEncoder.backbone_config` (used fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -75,26 +75,37 @@ NORMS: dict[str, str | tuple[str, dict[str, int]]] = {
 }
 
 
-def monai_resnet(backbone_config: dict[str, Any]) -> ResNet:
-    """``monai.networks.nets.ResNet(**backbone_config)`` with ``norm`` applied in every block.
+def monai_resnet(backbone_config: Mapping[str, Any]) -> ResNet:
+    """``monai.networks.nets.ResNet(**backbone_config)`` with ``norm`` applied in every block, in 1D, 2D or 3D.
 
     MONAI 1.6's ResNet applies its ``norm`` argument to the stem only and builds BatchNorm in the residual
-    blocks; for ``norm`` other than batch this replaces those BatchNorm layers, so that the network is the one
-    its config describes. With the default BatchNorm it is exactly MONAI's network.
+    blocks and downsample shortcuts; for ``norm`` other than batch this replaces those BatchNorm layers, so that
+    the network is the one its config describes. With the default BatchNorm it is exactly MONAI's network.
+
+    Args:
+        backbone_config: kwargs of ``monai.networks.nets.ResNet``; ``norm`` may be a list (as read back from JSON).
+    Returns:
+        The network, on the current default device (``torch.device("meta")`` works).
     """
-    net = ResNet(**backbone_config)
-    norm = backbone_config.get("norm", "batch")
+    config = dict(backbone_config)
+    norm = config.get("norm", "batch")
+    if isinstance(norm, list):
+        config["norm"] = norm = tuple(norm)
+    net = ResNet(**config)
     if norm != "batch":
-        _replace_batchnorm(net, norm)
+        _replace_batchnorm(net, norm, int(config.get("spatial_dims", 3)))
     return net
 
 
-def _replace_batchnorm(module: nn.Module, norm: str | tuple[str, dict[str, Any]]) -> None:
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _replace_batchnorm(module: nn.Module, norm: str | tuple[Any, ...], spatial_dims: int) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, get_norm_layer(name=norm, spatial_dims=2, channels=child.num_features))
+        if type(child) in _BATCHNORMS:
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=child.num_features))
         else:
-            _replace_batchnorm(child, norm)
+            _replace_batchnorm(child, norm, spatial_dims)
 
 
 class ResNetEncoder(nn.Module):
