@@ -164,7 +164,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from medssl.export.bundle import export_bundle
 
-    path = export_bundle(args.source, Path(args.out), tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow)
+    path = export_bundle(
+        args.source,
+        Path(args.out),
+        tracking_uri=args.tracking_uri,
+        log_to_mlflow=not args.no_mlflow,
+        spatial_dims=args.spatial_dims,
+        depth_kernel=args.depth_kernel,
+    )
     print(f"MONAI bundle: {path} (configs/metadata.json, configs/inference.json, models/model.pt)")
     return 0
 
@@ -245,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
     export.add_argument("--tracking-uri", help="MLflow store of a run id (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     export.add_argument("--no-mlflow", action="store_true", help="do not log the bundle to the run")
+    export.add_argument(
+        "--spatial-dims", type=int, default=2, choices=(2, 3), help="3: the encoder inflated to a 3D ResNet (I3D)"
+    )
+    export.add_argument("--depth-kernel", type=int, help="3D stem kernel depth (odd; default 3)")
     export.set_defaults(func=cmd_export)
     return parser
 

@@ -116,3 +116,28 @@ def test_inference_config_loads_the_weights_strictly_itself(trained, tmp_path):
     with torch.no_grad():
         net = parser.get_parsed_content("network").eval()
         torch.testing.assert_close(net(images), trained_encoder(folder, result)(images))
+
+
+def test_inflated_3d_bundle_round_trip(trained, tmp_path, capsys):
+    from medssl.export.inflate import inflate_resnet
+
+    _, result = trained
+    assert main(["export", str(result.output_dir), "--out", str(tmp_path / "b3"), "--spatial-dims", "3",
+                 "--no-mlflow"]) == 0  # fmt: skip
+    bundle = tmp_path / "b3"
+    net = parsed_network(bundle)  # strict load of the inflated weights into a plain MONAI 3D ResNet
+    assert net.conv1.weight.dim() == 5 and type(net).__module__ == "monai.networks.nets.resnet"
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["medssl"]["spatial_dims"] == 3 and meta["medssl"]["inflation"]["stem_kernel"][0] == 3
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32, 32]
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"),
+        device="cpu",
+    )
+    config_2d = json.loads((result.output_dir / "backbone.json").read_text(encoding="utf-8"))["kwargs"]
+    expected, _ = inflate_resnet(torch.load(result.backbone, weights_only=True), config_2d)
+    volume = torch.rand(1, 1, 12, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(volume), expected.eval()(volume))

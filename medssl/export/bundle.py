@@ -31,6 +31,10 @@ from medssl.train.checkpoint import load_checkpoint, save_checkpoint
 
 BUNDLE_VERSION = "1.0.0"
 CHECKPOINT_PREFIX = "model.encoder.backbone."  # where the encoder's weights sit in a training checkpoint
+AXIS_ORDER_3D = (
+    "3D input [C, D, H, W]: D along the slice normal (the pretraining stacks' plane), each [H, W] in the 2D "
+    "encoder's display orientation, from a volume reoriented to RAS+"
+)
 AXIS_ORDER = (
     "2D input [C, H, W]: one slice in radiological display orientation (superior/anterior at the top, the "
     "patient's right on the left), taken from a volume reoriented to RAS+ [X, Y, Z]; a 2D image as stored"
@@ -47,6 +51,33 @@ class ExportedBackbone:
     config: dict[str, Any]  # the run's resolved pretraining config
     run_id: str | None
     run_name: str
+    spatial_dims: int = 2
+    inflation: dict[str, Any] | None = None  # how a 3D network was inflated from the 2D encoder
+
+
+def inflate_to_3d(
+    exported: ExportedBackbone, depth_kernel: int | None = None, depth_stride: int = 1
+) -> ExportedBackbone:
+    """The same encoder as a 3D MONAI ResNet (I3D inflation, :mod:`medssl.export.inflate`)."""
+    from medssl.export.inflate import inflate_state_dict, inflated_config
+
+    config_3d = inflated_config(exported.network_kwargs, depth_kernel, depth_stride)
+    weights = inflate_state_dict(exported.weights, config_3d)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in config_3d.items()}
+    return ExportedBackbone(
+        network_kwargs=_plain_norm(kwargs),
+        weights=weights,
+        out_dim=exported.out_dim,
+        config=exported.config,
+        run_id=exported.run_id,
+        run_name=exported.run_name,
+        spatial_dims=3,
+        inflation={
+            "method": "I3D (Carreira & Zisserman, CVPR 2017): 2D kernels repeated along depth, divided by depth",
+            "stem_kernel": kwargs["conv1_t_size"],
+            "stem_stride": kwargs["conv1_t_stride"],
+        },
+    )
 
 
 def _plain_norm(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +198,10 @@ def adaptation_metadata(exported: ExportedBackbone) -> dict[str, Any]:
         "method": method.get("name"),
         "loss_weights": method.get("objective", {}).get("weights"),
         "encoder": exported.config.get("model", {}).get("encoder"),
-        "spatial_dims": 2,
+        "spatial_dims": exported.spatial_dims,
+        "inflation": exported.inflation,
         "input_channels": exported.network_kwargs.get("n_input_channels", 1),
-        "axis_order": AXIS_ORDER,
+        "axis_order": AXIS_ORDER if exported.spatial_dims == 2 else AXIS_ORDER_3D,
         "spacing_mm": preprocess.get("spacing"),
         "max_side_2d": preprocess.get("max_side_2d"),
         "intensity": {
@@ -193,7 +225,7 @@ def bundle_metadata(exported: ExportedBackbone) -> dict[str, Any]:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {},
-        "task": "Self-supervised pretrained 2D encoder (feature extractor) for medical images",
+        "task": f"Self-supervised pretrained {exported.spatial_dims}D encoder (feature extractor) for medical images",
         "description": (
             f"ResNet encoder pretrained by medssl ({exported.config.get('method', {}).get('name', '?')}); "
             "the input of segmentation, detection and classification fine-tuning."
@@ -206,7 +238,7 @@ def bundle_metadata(exported: ExportedBackbone) -> dict[str, Any]:
                     "type": "image",
                     "format": "magnitude",
                     "num_channels": channels,
-                    "spatial_shape": [crop, crop],
+                    "spatial_shape": [crop] * exported.spatial_dims,
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": False,
@@ -249,7 +281,7 @@ def inference_config(exported: ExportedBackbone) -> dict[str, Any]:
 
 README = """# medssl pretrained encoder
 
-A 2D ResNet encoder pretrained without labels by medssl (run `{run_name}`, method `{method}`).
+A {dims}D ResNet encoder pretrained without labels by medssl (run `{run_name}`, method `{method}`).
 
 ```python
 import torch
@@ -259,7 +291,7 @@ parser = ConfigParser()
 parser.read_config("configs/inference.json")
 net = parser.get_parsed_content("network_def")
 net.load_state_dict(torch.load("models/model.pt", weights_only=True), strict=True)
-features = net(images)  # images [B, {channels}, H, W] in [0, 1] -> [B, {out_dim}]
+features = net(images)  # images [B, {channels}, {axes}] in [0, 1] -> [B, {out_dim}]
 ```
 
 Feed it images prepared as in pretraining: `configs/metadata.json` -> `medssl` (axis order,
@@ -282,7 +314,14 @@ def write_bundle(exported: ExportedBackbone, out: Path) -> Path:
         channels = exported.network_kwargs.get("n_input_channels", 1)
         atomic_write_text(
             tmp / "docs" / "README.md",
-            README.format(run_name=exported.run_name, method=method, channels=channels, out_dim=exported.out_dim),
+            README.format(
+                dims=exported.spatial_dims,
+                axes="H, W" if exported.spatial_dims == 2 else "D, H, W",
+                run_name=exported.run_name,
+                method=method,
+                channels=channels,
+                out_dim=exported.out_dim,
+            ),
         )
         if out.exists():
             shutil.rmtree(out)
@@ -293,9 +332,21 @@ def write_bundle(exported: ExportedBackbone, out: Path) -> Path:
     return out
 
 
-def export_bundle(source: str, out: str | Path, tracking_uri: str | None = None, log_to_mlflow: bool = True) -> Path:
-    """``medssl export``: resolve ``source``, write the bundle to ``out``, and log it to the run when there is one."""
+def export_bundle(
+    source: str,
+    out: str | Path,
+    tracking_uri: str | None = None,
+    log_to_mlflow: bool = True,
+    spatial_dims: int = 2,
+    depth_kernel: int | None = None,
+) -> Path:
+    """``medssl export``: resolve ``source``, write the bundle to ``out`` (``spatial_dims=3``: the I3D-inflated 3D
+    encoder), and log it to the run when there is one."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"--spatial-dims must be 2 or 3, got {spatial_dims}")
     exported = resolve_source(source, tracking_uri)
+    if spatial_dims == 3:
+        exported = inflate_to_3d(exported, depth_kernel)
     path = write_bundle(exported, Path(out))
     if log_to_mlflow and exported.run_id:
         from medssl.train.tracking import Tracker, default_tracking_uri
@@ -305,6 +356,6 @@ def export_bundle(source: str, out: str | Path, tracking_uri: str | None = None,
             tracker = Tracker(uri, "medssl-pretrain", run_id=exported.run_id)
         except ValueError:
             return path  # the run lives in another store: the bundle is written, nothing to log to
-        tracker.log_artifact(path, "bundle")
+        tracker.log_artifact(path, "bundle" if spatial_dims == 2 else "bundle_3d")
         tracker.finish("FINISHED")
     return path
