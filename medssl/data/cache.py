@@ -166,7 +166,8 @@ class CacheReport:
     seconds: float = 0.0
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (temporaries of dead writers can be removed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,7 +181,7 @@ def _remove_stale_temporaries(directory: Path) -> None:
     """Delete temporaries left by interrupted builds (those whose writing process is gone)."""
     for tmp in directory.glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and _process_alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             tmp.unlink()

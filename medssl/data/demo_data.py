@@ -54,6 +54,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from medssl.data.cache import process_alive
 from medssl.data.dicom import read_header
 from medssl.data.manifest import atomic_write_text
 from medssl.data.scan import ScanOptions, ScanResult, join_labels, scan_folder
@@ -387,16 +388,6 @@ def _tmp_name(dest: Path, keep_suffix: str = "") -> Path:
 _TMP_PATTERN = re.compile(r"^\..*\.(\d+)\.tmp(\.nii\.gz|\.[a-z]+)?$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -410,7 +401,7 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
     for folder in [out_dir, *(p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]:
         for entry in folder.iterdir():
             match = _TMP_PATTERN.match(entry.name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 _remove(entry)
 
 
