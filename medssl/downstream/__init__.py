@@ -1,0 +1,1 @@
+"""Downstream evaluation of pretrained encoders: frozen-feature probes (linear, kNN) and classification metrics."""
