@@ -262,6 +262,8 @@ def test_sigterm_to_the_process_group_with_loader_workers(dataset):
     deadline = time.monotonic() + 240
     while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    if process.poll() is not None:  # ended before its first checkpoint: show why
+        pytest.fail(f"the run ended early (exit {process.returncode}): {process.communicate()[0][-3000:]}")
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 143, output[-3000:]
