@@ -176,6 +176,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from medssl.downstream.finetune import compose_finetune_config, run_finetune
+
+    run_finetune(compose_finetune_config(args.overrides, directory=args.config_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medssl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
@@ -257,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--depth-kernel", type=int, help="3D stem kernel depth (odd; default 3)")
     export.set_defaults(func=cmd_export)
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="downstream training from a pretrained encoder (classification: linear probe, kNN)",
+        description="configs/finetune/<task>.yaml plus overrides, e.g. task=classification protocol=knn "
+        "model.pretrained=bundles/ct-joint data.label_fraction=0.1 seed=1",
+    )
+    finetune.add_argument("overrides", nargs="*", help="key=value overrides")
+    finetune.add_argument("--config-dir", help="folder of the task configs (default: configs/finetune)")
+    finetune.set_defaults(func=cmd_finetune)
     return parser
 
 

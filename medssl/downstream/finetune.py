@@ -1,0 +1,200 @@
+"""``medssl finetune`` for classification on frozen features (linear probe, kNN).
+
+The pretrained encoder comes from a MONAI bundle (``medssl export``), an MLflow run id, or nothing
+(random initialisation, the baseline). Its weights must load completely: the number of matched
+tensors is printed and a mismatch is an error, never a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from medssl.data.datasets import cached_items
+from medssl.data.errors import ManifestError
+from medssl.data.manifest import read_manifest
+from medssl.data.preprocess import PreprocessConfig
+from medssl.downstream.probes import (
+    LabelledImageDataset,
+    check_disjoint_subjects,
+    extract_features,
+    knn_probe,
+    label_fraction_subset,
+    linear_probe,
+)
+
+PROTOCOLS = ("linear", "knn")
+
+
+@dataclass
+class FinetuneDataConfig:
+    manifest: str = "data_manifests/labelled.csv"
+    root: str | None = None
+    cache_dir: str = "cache"
+    cache_workers: int = 2
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    size: int = 96  # images are resized to size x size (the pretraining crop size is in the bundle's metadata)
+    train_split: str = "train"
+    test_split: str = "test"
+    label_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+@dataclass
+class FinetuneModelConfig:
+    pretrained: str = "none"  # a bundle folder, an MLflow run id, or none (random initialisation)
+    encoder: str = "resnet18"  # architecture of the random-initialisation baseline
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classification"
+    protocol: str = "linear"
+    seed: int = 0
+    knn_k: int = 20
+    device: str = "auto"
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    tracking_uri: str | None = None
+    experiment: str = "medssl-finetune"
+    mlflow: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task != "classification":
+            raise ValueError(f"task: only 'classification' is available yet, got {self.task!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+
+
+def finetune_config(values: Any = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(FinetuneConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
+        )
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause)) from None
+        raise ValueError(f"{getattr(exc, 'full_key', None) or '?'}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> FinetuneConfig:
+    """``configs/finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides."""
+    from medssl.train.config import config_dir
+
+    folder = Path(directory) if directory is not None else config_dir() / "finetune"
+    overrides = list(overrides or [])
+    task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "classification")
+    path = folder / f"{task}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"task={task}: no {path.name} in {folder} (available: {available})")
+    return finetune_config(OmegaConf.load(path), overrides)
+
+
+def load_encoder(pretrained: str, encoder: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
+    """The 2D encoder and a line saying what was loaded (``matched N/N pretrained tensors``)."""
+    from monai.bundle import ConfigParser
+
+    from medssl.models.encoders import create_encoder
+
+    if pretrained in ("none", "", "null"):
+        return create_encoder(encoder).backbone, f"random initialisation ({encoder})"
+    bundle = Path(pretrained)
+    if not bundle.is_dir():
+        from medssl.export.bundle import export_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:  # a run id: export its bundle first
+            exported = export_bundle(pretrained, Path(tmp) / "bundle", tracking_uri=tracking_uri, log_to_mlflow=False)
+            return load_encoder(str(exported), encoder)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    weights = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    expected = network.state_dict()
+    matched = [k for k in expected if k in weights and weights[k].shape == expected[k].shape]
+    if len(matched) != len(expected) or len(weights) != len(expected):
+        missing = sorted(set(expected) - set(matched))[:3]
+        unexpected = sorted(set(weights) - set(expected))[:3]
+        raise ValueError(
+            f"model.pretrained={pretrained}: matched {len(matched)}/{len(expected)} tensors "
+            f"(missing or mis-shaped e.g. {missing}, unexpected e.g. {unexpected}); refusing a partial load"
+        )
+    network.load_state_dict(weights, strict=True)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8")).get("medssl", {})
+    return (
+        network,
+        f"matched {len(matched)}/{len(expected)} pretrained tensors from {bundle} (run {meta.get('run_id')})",
+    )
+
+
+def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
+    """Frozen-feature classification: returns the metrics (and logs them to MLflow)."""
+    from medssl.data.cache import build_cache
+
+    data = config.data
+    path = Path(data.manifest)
+    if not path.is_file():
+        raise ManifestError(f"data.manifest: {path}: no such manifest")
+    manifest = read_manifest(path, data.root)
+    build_cache(manifest, Path(data.cache_dir), data.preprocess, workers=data.cache_workers, progress=False)
+    train = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.train_split])
+    test = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.test_split])
+    if not train or not test:
+        raise ManifestError(
+            f"data.manifest: {path}: needs rows in split {data.train_split!r} ({len(train)}) "
+            f"and {data.test_split!r} ({len(test)})"
+        )
+    check_disjoint_subjects([i.row for i in train], [i.row for i in test])
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu")
+    if config.device not in ("auto", "cpu"):
+        device = torch.device(config.device)
+    network, loaded = load_encoder(config.model.pretrained, config.model.encoder, config.tracking_uri)
+    print(f"medssl finetune: {loaded}")
+    network.to(device)
+    train_x, train_y = extract_features(network, LabelledImageDataset(train, data.size), device=device)
+    keep = label_fraction_subset(train_y, data.label_fraction, config.seed)
+    test_x, test_y = extract_features(network, LabelledImageDataset(test, data.size), device=device)
+    if config.protocol == "linear":
+        result = linear_probe(train_x[keep], train_y[keep], test_x, test_y, seed=config.seed)
+    else:
+        result = knn_probe(train_x[keep], train_y[keep], test_x, test_y, k=config.knn_k)
+    metrics = {
+        "accuracy": result.metrics["accuracy"],
+        "balanced_accuracy": result.metrics["balanced_accuracy"],
+        "auroc": result.metrics["auroc"],
+        "train_samples": float(len(keep)),
+        "test_samples": float(len(test_y)),
+    }
+    print(
+        f"medssl finetune: {config.protocol} probe, {len(keep)} training labels ({data.label_fraction:g}), "
+        f"{len(test_y)} test: AUROC {metrics['auroc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
+        f"balanced accuracy {metrics['balanced_accuracy']:.4f}"
+    )
+    if config.mlflow:
+        from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
+
+        uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
+        tracker = Tracker(uri, config.experiment, run_name=f"{config.task}-{config.protocol}")
+        tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config))))  # type: ignore[arg-type]
+        tracker.set_tags({"medssl.pretrained_loaded": loaded})
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_dict({"metrics": result.metrics, "classes": list(result.class_names)}, "results.json")
+        tracker.finish()
+        metrics["run_id"] = tracker.run_id  # type: ignore[assignment]
+    return {**metrics, "recall": result.metrics["recall"], "loaded": loaded, "labels": np.asarray(keep).size}

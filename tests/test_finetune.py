@@ -1,0 +1,101 @@
+"""`medssl finetune task=classification`: frozen-feature probes from a bundle, a run id or random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from training import tiny_overrides, write_training_data
+
+from medssl.cli import main
+from medssl.data.manifest import read_manifest, write_manifest
+from medssl.export.bundle import export_bundle
+from medssl.train.config import compose_pretrain_config
+from medssl.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Images labelled by their group (a bright spot = target), split by subject; plus a pretrained run."""
+    folder = tmp_path_factory.mktemp("finetune")
+    manifest = write_training_data(folder, volumes=2, images=12)
+    rows = read_manifest(manifest).rows
+    labelled_rows = []
+    for row in rows:
+        if row.dims == 2:
+            number = int(Path(row.path).stem.removeprefix("img"))
+            row = type(row)(**{**row.__dict__, "label": row.group, "split": "test" if number >= 8 else "train"})
+        labelled_rows.append(row)
+    labelled_path = folder / "labelled.csv"
+    write_manifest(labelled_path, labelled_rows, folder / "data")
+    config = compose_pretrain_config(tiny_overrides(manifest, folder, "trainer.max_steps=2", "run.name=pre"))
+    result = Trainer(config, project_dir=folder).fit()
+    return folder, labelled_path, result
+
+
+def finetune(folder: Path, manifest: Path, *extra: str) -> int:
+    return main(
+        [
+            "finetune",
+            f"data.manifest={manifest}",
+            f"data.cache_dir={folder / 'cache'}",
+            "data.cache_workers=1",
+            "data.preprocess.percentiles=[0,100]",
+            "data.size=32",
+            "model.encoder=resnet10",
+            f"tracking_uri=sqlite:///{folder / 'mlruns' / 'mlflow.db'}",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("protocol", ["linear", "knn"])
+def test_random_init_baseline_runs_and_logs(labelled, capsys, protocol):
+    folder, manifest, _ = labelled
+    assert finetune(folder, manifest, f"protocol={protocol}", "model.pretrained=none") == 0
+    out = capsys.readouterr().out
+    assert "random initialisation (resnet10)" in out
+    assert f"{protocol} probe, 8 training labels (1), 4 test: AUROC" in out
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-finetune").experiment_id])
+    assert any(r.data.params.get("protocol") == protocol and "auroc" in r.data.metrics for r in runs)
+
+
+def test_pretrained_bundle_and_run_id_load_every_tensor(labelled, capsys, tmp_path):
+    folder, manifest, result = labelled
+    bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
+    assert finetune(folder, manifest, f"model.pretrained={bundle}", "data.label_fraction=0.5") == 0
+    out = capsys.readouterr().out
+    n_tensors = len(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    assert f"matched {n_tensors}/{n_tensors} pretrained tensors" in out
+    assert "4 training labels (0.5)" in out
+    assert finetune(folder, manifest, f"model.pretrained={result.run_id}", "mlflow=false") == 0
+    assert f"matched {n_tensors}/{n_tensors} pretrained tensors" in capsys.readouterr().out
+
+
+def test_a_partial_pretrained_load_is_an_error(labelled, capsys, tmp_path):
+    folder, manifest, result = labelled
+    bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    weights.pop("layer4.0.conv1.weight")
+    torch.save(weights, bundle / "models" / "model.pt")
+    assert finetune(folder, manifest, f"model.pretrained={bundle}", "mlflow=false") == 2
+    err = capsys.readouterr().err
+    assert "refusing a partial load" in err and "layer4.0.conv1.weight" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("protocol=svm", "protocol must be one of"),
+        ("data.label_fraction=0", "label_fraction must be in (0, 1]"),
+        ("task=segmentation", "no segmentation.yaml"),
+        ("data.sizes=3", "data.sizes"),
+    ],
+)
+def test_bad_finetune_settings_name_the_key(labelled, capsys, override, message):
+    folder, manifest, _ = labelled
+    assert finetune(folder, manifest, override, "mlflow=false") == 2
+    assert message in capsys.readouterr().err
