@@ -183,6 +183,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medssl.downstream.evaluate import compose_evaluate_config, run_evaluate
+
+    run_evaluate(compose_evaluate_config(args.overrides, path=args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medssl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
@@ -274,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("overrides", nargs="*", help="key=value overrides")
     finetune.add_argument("--config-dir", help="folder of the task configs (default: configs/finetune)")
     finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="a protocol (probes x label fractions x seeds) for several backbones: table and plots",
+        description="configs/evaluate/classification.yaml plus overrides, e.g. "
+        "'backbones={joint: bundles/ct-joint, random: none}' label_fractions=[0.1,1.0] seeds=[0,1,2]",
+    )
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
+    evaluate.add_argument("--config", help="protocol file (default: configs/evaluate/classification.yaml)")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

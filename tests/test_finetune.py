@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from training import tiny_overrides, write_training_data
 
 from medssl.cli import main
 from medssl.data.manifest import read_manifest, write_manifest
+from medssl.downstream.evaluate import markdown_table, summarise
 from medssl.export.bundle import export_bundle
 from medssl.train.config import compose_pretrain_config
 from medssl.train.trainer import Trainer
@@ -99,3 +101,48 @@ def test_bad_finetune_settings_name_the_key(labelled, capsys, override, message)
     folder, manifest, _ = labelled
     assert finetune(folder, manifest, override, "mlflow=false") == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, capsys, tmp_path):
+    folder, manifest, result = labelled
+    bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
+    code = main(
+        [
+            "evaluate",
+            f"backbones={{pretrained: {bundle}, random: none}}",
+            "encoder=resnet10",
+            "label_fractions=[0.5,1.0]",
+            "seeds=[0,1]",
+            f"data.manifest={manifest}",
+            f"data.cache_dir={folder / 'cache'}",
+            "data.cache_workers=1",
+            "data.preprocess.percentiles=[0,100]",
+            "data.size=32",
+            f"out={tmp_path / 'evaluation'}",
+            f"tracking_uri=sqlite:///{folder / 'mlruns' / 'mlflow.db'}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")
+    rows = [line for line in report.splitlines() if line.startswith("| pretrained") or line.startswith("| random")]
+    assert len(rows) == 2 * 2 * 2  # backbones x probes x label fractions
+    assert "matched" in report and "random initialisation (resnet10)" in report
+    results = json.loads((tmp_path / "evaluation" / "results.json").read_text(encoding="utf-8"))["results"]
+    assert len(results) == 2 * 2 * 2 * 2  # ... x seeds
+    assert (tmp_path / "evaluation" / "auroc_vs_label_fraction.png").is_file()
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    run = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-evaluate").experiment_id])[0]
+    assert {a.path for a in mlflow.list_artifacts(run.info.run_id)} >= {"report.md", "results.json"}
+
+
+def test_summary_is_the_mean_and_population_std_over_seeds():
+    results = [
+        {"backbone": "b", "protocol": "linear", "label_fraction": 0.1, "seed": s, "train_samples": 3,
+         "auroc": a, "accuracy": 0.5, "balanced_accuracy": 0.5}
+        for s, a in enumerate([0.6, 0.8, 1.0])
+    ]  # fmt: skip
+    (row,) = summarise(results)
+    assert row["seeds"] == 3
+    assert row["auroc"][0] == pytest.approx(0.8)
+    assert row["auroc"][1] == pytest.approx(((0.04 + 0 + 0.04) / 3) ** 0.5)
+    assert "| b | linear | 0.1 | 3 | 3 | 0.800 ± 0.163 |" in markdown_table([row])

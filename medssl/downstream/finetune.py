@@ -78,12 +78,13 @@ class FinetuneConfig:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
-def finetune_config(values: Any = None, overrides: list[str] | None = None) -> FinetuneConfig:
+def structured_config(schema: type, values: Any = None, overrides: list[str] | None = None) -> Any:
+    """``schema`` (a dataclass) filled from a mapping and ``key=value`` overrides; errors name the key."""
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(FinetuneConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
+            OmegaConf.structured(schema), values or {}, OmegaConf.from_dotlist(list(overrides or []))
         )
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         cause = exc.__cause__
         if isinstance(cause, ValueError):
@@ -91,6 +92,10 @@ def finetune_config(values: Any = None, overrides: list[str] | None = None) -> F
         raise ValueError(f"{getattr(exc, 'full_key', None) or '?'}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+
+
+def finetune_config(values: Any = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    return structured_config(FinetuneConfig, values, overrides)
 
 
 def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> FinetuneConfig:
@@ -143,11 +148,21 @@ def load_encoder(pretrained: str, encoder: str, tracking_uri: str | None = None)
     )
 
 
-def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
-    """Frozen-feature classification: returns the metrics (and logs them to MLflow)."""
+@dataclass
+class Features:
+    """Frozen features of the labelled splits: ``train_x [N, D]``, ``train_y [N]``, ``test_x [M, D]``, ``test_y [M]``
+    (labels as strings)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def labelled_splits(data: FinetuneDataConfig) -> tuple[list[Any], list[Any]]:
+    """The cached items of the train and test splits (cache built if needed), checked patient-disjoint."""
     from medssl.data.cache import build_cache
 
-    data = config.data
     path = Path(data.manifest)
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest")
@@ -161,30 +176,46 @@ def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dic
             f"and {data.test_split!r} ({len(test)})"
         )
     check_disjoint_subjects([i.row for i in train], [i.row for i in test])
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu")
-    if config.device not in ("auto", "cpu"):
-        device = torch.device(config.device)
+    return train, test
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def encode_splits(network: nn.Module, train: list[Any], test: list[Any], size: int, device: torch.device) -> Features:
+    network.to(device)
+    train_x, train_y = extract_features(network, LabelledImageDataset(train, size), device=device)
+    test_x, test_y = extract_features(network, LabelledImageDataset(test, size), device=device)
+    return Features(train_x, train_y, test_x, test_y)
+
+
+def probe(features: Features, protocol: str, label_fraction: float, seed: int, knn_k: int = 20) -> dict[str, Any]:
+    """One protocol on a stratified ``label_fraction`` of the training labels; metrics plus ``train_samples``."""
+    keep = label_fraction_subset(features.train_y, label_fraction, seed)
+    x, y = features.train_x[keep], features.train_y[keep]
+    if protocol == "linear":
+        result = linear_probe(x, y, features.test_x, features.test_y, seed=seed)
+    else:
+        result = knn_probe(x, y, features.test_x, features.test_y, k=knn_k)
+    return {**result.metrics, "train_samples": len(keep), "test_samples": len(features.test_y)}
+
+
+def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
+    """Frozen-feature classification: returns the metrics (and logs them to MLflow)."""
+    data = config.data
+    train, test = labelled_splits(data)
     network, loaded = load_encoder(config.model.pretrained, config.model.encoder, config.tracking_uri)
     print(f"medssl finetune: {loaded}")
-    network.to(device)
-    train_x, train_y = extract_features(network, LabelledImageDataset(train, data.size), device=device)
-    keep = label_fraction_subset(train_y, data.label_fraction, config.seed)
-    test_x, test_y = extract_features(network, LabelledImageDataset(test, data.size), device=device)
-    if config.protocol == "linear":
-        result = linear_probe(train_x[keep], train_y[keep], test_x, test_y, seed=config.seed)
-    else:
-        result = knn_probe(train_x[keep], train_y[keep], test_x, test_y, k=config.knn_k)
-    metrics = {
-        "accuracy": result.metrics["accuracy"],
-        "balanced_accuracy": result.metrics["balanced_accuracy"],
-        "auroc": result.metrics["auroc"],
-        "train_samples": float(len(keep)),
-        "test_samples": float(len(test_y)),
-    }
+    features = encode_splits(network, train, test, data.size, resolve_device(config.device))
+    result = probe(features, config.protocol, data.label_fraction, config.seed, config.knn_k)
+    metrics = {k: float(result[k]) for k in ("accuracy", "balanced_accuracy", "auroc", "train_samples", "test_samples")}
     print(
-        f"medssl finetune: {config.protocol} probe, {len(keep)} training labels ({data.label_fraction:g}), "
-        f"{len(test_y)} test: AUROC {metrics['auroc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
-        f"balanced accuracy {metrics['balanced_accuracy']:.4f}"
+        f"medssl finetune: {config.protocol} probe, {result['train_samples']} training labels "
+        f"({data.label_fraction:g}), {result['test_samples']} test: AUROC {metrics['auroc']:.4f}, "
+        f"accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}"
     )
     if config.mlflow:
         from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
@@ -194,7 +225,7 @@ def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dic
         tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config))))  # type: ignore[arg-type]
         tracker.set_tags({"medssl.pretrained_loaded": loaded})
         tracker.log_metrics(metrics, step=0)
-        tracker.log_dict({"metrics": result.metrics, "classes": list(result.class_names)}, "results.json")
+        tracker.log_dict({"metrics": result}, "results.json")
         tracker.finish()
-        metrics["run_id"] = tracker.run_id  # type: ignore[assignment]
-    return {**metrics, "recall": result.metrics["recall"], "loaded": loaded, "labels": np.asarray(keep).size}
+        result["run_id"] = tracker.run_id
+    return {**result, "loaded": loaded}
