@@ -42,3 +42,13 @@ def test_notebook_code_cells_parse():
 def test_benchmark_scripts_compile():
     for script in (ROOT / "benchmarks").glob("*.py"):
         compile(script.read_text(encoding="utf-8"), str(script), "exec")
+
+
+def test_finetune_and_evaluate_configs_are_typed_and_complete():
+    from medssl.downstream.evaluate import compose_evaluate_config
+    from medssl.downstream.finetune import compose_finetune_config
+
+    finetune = compose_finetune_config()
+    assert finetune.task == "classification" and finetune.model.pretrained == "none"
+    evaluate = compose_evaluate_config()
+    assert evaluate.backbones == {"random init": "none"} and evaluate.protocols == ["linear", "knn"]
