@@ -66,7 +66,7 @@ def prepare_dataset(data: str | None, workdir: Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     if data is None:
-        manifest = prepare_manifest(DemoPlan(out=workdir, progress=False))
+        manifest, _ = prepare_manifest(DemoPlan(out=workdir, progress=False))
         name = "demo data (`medssl.demo.prepare_manifest`)"
     elif all((Path(data) / sub).is_dir() for sub in SHARED):
         root = Path(data)
@@ -84,7 +84,7 @@ def prepare_dataset(data: str | None, workdir: Path) -> dict[str, Any]:
         write_manifest(manifest, rows, root)
         name = f"{data}: {' + '.join(SHARED)}"
     else:
-        manifest = prepare_manifest(DemoPlan(out=workdir, data=Path(data), progress=False))
+        manifest, _ = prepare_manifest(DemoPlan(out=workdir, data=Path(data), progress=False))
         name = str(data)
     rows = read_manifest(manifest).rows
     return {

@@ -24,8 +24,9 @@ class DemoPlan:
     progress: bool = True
 
 
-def prepare_manifest(plan: DemoPlan) -> Path:
-    """The demo folder (assembled from pip packages unless ``plan.data``) scanned into ``<out>/demo_manifest.csv``."""
+def prepare_manifest(plan: DemoPlan) -> tuple[Path, bool]:
+    """The demo folder (assembled from pip packages unless ``plan.data``) scanned into ``<out>/demo_manifest.csv``;
+    also whether it holds any volume."""
     from medssl.data.demo_data import assemble_demo_data, scan_demo_data
 
     out = plan.out
@@ -61,7 +62,7 @@ def prepare_manifest(plan: DemoPlan) -> Path:
             else ""
         )
     )
-    return manifest
+    return manifest, any(r.dims == 3 for r in result.rows)
 
 
 def run_demo(plan: DemoPlan):  # type: ignore[no-untyped-def]  # -> TrainResult (import kept lazy)
@@ -69,19 +70,16 @@ def run_demo(plan: DemoPlan):  # type: ignore[no-untyped-def]  # -> TrainResult 
     from medssl.train.config import compose_pretrain_config
     from medssl.train.trainer import Trainer
 
-    manifest = prepare_manifest(plan)
+    manifest, has_volumes = prepare_manifest(plan)
     overrides = [
         f"data.manifest={manifest}",
         f"data.cache_dir={plan.out / 'cache'}",
         f"run.output_dir={plan.out / 'runs'}",
         f"trainer.progress={str(plan.progress).lower()}",
     ]
-    if plan.data is not None:  # a user folder may have no volumes: fall back to 2D when there are none
-        from medssl.data.manifest import read_manifest
-
-        if not any(r.dims == 3 for r in read_manifest(manifest).rows):
-            print("demo: no 3D volume in --data; pretraining the 2D stream only (method=swav2d)")
-            overrides.append("method=swav2d")
+    if not has_volumes:  # a user folder may have no volumes: the 2D stream only
+        print("demo: no 3D volume in the data; pretraining the 2D stream only (method=swav2d)")
+        overrides.append("method=swav2d")
     if plan.steps is not None:
         overrides.append(f"trainer.max_steps={plan.steps}")
     config = compose_pretrain_config([*overrides, *plan.overrides], config_name="demo")

@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 from training import tiny_overrides, write_training_data
 
+from medssl.data.errors import ManifestError
 from medssl.objectives.joint import JointObjective
 from medssl.train.checkpoint import load_checkpoint
 from medssl.train.config import compose_pretrain_config
@@ -215,7 +216,7 @@ def test_non_finite_loss_stops_with_a_clear_message(dataset, monkeypatch):
 )
 def test_bad_configuration_names_the_key(dataset, override, message):
     folder, manifest = dataset
-    with pytest.raises((ValueError, FileNotFoundError, Exception), match=message):
+    with pytest.raises((ValueError, FileNotFoundError, ManifestError), match=message):
         run(folder, manifest, override, "run.name=bad", "logging=none")
 
 

@@ -24,8 +24,8 @@ from medssl.downstream.finetune import (
     labelled_splits,
     load_encoder,
     probe,
-    resolve_device,
 )
+from medssl.train.distributed import resolve_device
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy")
 

@@ -31,6 +31,7 @@ from medssl.downstream.probes import (
     label_fraction_subset,
     linear_probe,
 )
+from medssl.train.distributed import resolve_device
 
 PROTOCOLS = ("linear", "knn")
 
@@ -64,7 +65,7 @@ class FinetuneConfig:
     protocol: str = "linear"
     seed: int = 0
     knn_k: int = 20
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     tracking_uri: str | None = None
@@ -177,12 +178,6 @@ def labelled_splits(data: FinetuneDataConfig) -> tuple[list[Any], list[Any]]:
         )
     check_disjoint_subjects([i.row for i in train], [i.row for i in test])
     return train, test
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def encode_splits(network: nn.Module, train: list[Any], test: list[Any], size: int, device: torch.device) -> Features:

@@ -121,7 +121,7 @@ def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
         return ExportedBackbone(
             network_kwargs=_plain_norm(meta["kwargs"]),
             weights=load_checkpoint(weights_path),
-            out_dim=int(meta["kwargs"]["block_inplanes"][-1] * (4 if meta["kwargs"]["block"] == "bottleneck" else 1)),
+            out_dim=int(meta["out_dim"]),
             config=config,
             run_id=meta.get("run_id"),
             run_name=str(meta.get("run_name", run_dir.name)),

@@ -11,6 +11,7 @@ from medssl.data.datasets import CachedItem, MultiCropSliceDataset, TwoViewStack
 from medssl.data.errors import ManifestError
 from medssl.data.manifest import Manifest, read_manifest
 from medssl.data.samplers import BalancedGroupBatchSampler
+from medssl.objectives.joint import LossWeights
 from medssl.train.config import PretrainConfig
 from medssl.train.distributed import DistributedContext
 from medssl.train.loaders import ShardedBatchSampler, Stream, balanced_batches, shuffled_batches
@@ -20,21 +21,22 @@ log = logging.getLogger(__name__)
 STREAMS = ("images", "stacks", "sep")
 
 
+def streams_of(weights: LossWeights) -> list[str]:
+    """The streams that losses with these weights read: ``images`` (L_intra), ``stacks`` (L_inter, L_mask),
+    ``sep`` (L_sep)."""
+    active = {"images": weights.intra > 0, "stacks": weights.inter > 0 or weights.mask > 0, "sep": weights.sep > 0}
+    return [name for name in STREAMS if active[name]]
+
+
 def needed_streams(config: PretrainConfig) -> list[str]:
-    """The streams whose losses can be active at some step: ``images`` (2D multi-crop), ``stacks`` (3D), ``sep``."""
+    """The streams whose losses can be active at some step (the staged schedule uses 2D and 3D in turn)."""
     method = config.method
     if method.name == "simclr":
         return ["images"]
     objective = method.objective
-    w = objective.weights
-    staged = objective.stages is not None
-    streams = []
-    if w.intra > 0 or staged:
-        streams.append("images")
-    if w.inter > 0 or w.mask > 0 or staged:
-        streams.append("stacks")
-    if w.sep > 0:
-        streams.append("sep")
+    streams = streams_of(objective.weights)
+    if objective.stages is not None:
+        streams = [name for name in STREAMS if name in streams or name in ("images", "stacks")]
     if not streams:
         raise ValueError("method.objective.weights: every loss weight is 0; nothing to train")
     return streams

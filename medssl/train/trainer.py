@@ -37,7 +37,7 @@ from medssl.train.config import PretrainConfig, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
 from medssl.train.loaders import StepTimer, Stream, to_device
 from medssl.train.optim import build_optimizer, set_schedule_values
-from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data
+from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data, streams_of
 from medssl.train.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -513,14 +513,14 @@ class Trainer:
 
     def _export_backbone(self, run_dir: Path, model: JointModel, tracker: Any, run_name: str) -> Path:
         """The encoder's MONAI ResNet weights (``backbone.pt``) and how to rebuild it (``backbone.json``)."""
-        encoder = getattr(model.encoder, "_orig_mod", model.encoder)
-        backbone = getattr(encoder, "backbone", encoder)
+        encoder = model.encoder  # compiled in place (nn.Module.compile): same module, same keys
+        backbone = encoder.backbone
         weights = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
         path = save_checkpoint(run_dir / "backbone.pt", weights)
         meta = {
             "network": "monai.networks.nets.ResNet",
-            "kwargs": getattr(encoder, "backbone_config", {}),
-            "out_dim": int(getattr(encoder, "out_dim", 0)),
+            "kwargs": encoder.backbone_config,
+            "out_dim": int(encoder.stage_channels[-1]),  # what the exported backbone computes (no projection)
             "encoder": self.config.model.encoder,
             "method": self.config.method.name,
             "run_name": run_name,
@@ -613,8 +613,7 @@ def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: Distribut
 
 
 def _trains_intra_prototypes(config: PretrainConfig) -> bool:
-    objective = config.method.objective
-    return config.method.name == "joint" and (objective.weights.intra > 0 or objective.stages is not None)
+    return config.method.name == "joint" and "images" in needed_streams(config)
 
 
 def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
@@ -628,7 +627,4 @@ def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
 
 def _stream_active(name: str, plan: Any) -> bool:
     """Whether this step's stage reads the stream (all streams for methods without stages)."""
-    if plan is None:
-        return True
-    w = plan.weights
-    return {"images": w.intra > 0, "stacks": w.inter > 0 or w.mask > 0, "sep": w.sep > 0}[name]
+    return plan is None or name in streams_of(plan.weights)
