@@ -36,7 +36,7 @@ def _parse_regex(text: str) -> re.Pattern[str]:
 def cmd_manifest_scan(args: argparse.Namespace) -> int:
     from medssl.data.manifest import write_csv, write_manifest
     from medssl.data.pseudonym import SALT_FILE_NAME, resolve_salt
-    from medssl.data.scan import ScanOptions, assign_splits, join_labels, scan_folder
+    from medssl.data.scan import ScanOptions, assign_splits, join_labels, pair_masks, scan_folder
 
     out = Path(args.out)
     salt, salt_origin = resolve_salt(args.salt, Path(args.salt_file) if args.salt_file else out.parent / SALT_FILE_NAME)
@@ -44,7 +44,7 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
         salt=salt,
         subject_pattern=args.subject_pattern,
         modality=args.modality,
-        exclude=args.exclude or (),
+        exclude=[*(args.exclude or ()), *([f"{args.masks.strip('/')}/*"] if args.masks else [])],
         workers=args.workers,
         progress=not args.no_progress,
     )
@@ -52,6 +52,8 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
     result = scan_folder(Path(args.folder), options)
     rows = result.rows
     warnings: list[str] = []
+    if args.masks:
+        rows, warnings = pair_masks(rows, Path(args.folder), args.masks)
     for labels in args.labels or ():
         rows, more = join_labels(rows, Path(labels), Path(args.folder), salt)
         warnings.extend(more)
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("folder", help="folder to scan (DICOM, NIfTI, PNG/JPEG); manifest paths are relative to it")
     scan.add_argument("--out", required=True, help="manifest CSV to write (errors go to <name>.errors.csv beside it)")
     scan.add_argument("--labels", action="append", help="CSV keyed by 'path' with split/group/label/subject/modality")
+    scan.add_argument(
+        "--masks", help="sub-folder of label maps paired with images by file name (e.g. labelsTr); not scanned itself"
+    )
     scan.add_argument("--split-fractions", type=_parse_fractions, help="e.g. train=0.8,val=0.1,test=0.1 (by subject)")
     scan.add_argument(
         "--subject-pattern",

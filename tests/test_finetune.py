@@ -58,7 +58,7 @@ def test_random_init_baseline_runs_and_logs(labelled, capsys, protocol):
     folder, manifest, _ = labelled
     assert finetune(folder, manifest, f"protocol={protocol}", "model.pretrained=none") == 0
     out = capsys.readouterr().out
-    assert "random initialisation (resnet10)" in out
+    assert "random initialisation (resnet10, 2D)" in out
     assert f"{protocol} probe, 8 training labels (1), 4 test: AUROC" in out
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-finetune").experiment_id])
@@ -126,7 +126,7 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
     report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")
     rows = [line for line in report.splitlines() if line.startswith("| pretrained") or line.startswith("| random")]
     assert len(rows) == 2 * 2 * 2  # backbones x probes x label fractions
-    assert "matched" in report and "random initialisation (resnet10)" in report
+    assert "matched" in report and "random initialisation (resnet10, 2D)" in report
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text(encoding="utf-8"))["results"]
     assert len(results) == 2 * 2 * 2 * 2  # ... x seeds
     assert (tmp_path / "evaluation" / "auroc_vs_label_fraction.png").is_file()

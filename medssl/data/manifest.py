@@ -4,11 +4,13 @@ File layout::
 
     # medssl-manifest v1
     # root: ../shared/data
-    id,path,series,format,dims,modality,subject,shape,spacing,split,group,label
+    id,path,series,format,dims,modality,subject,shape,spacing,split,group,label,mask
     ...
 
 ``root`` is relative to the manifest's own folder (or absolute); ``path`` is relative to the
-root. A root given on the command line overrides the one in the file.
+root. A root given on the command line overrides the one in the file. ``mask`` (optional) is the
+path, relative to the root, of a label map for segmentation/detection fine-tuning: same grid as the
+image, integer class values (0 background).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "group",
     "label",
+    "mask",
 )
+OPTIONAL_COLUMNS: tuple[str, ...] = ("mask",)
+"""Columns a manifest may lack (written by newer versions; read as empty)."""
 FORMATS = ("dicom_series", "dicom", "nifti", "image")
 SPLITS = ("", "train", "val", "test")
 
@@ -64,6 +69,7 @@ class ManifestRow:
     split: str = ""
     group: str = ""
     label: str = ""
+    mask: str = ""  # label map (segmentation/detection), relative to the root like ``path``
 
     def to_record(self) -> dict[str, str]:
         record = {k: ("" if v is None else v) for k, v in asdict(self).items()}
@@ -199,7 +205,7 @@ def validate_manifest(path: str | Path, root: str | Path | None = None, check_fi
     errors: list[str] = []
     warnings: list[str] = []
     _, header, _ = read_manifest_records(path)
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         errors.append(f"{path}: missing column(s): {', '.join(missing)}")
         return ValidationReport(errors, warnings)
@@ -238,6 +244,8 @@ def validate_manifest(path: str | Path, root: str | Path | None = None, check_fi
             splits_of_subject[row.subject].add(row.split)
         if check_files and not manifest.resolve(row).exists():
             errors.append(f"{where}: file not found: {manifest.resolve(row)}")
+        if check_files and row.mask and not (manifest.root / row.mask).is_file():
+            errors.append(f"{where}: mask file not found: {manifest.root / row.mask}")
     for subject, splits in sorted(splits_of_subject.items()):
         if len(splits) > 1:
             errors.append(f"subject {subject} appears in several splits ({', '.join(sorted(splits))}): split leakage")

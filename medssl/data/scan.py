@@ -15,7 +15,7 @@ import os
 import re
 import struct
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -320,7 +320,7 @@ def _dicom_row(
     )
 
 
-LABEL_COLUMNS = ("split", "group", "label", "subject", "modality")
+LABEL_COLUMNS = ("split", "group", "label", "subject", "modality", "mask")
 
 
 def join_labels(
@@ -328,7 +328,8 @@ def join_labels(
 ) -> tuple[list[ManifestRow], list[str]]:
     """Join a CSV keyed by ``path`` (relative to the CSV's folder, or absolute) onto the rows.
 
-    Columns used when present: split, group, label, subject (pseudonymised here), modality.
+    Columns used when present: split, group, label, subject (pseudonymised here), modality, mask (a label map,
+    relative to the CSV's folder or absolute; stored relative to ``root``).
     Returns the new rows and warnings (unmatched entries, bad values).
     """
     labels_csv = Path(labels_csv)
@@ -368,10 +369,52 @@ def join_labels(
             updates["subject"] = pseudonym(updates["subject"], salt, prefix="s")
         if "modality" in updates:
             updates["modality"] = updates["modality"].upper()
+        if "mask" in updates:
+            mask = Path(updates["mask"])
+            mask = (mask if mask.is_absolute() else labels_csv.parent / mask).resolve()
+            try:
+                updates["mask"] = mask.relative_to(root_resolved).as_posix()
+            except ValueError:
+                warnings.append(f"{labels_csv}: mask {record['mask']} of {row.path} is outside the scanned folder")
+                del updates["mask"]
         joined.append(replace(row, **updates))
     if matched < len(by_path):
         warnings.append(f"{labels_csv}: {len(by_path) - matched} of {len(by_path)} entries match no scanned file")
     return joined, warnings
+
+
+def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[list[ManifestRow], list[str]]:
+    """Give each row the label map of the same file name in the folder ``masks`` (relative to ``root``).
+
+    The Medical Segmentation Decathlon layout (``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz``) pairs this way.
+    Rows inside ``masks`` itself are dropped (they are the label maps). Returns the rows and warnings (images
+    without a mask, ambiguous names).
+    """
+    folder = (Path(root) / masks).resolve()
+    if not folder.is_dir():
+        raise DataError(folder, "masks folder not found")
+    prefix = folder.relative_to(Path(root).resolve()).as_posix().rstrip("/") + "/"
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            by_name[path.name].append(path.relative_to(Path(root).resolve()).as_posix())
+    paired: list[ManifestRow] = []
+    warnings: list[str] = []
+    unmatched = 0
+    for row in rows:
+        if row.path.startswith(prefix):
+            continue
+        candidates = by_name.get(row.path.rsplit("/", 1)[-1], [])
+        if len(candidates) == 1:
+            paired.append(replace(row, mask=candidates[0]))
+            continue
+        if len(candidates) > 1:
+            warnings.append(f"{row.path}: {len(candidates)} masks named {row.path.rsplit('/', 1)[-1]}; none taken")
+        unmatched += 1
+        paired.append(row)
+    if unmatched:
+        warnings.append(f"{unmatched} of {len(paired)} images have no mask in {masks}")
+    return paired, warnings
 
 
 def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt: str) -> list[ManifestRow]:

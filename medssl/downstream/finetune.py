@@ -7,8 +7,7 @@ tensors is printed and a mismatch is an error, never a warning.
 
 from __future__ import annotations
 
-import json
-import tempfile
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from medssl.data.datasets import cached_items
 from medssl.data.errors import ManifestError
 from medssl.data.manifest import read_manifest
 from medssl.data.preprocess import PreprocessConfig
+from medssl.downstream.common import FinetuneModelConfig, load_backbone, structured_config
 from medssl.downstream.probes import (
     LabelledImageDataset,
     check_disjoint_subjects,
@@ -54,12 +53,6 @@ class FinetuneDataConfig:
 
 
 @dataclass
-class FinetuneModelConfig:
-    pretrained: str = "none"  # a bundle folder, an MLflow run id, or none (random initialisation)
-    encoder: str = "resnet18"  # architecture of the random-initialisation baseline
-
-
-@dataclass
 class FinetuneConfig:
     task: str = "classification"
     protocol: str = "linear"
@@ -74,33 +67,34 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.task != "classification":
-            raise ValueError(f"task: only 'classification' is available yet, got {self.task!r}")
+            raise ValueError(f"task: this schema is for classification, got {self.task!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
-def structured_config(schema: type, values: Any = None, overrides: list[str] | None = None) -> Any:
-    """``schema`` (a dataclass) filled from a mapping and ``key=value`` overrides; errors name the key."""
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(schema), values or {}, OmegaConf.from_dotlist(list(overrides or []))
-        )
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ValueError):
-            raise ValueError(str(cause)) from None
-        raise ValueError(f"{getattr(exc, 'full_key', None) or '?'}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+TASKS: dict[str, tuple[str, str, str]] = {
+    "classification": ("medssl.downstream.finetune", "FinetuneConfig", "run_classification"),
+    "segmentation": ("medssl.downstream.segmentation", "SegmentationConfig", "run_segmentation"),
+    "detection": ("medssl.downstream.detection", "DetectionConfig", "run_detection"),
+}
+"""task -> (module, config dataclass, runner): ``runner(config, project_dir) -> dict`` of metrics."""
 
 
-def finetune_config(values: Any = None, overrides: list[str] | None = None) -> FinetuneConfig:
-    return structured_config(FinetuneConfig, values, overrides)
+def _task_entry(task: str) -> tuple[type, Any]:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    module_name, schema, runner = TASKS[task]
+    module = importlib.import_module(module_name)
+    return getattr(module, schema), getattr(module, runner)
 
 
-def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> FinetuneConfig:
-    """``configs/finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides."""
+def finetune_config(values: Any = None, overrides: list[str] | None = None, task: str = "classification") -> Any:
+    return structured_config(_task_entry(task)[0], values, overrides)
+
+
+def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> Any:
+    """``configs/finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides, typed by
+    the task's config dataclass (:data:`TASKS`)."""
     from medssl.train.config import config_dir
 
     folder = Path(directory) if directory is not None else config_dir() / "finetune"
@@ -110,43 +104,18 @@ def compose_finetune_config(overrides: list[str] | None = None, directory: str |
     if not path.is_file():
         available = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ValueError(f"task={task}: no {path.name} in {folder} (available: {available})")
-    return finetune_config(OmegaConf.load(path), overrides)
+    return finetune_config(OmegaConf.load(path), overrides, task)
+
+
+def run_finetune(config: Any, project_dir: Path | None = None) -> dict[str, Any]:
+    """Run the fine-tuning task that ``config.task`` names."""
+    return _task_entry(config.task)[1](config, project_dir)
 
 
 def load_encoder(pretrained: str, encoder: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
     """The 2D encoder and a line saying what was loaded (``matched N/N pretrained tensors``)."""
-    from monai.bundle import ConfigParser
-
-    from medssl.models.encoders import create_encoder
-
-    if pretrained in ("none", "", "null"):
-        return create_encoder(encoder).backbone, f"random initialisation ({encoder})"
-    bundle = Path(pretrained)
-    if not bundle.is_dir():
-        from medssl.export.bundle import export_bundle
-
-        with tempfile.TemporaryDirectory() as tmp:  # a run id: export its bundle first
-            exported = export_bundle(pretrained, Path(tmp) / "bundle", tracking_uri=tracking_uri, log_to_mlflow=False)
-            return load_encoder(str(exported), encoder)
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    network = parser.get_parsed_content("network_def")
-    weights = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
-    expected = network.state_dict()
-    matched = [k for k in expected if k in weights and weights[k].shape == expected[k].shape]
-    if len(matched) != len(expected) or len(weights) != len(expected):
-        missing = sorted(set(expected) - set(matched))[:3]
-        unexpected = sorted(set(weights) - set(expected))[:3]
-        raise ValueError(
-            f"model.pretrained={pretrained}: matched {len(matched)}/{len(expected)} tensors "
-            f"(missing or mis-shaped e.g. {missing}, unexpected e.g. {unexpected}); refusing a partial load"
-        )
-    network.load_state_dict(weights, strict=True)
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8")).get("medssl", {})
-    return (
-        network,
-        f"matched {len(matched)}/{len(expected)} pretrained tensors from {bundle} (run {meta.get('run_id')})",
-    )
+    loaded = load_backbone(pretrained, encoder, spatial_dims=2, tracking_uri=tracking_uri)
+    return loaded.network, loaded.message
 
 
 @dataclass
@@ -198,7 +167,7 @@ def probe(features: Features, protocol: str, label_fraction: float, seed: int, k
     return {**result.metrics, "train_samples": len(keep), "test_samples": len(features.test_y)}
 
 
-def run_finetune(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
+def run_classification(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
     """Frozen-feature classification: returns the metrics (and logs them to MLflow)."""
     data = config.data
     train, test = labelled_splits(data)

@@ -1,0 +1,245 @@
+"""What every fine-tuning task shares: typed configs, loading the pretrained encoder (2D or inflated 3D) with a
+strict check that every tensor loaded, stage features of a MONAI ResNet, label-fraction subsets of cases,
+patient-disjoint splits, and the MLflow record of a fine-tuning run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.nets import ResNet
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+
+from medssl.data.preprocess import PreprocessConfig
+
+
+@dataclass
+class FinetuneModelConfig:
+    pretrained: str = "none"  # a bundle folder (medssl export), an MLflow run id, or none (random initialisation)
+    encoder: str = "resnet18"  # architecture of the random-initialisation baseline
+    depth_kernel: int | None = None  # 3D tasks: stem kernel depth of the inflated encoder (odd; default 3)
+
+
+@dataclass
+class LabelledDataConfig:
+    """A manifest whose rows carry a ``mask`` (segmentation, detection)."""
+
+    manifest: str = "data_manifests/labelled.csv"
+    root: str | None = None
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(spacing=None, max_side_2d=None))
+    train_split: str = "train"
+    test_split: str = "test"
+    label_fraction: float = 1.0  # fraction of the training cases whose labels are used (nested across fractions)
+    workers: int = 2  # threads reading files
+
+    def __post_init__(self) -> None:
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+def structured_config(schema: type, values: Any = None, overrides: list[str] | None = None) -> Any:
+    """``schema`` (a dataclass) filled from a mapping and ``key=value`` overrides; errors name the key."""
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(schema), values or {}, OmegaConf.from_dotlist(list(overrides or []))
+        )
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause)) from None
+        raise ValueError(f"{getattr(exc, 'full_key', None) or '?'}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class LoadedBackbone:
+    """A MONAI ``ResNet`` (``feed_forward=False``) and how it was obtained.
+
+    ``kwargs`` rebuild it (:func:`medssl.models.encoders.monai_resnet`); ``stage_channels`` are the channels of
+    the stem output and the four stages (:func:`resnet_stages`); ``message`` says what loaded
+    (``matched N/N pretrained tensors ...`` or ``random initialisation``).
+    """
+
+    network: ResNet
+    kwargs: dict[str, Any]
+    message: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.kwargs.get("spatial_dims", 3))
+
+    @property
+    def stage_channels(self) -> list[int]:
+        expansion = 1 if self.kwargs.get("block", "basic") == "basic" else 4
+        widths = list(self.kwargs.get("block_inplanes", [64, 128, 256, 512]))
+        return [int(widths[0]), *(int(w) * expansion for w in widths)]
+
+
+def _random_backbone(encoder: str, spatial_dims: int, depth_kernel: int | None) -> LoadedBackbone:
+    from medssl.export.inflate import inflated_config
+    from medssl.models.encoders import create_encoder, monai_resnet
+
+    encoder_2d = create_encoder(encoder)
+    kwargs = dict(encoder_2d.backbone_config)
+    if spatial_dims == 3:
+        kwargs = inflated_config(kwargs, depth_kernel=depth_kernel)
+        network = monai_resnet(kwargs)
+    else:
+        network = encoder_2d.backbone
+    return LoadedBackbone(network, kwargs, f"random initialisation ({encoder}, {spatial_dims}D)")
+
+
+def load_backbone(
+    pretrained: str,
+    encoder: str = "resnet18",
+    spatial_dims: int = 2,
+    tracking_uri: str | None = None,
+    depth_kernel: int | None = None,
+) -> LoadedBackbone:
+    """The encoder for a downstream task, from a bundle folder, an MLflow run id, or ``none`` (random init).
+
+    A 2D bundle is inflated to 3D (I3D, :mod:`medssl.export.inflate`) when ``spatial_dims=3``. Every tensor of the
+    bundle must match the network by name and shape; otherwise this raises instead of loading part of it.
+
+    Raises:
+        ValueError: partial or mismatched weights, a 3D bundle asked for a 2D task, a bad ``spatial_dims``.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if pretrained in ("none", "", "null"):
+        return _random_backbone(encoder, spatial_dims, depth_kernel)
+    bundle = Path(pretrained)
+    if not bundle.is_dir():
+        from medssl.export.bundle import export_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:  # a run id: export its bundle first
+            exported = export_bundle(pretrained, Path(tmp) / "bundle", tracking_uri=tracking_uri, log_to_mlflow=False)
+            return load_backbone(str(exported), encoder, spatial_dims, depth_kernel=depth_kernel)
+    from monai.bundle import ConfigParser
+
+    inference = bundle / "configs" / "inference.json"
+    if not inference.is_file():
+        raise ValueError(f"model.pretrained={pretrained}: not a bundle folder (no configs/inference.json)")
+    parser = ConfigParser()
+    parser.read_config(str(inference))
+    network = parser.get_parsed_content("network_def")
+    weights = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    expected = network.state_dict()
+    matched = [k for k in expected if k in weights and weights[k].shape == expected[k].shape]
+    if len(matched) != len(expected) or len(weights) != len(expected):
+        missing = sorted(set(expected) - set(matched))[:3]
+        unexpected = sorted(set(weights) - set(expected))[:3]
+        raise ValueError(
+            f"model.pretrained={pretrained}: matched {len(matched)}/{len(expected)} tensors "
+            f"(missing or mis-shaped e.g. {missing}, unexpected e.g. {unexpected}); refusing a partial load"
+        )
+    network.load_state_dict(weights, strict=True)
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8")).get("medssl", {})
+    kwargs = _bundle_kwargs(parser.get("network_def"))
+    bundle_dims = int(kwargs.get("spatial_dims", 3))
+    message = f"matched {len(matched)}/{len(expected)} pretrained tensors from {bundle} (run {metadata.get('run_id')})"
+    if bundle_dims == spatial_dims:
+        return LoadedBackbone(network, kwargs, message, metadata)
+    if bundle_dims == 3:
+        raise ValueError(f"model.pretrained={pretrained}: a 3D bundle cannot serve a 2D task (export it in 2D)")
+    from medssl.export.inflate import inflate_resnet
+
+    network_3d, kwargs_3d = inflate_resnet(network, kwargs, depth_kernel=depth_kernel)
+    return LoadedBackbone(network_3d, kwargs_3d, f"{message}, inflated to 3D (I3D)", metadata)
+
+
+def _bundle_kwargs(network_def: dict[str, Any]) -> dict[str, Any]:
+    if "backbone_config" in network_def:
+        return dict(network_def["backbone_config"])
+    return {k: v for k, v in network_def.items() if not k.startswith("_")}
+
+
+def resnet_stages(network: ResNet, x: Tensor) -> list[Tensor]:
+    """The stem output and the four stage outputs of a MONAI ``ResNet`` (as it runs in pretraining: the max pool
+    only when the network has it on).
+
+    Args:
+        x: ``[B, C, *spatial]`` (2D or 3D as the network).
+    Returns:
+        five tensors ``[B, stage_channels[i], *spatial_i]``, strides ``s, s(*2), ...`` where ``s`` is the stem stride.
+    """
+    x = network.act(network.bn1(network.conv1(x)))
+    features = [x]
+    if not network.no_max_pool:
+        x = network.maxpool(x)
+    for layer in (network.layer1, network.layer2, network.layer3, network.layer4):
+        x = layer(x)
+        features.append(x)
+    return features
+
+
+def fraction_of_cases(subjects: Sequence[str], fraction: float, seed: int) -> list[int]:
+    """Indices of a ``fraction`` of the cases chosen by subject (all cases of a chosen subject), at least one
+    subject; nested: for one seed, a smaller fraction's subjects are a subset of a larger one's."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    distinct = sorted(set(subjects))
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    keep_count = max(1, round(fraction * len(distinct)))
+    kept = {distinct[i] for i in order[:keep_count]}
+    return [i for i, s in enumerate(subjects) if s in kept]
+
+
+def check_disjoint(train_subjects: Sequence[str], test_subjects: Sequence[str]) -> None:
+    """Raise if a subject is in both splits (pseudonymised subjects only are named)."""
+    shared = sorted(set(train_subjects) & set(test_subjects) - {""})
+    if shared:
+        raise ValueError(
+            f"{len(shared)} subject(s) are in both the training and the test split (e.g. {shared[0]}): "
+            "fix the manifest's split column (split by subject)"
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def log_finetune_run(
+    config: Any,
+    metrics: dict[str, float],
+    loaded: str,
+    run_name: str,
+    project_dir: Path | None = None,
+    results: dict[str, Any] | None = None,
+    figures: dict[str, Any] | None = None,
+) -> str:
+    """One MLflow run in ``config.experiment``: flat params, ``medssl.pretrained_loaded`` tag, metrics,
+    ``results.json`` and figures (name -> matplotlib figure). Returns the run id."""
+    from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
+
+    uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
+    tracker = Tracker(uri, config.experiment, run_name=run_name)
+    try:
+        tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config))))  # type: ignore[arg-type]
+        tracker.set_tags({"medssl.pretrained_loaded": loaded, "medssl.task": str(getattr(config, "task", ""))})
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_dict({"metrics": metrics, **(results or {})}, "results.json")
+        for name, figure in (figures or {}).items():
+            tracker.log_figure(figure, name)
+    finally:
+        tracker.finish()
+    return str(tracker.run_id)
