@@ -53,13 +53,17 @@ def finetune(folder: Path, manifest: Path, *extra: str) -> int:
     )
 
 
-@pytest.mark.parametrize("protocol", ["linear", "knn"])
-def test_random_init_baseline_runs_and_logs(labelled, capsys, protocol):
+@pytest.mark.parametrize(
+    ("protocol", "printed"),
+    [("linear", "linear probe"), ("knn", "knn probe"), ("finetune", "full fine-tuning (3 steps)")],
+)
+def test_random_init_baseline_runs_and_logs(labelled, capsys, protocol, printed):
     folder, manifest, _ = labelled
-    assert finetune(folder, manifest, f"protocol={protocol}", "model.pretrained=none") == 0
+    extra = ["finetune.steps=3", "finetune.batch_size=4"] if protocol == "finetune" else []
+    assert finetune(folder, manifest, f"protocol={protocol}", "model.pretrained=none", *extra) == 0
     out = capsys.readouterr().out
     assert "random initialisation (resnet10, 2D)" in out
-    assert f"{protocol} probe, 8 training labels (1), 4 test: AUROC" in out
+    assert f"{printed}, 8 training labels (1), 4 test: AUROC" in out
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-finetune").experiment_id])
     assert any(r.data.params.get("protocol") == protocol and "auroc" in r.data.metrics for r in runs)
@@ -93,7 +97,7 @@ def test_a_partial_pretrained_load_is_an_error(labelled, capsys, tmp_path):
     [
         ("protocol=svm", "protocol must be one of"),
         ("data.label_fraction=0", "label_fraction must be in (0, 1]"),
-        ("task=segmentation", "no segmentation.yaml"),
+        ("task=regression", "no regression.yaml"),
         ("data.sizes=3", "data.sizes"),
     ],
 )
@@ -113,6 +117,9 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
             "encoder=resnet10",
             "label_fractions=[0.5,1.0]",
             "seeds=[0,1]",
+            "protocols=[linear,knn,finetune]",
+            "finetune.steps=2",
+            "finetune.batch_size=4",
             f"data.manifest={manifest}",
             f"data.cache_dir={folder / 'cache'}",
             "data.cache_workers=1",
@@ -125,10 +132,10 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
     assert code == 0, capsys.readouterr().err
     report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")
     rows = [line for line in report.splitlines() if line.startswith("| pretrained") or line.startswith("| random")]
-    assert len(rows) == 2 * 2 * 2  # backbones x probes x label fractions
+    assert len(rows) == 2 * 3 * 2  # backbones x protocols x label fractions
     assert "matched" in report and "random initialisation (resnet10, 2D)" in report
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text(encoding="utf-8"))["results"]
-    assert len(results) == 2 * 2 * 2 * 2  # ... x seeds
+    assert len(results) == 2 * 3 * 2 * 2  # ... x seeds
     assert (tmp_path / "evaluation" / "auroc_vs_label_fraction.png").is_file()
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
     run = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-evaluate").experiment_id])[0]

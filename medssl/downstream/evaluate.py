@@ -1,7 +1,7 @@
 """``medssl evaluate``: a classification protocol for several backbones (and random initialisation).
 
 For every backbone the frozen features are extracted once; every (probe, label fraction, seed)
-then gives one result. The report is a Markdown table of mean ± std over seeds and one plot of
+then gives one result (``finetune`` trains a fresh copy of the encoder for each). The report is a Markdown table of mean ± std over seeds and one plot of
 the metric against the label fraction per probe, written to a folder and to MLflow.
 """
 
@@ -17,10 +17,12 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from medssl.data.manifest import atomic_write_text
+from medssl.downstream.classifier import FinetuneSchedule
 from medssl.downstream.finetune import (
     PROTOCOLS,
     FinetuneDataConfig,
     encode_splits,
+    finetune_result,
     labelled_splits,
     load_encoder,
     probe,
@@ -41,6 +43,7 @@ class EvaluateConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     knn_k: int = 20
+    finetune: FinetuneSchedule = field(default_factory=FinetuneSchedule)  # the finetune protocol's schedule
     device: str = "auto"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     out: str = "outputs/evaluation"
@@ -120,7 +123,7 @@ def metric_figure(rows: list[dict[str, Any]], metric: str) -> Figure:
         axis.set_xscale("log")
         axis.set_xlabel("label fraction")
         axis.set_ylabel(metric)
-        axis.set_title(f"{protocol} probe")
+        axis.set_title(protocol)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     return figure
@@ -134,11 +137,17 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
     for name, source in config.backbones.items():
         network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri)
         print(f"medssl evaluate: {name}: {loaded[name]}")
-        features = encode_splits(network, train, test, config.data.size, device)
+        probes = [p for p in config.protocols if p != "finetune"]
+        features = encode_splits(network, train, test, config.data.size, device) if probes else None
         for protocol in config.protocols:
             for fraction in config.label_fractions:
                 for seed in config.seeds:
-                    metrics = probe(features, protocol, fraction, seed, config.knn_k)
+                    if protocol == "finetune":
+                        metrics = finetune_result(network, train, test, config.data.size, fraction, seed,
+                                                  config.finetune, device)  # fmt: skip
+                    else:
+                        assert features is not None
+                        metrics = probe(features, protocol, fraction, seed, config.knn_k)
                     results.append({"backbone": name, "protocol": protocol, "label_fraction": fraction, "seed": seed,
                                     **{k: metrics[k] for k in (*METRICS, "train_samples")}})  # fmt: skip
     rows = summarise(results)

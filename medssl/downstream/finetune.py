@@ -1,4 +1,5 @@
-"""``medssl finetune`` for classification on frozen features (linear probe, kNN).
+"""``medssl finetune``: the task dispatcher, and classification (frozen-feature linear probe and kNN, or full
+fine-tuning of the encoder with a linear head).
 
 The pretrained encoder comes from a MONAI bundle (``medssl export``), an MLflow run id, or nothing
 (random initialisation, the baseline). Its weights must load completely: the number of matched
@@ -7,6 +8,7 @@ tensors is printed and a mismatch is an error, never a warning.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,14 @@ from medssl.data.datasets import cached_items
 from medssl.data.errors import ManifestError
 from medssl.data.manifest import read_manifest
 from medssl.data.preprocess import PreprocessConfig
-from medssl.downstream.common import FinetuneModelConfig, load_backbone, structured_config
+from medssl.downstream.classifier import FinetuneSchedule, finetune_classifier
+from medssl.downstream.common import (
+    FinetuneModelConfig,
+    load_backbone,
+    log_finetune_run,
+    seed_everything,
+    structured_config,
+)
 from medssl.downstream.probes import (
     LabelledImageDataset,
     check_disjoint_subjects,
@@ -32,7 +41,7 @@ from medssl.downstream.probes import (
 )
 from medssl.train.distributed import resolve_device
 
-PROTOCOLS = ("linear", "knn")
+PROTOCOLS = ("linear", "knn", "finetune")
 
 
 @dataclass
@@ -58,6 +67,7 @@ class FinetuneConfig:
     protocol: str = "linear"
     seed: int = 0
     knn_k: int = 20
+    finetune: FinetuneSchedule = field(default_factory=FinetuneSchedule)  # protocol=finetune
     device: str = "auto"  # auto | cpu | cuda
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
@@ -167,29 +177,49 @@ def probe(features: Features, protocol: str, label_fraction: float, seed: int, k
     return {**result.metrics, "train_samples": len(keep), "test_samples": len(features.test_y)}
 
 
+def finetune_result(
+    network: nn.Module,
+    train: list[Any],
+    test: list[Any],
+    size: int,
+    label_fraction: float,
+    seed: int,
+    schedule: FinetuneSchedule,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Full fine-tuning of a copy of ``network`` (+ a linear head) on a stratified ``label_fraction`` of the
+    training labels; test metrics plus ``train_samples``."""
+    train_set, test_set = LabelledImageDataset(train, size), LabelledImageDataset(test, size)
+    keep = label_fraction_subset(train_set.labels, label_fraction, seed)
+    result = finetune_classifier(copy.deepcopy(network), train_set, test_set, schedule, seed, device, keep)
+    return {**result.metrics, "train_samples": len(keep), "test_samples": len(test_set)}
+
+
 def run_classification(config: FinetuneConfig, project_dir: Path | None = None) -> dict[str, Any]:
-    """Frozen-feature classification: returns the metrics (and logs them to MLflow)."""
+    """Classification with frozen features (linear, kNN) or full fine-tuning; returns the metrics (and logs them
+    to MLflow)."""
     data = config.data
     train, test = labelled_splits(data)
     network, loaded = load_encoder(config.model.pretrained, config.model.encoder, config.tracking_uri)
     print(f"medssl finetune: {loaded}")
-    features = encode_splits(network, train, test, data.size, resolve_device(config.device))
-    result = probe(features, config.protocol, data.label_fraction, config.seed, config.knn_k)
+    device = resolve_device(config.device)
+    if config.protocol == "finetune":
+        seed_everything(config.seed)
+        result = finetune_result(network, train, test, data.size, data.label_fraction, config.seed, config.finetune,
+                                 device)  # fmt: skip
+        what = f"full fine-tuning ({config.finetune.steps} steps)"
+    else:
+        features = encode_splits(network, train, test, data.size, device)
+        result = probe(features, config.protocol, data.label_fraction, config.seed, config.knn_k)
+        what = f"{config.protocol} probe"
     metrics = {k: float(result[k]) for k in ("accuracy", "balanced_accuracy", "auroc", "train_samples", "test_samples")}
     print(
-        f"medssl finetune: {config.protocol} probe, {result['train_samples']} training labels "
+        f"medssl finetune: {what}, {result['train_samples']} training labels "
         f"({data.label_fraction:g}), {result['test_samples']} test: AUROC {metrics['auroc']:.4f}, "
         f"accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}"
     )
     if config.mlflow:
-        from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
-
-        uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
-        tracker = Tracker(uri, config.experiment, run_name=f"{config.task}-{config.protocol}")
-        tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config))))  # type: ignore[arg-type]
-        tracker.set_tags({"medssl.pretrained_loaded": loaded})
-        tracker.log_metrics(metrics, step=0)
-        tracker.log_dict({"metrics": result}, "results.json")
-        tracker.finish()
-        result["run_id"] = tracker.run_id
+        result["run_id"] = log_finetune_run(
+            config, metrics, loaded, f"{config.task}-{config.protocol}", project_dir, {"result": result}
+        )
     return {**result, "loaded": loaded}

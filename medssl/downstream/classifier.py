@@ -1,0 +1,205 @@
+"""Full fine-tuning of the pretrained encoder for image classification (``protocol=finetune``).
+
+The encoder (a MONAI ``ResNet`` with ``feed_forward=False``, ``[B, C, H, W] -> [B, D]``) gets a linear head
+``[B, D] -> [B, K]`` and both are trained with cross-entropy, AdamW, a linear warm-up then cosine decay, and the
+encoder at a smaller learning rate than the new head (``encoder_lr_scale``), as in the fine-tuning protocols of
+SimCLR (Chen et al., ICML 2020) and of the medical SSL literature (Azizi et al., ICCV 2021). Augmentation is batched
+on the device: a random resized crop (scale ``crop_scale``, aspect ratio 3/4-4/3), a small rotation and an optional
+horizontal flip, all as one ``affine_grid`` resampling per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from medssl.downstream.probes import ProbeResult, classification_metrics
+
+
+@dataclass
+class FinetuneSchedule:
+    """``finetune.*`` keys of ``configs/finetune/classification.yaml`` (used by ``protocol=finetune``)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3  # the head's peak learning rate
+    encoder_lr_scale: float = 0.1  # the encoder's learning rate = lr * encoder_lr_scale (0 freezes it)
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    crop_scale: list[float] | None = field(default_factory=lambda: [0.6, 1.0])  # crop area range; null: no crop
+    rotation_degrees: float = 10.0
+    horizontal_flip: bool = False  # off by default: laterality matters in chest X-rays
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"finetune.steps and finetune.batch_size must be >= 1, got {self.steps} {self.batch_size}")
+        if self.lr <= 0 or self.encoder_lr_scale < 0 or self.weight_decay < 0:
+            raise ValueError("finetune.lr must be > 0, finetune.encoder_lr_scale and finetune.weight_decay >= 0")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"finetune.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.crop_scale is not None and not (
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        ):
+            raise ValueError(f"finetune.crop_scale must be [low, high], 0 < low <= high <= 1, got {self.crop_scale}")
+
+
+def augment_batch(
+    images: Tensor,
+    generator: torch.Generator,
+    crop_scale: tuple[float, float] | None = (0.6, 1.0),
+    rotation_degrees: float = 10.0,
+    horizontal_flip: bool = False,
+) -> Tensor:
+    """Random resized crop, rotation and flip of every image, one ``grid_sample`` per batch.
+
+    Args:
+        images: ``[B, C, H, W]``.
+        generator: a CPU generator (the draws do not depend on the device).
+    Returns:
+        ``[B, C, H, W]``, bilinear, zero outside the image.
+    """
+    b = images.shape[0]
+    low, high = crop_scale if crop_scale is not None else (1.0, 1.0)
+    area = low + (high - low) * torch.rand(b, generator=generator)
+    log_ratio = (torch.rand(b, generator=generator) * 2 - 1) * math.log(4 / 3)
+    ratio = torch.exp(log_ratio) if crop_scale is not None else torch.ones(b)
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(rotation_degrees)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if horizontal_flip else torch.ones(b)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [
+            torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
+            torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
+        ],
+        dim=1,
+    ).to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class Classifier(nn.Module):
+    """Encoder ``[B, C, H, W] -> [B, D]`` followed by a linear head ``[B, D] -> [B, K]`` (logits)."""
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+def _images_and_labels(dataset: Dataset, lookup: dict[str, int]) -> tuple[Tensor, Tensor]:
+    loader = DataLoader(dataset, batch_size=256, shuffle=False)
+    images, labels = [], []
+    for batch in loader:
+        images.append(batch["image"])
+        labels.extend(lookup[str(y)] for y in batch["label"])
+    return torch.cat(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def finetune_classifier(
+    encoder: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    schedule: FinetuneSchedule,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    train_indices: np.ndarray | None = None,
+) -> ProbeResult:
+    """Fine-tune ``encoder`` + a linear head on ``train`` and evaluate on ``test``.
+
+    Args:
+        encoder: maps ``[B, C, H, W]`` to ``[B, D]``; trained in place (pass a copy to keep the original).
+        train, test: yield ``{"image": [C, H, W], "label": str}`` (e.g.
+            :class:`medssl.downstream.probes.LabelledImageDataset`); the images are held in memory.
+        train_indices: the training samples to use (a label fraction), default all.
+
+    Returns:
+        :class:`ProbeResult` with test probabilities ``[M, K]`` and :func:`classification_metrics`.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_labels = [str(y) for y in getattr(train, "labels", [])] or [str(train[i]["label"]) for i in range(len(train))]
+    if train_indices is not None:
+        train_labels = [train_labels[i] for i in train_indices]
+    class_names = sorted(set(train_labels))
+    if len(class_names) < 2:
+        raise ValueError(f"need at least 2 classes in the training labels, got {class_names}")
+    lookup = {name: i for i, name in enumerate(class_names)}
+    x_train, y_train = _images_and_labels(train, lookup)
+    if train_indices is not None:
+        x_train, y_train = x_train[torch.as_tensor(train_indices)], y_train[torch.as_tensor(train_indices)]
+    test_labels = [str(y) for y in getattr(test, "labels", [])] or [str(test[i]["label"]) for i in range(len(test))]
+    unknown = sorted(set(test_labels) - set(class_names))
+    if unknown:
+        raise ValueError(f"test labels {unknown} do not occur in the training labels {class_names}")
+    x_test, y_test = _images_and_labels(test, lookup)
+    device = torch.device(device)
+    encoder.to(device)
+    with torch.no_grad():
+        feature_dim = int(encoder.eval()(x_train[:1].to(device)).shape[1])
+    model = Classifier(encoder, feature_dim, len(class_names)).to(device)
+    groups = [{"params": model.head.parameters(), "lr": schedule.lr, "scale": 1.0}]
+    if schedule.encoder_lr_scale > 0:
+        lr = schedule.lr * schedule.encoder_lr_scale
+        groups.append({"params": model.encoder.parameters(), "lr": lr, "scale": schedule.encoder_lr_scale})
+    else:
+        model.encoder.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    warmup = round(schedule.warmup_fraction * schedule.steps)
+    crop = (schedule.crop_scale[0], schedule.crop_scale[1]) if schedule.crop_scale is not None else None
+    n = len(y_train)
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    model.train()
+    if schedule.encoder_lr_scale == 0:
+        model.encoder.eval()  # frozen: keep the pretrained BatchNorm statistics
+    for step in range(schedule.steps):
+        if cursor + min(schedule.batch_size, n) > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        index = order[cursor : cursor + schedule.batch_size]
+        cursor += len(index)
+        images = augment_batch(
+            x_train[index].to(device), generator, crop, schedule.rotation_degrees, schedule.horizontal_flip
+        )
+        factor = _lr_factor(step, schedule.steps, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr * group["scale"] * factor
+        loss = F.cross_entropy(model(images), y_train[index].to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.cat(
+            [torch.softmax(model(chunk.to(device)), dim=1).cpu() for chunk in x_test.split(256)]
+        ).numpy()
+    labels = y_test.numpy()
+    return ProbeResult(
+        probabilities=probabilities,
+        predictions=probabilities.argmax(axis=1),
+        labels=labels,
+        class_names=class_names,
+        metrics=classification_metrics(probabilities, labels, class_names),
+    )
