@@ -153,3 +153,52 @@ def test_summary_is_the_mean_and_population_std_over_seeds():
     assert row["auroc"][0] == pytest.approx(0.8)
     assert row["auroc"][1] == pytest.approx(((0.04 + 0 + 0.04) / 3) ** 0.5)
     assert "| b | linear | 0.1 | 3 | 3 | 0.800 ± 0.163 |" in markdown_table([row])
+
+
+def test_sepclr_spaces_are_probed_from_a_run_folder_and_refused_from_a_bundle(labelled, capsys, tmp_path):
+    folder, manifest, result = labelled
+    assert (
+        finetune(folder, manifest, f"model.pretrained={result.output_dir}", "model.space=salient", "mlflow=false") == 0
+    )
+    out = capsys.readouterr().out
+    assert "SepCLR salient head" in out and "matched" in out and "linear probe" in out
+    bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
+    assert finetune(folder, manifest, f"model.pretrained={bundle}", "model.space=common", "mlflow=false") == 2
+    assert "needs a pretraining run folder or checkpoint" in capsys.readouterr().err
+    code = main(
+        [
+            "evaluate",
+            f"backbones={{run: {result.output_dir}, random: none}}",
+            "spaces=[common,salient]",
+            "encoder=resnet10",
+            "protocols=[linear]",
+            "label_fractions=[1.0]",
+            "seeds=[0]",
+            f"data.manifest={manifest}",
+            f"data.cache_dir={folder / 'cache'}",
+            "data.cache_workers=1",
+            "data.preprocess.percentiles=[0,100]",
+            "data.size=32",
+            f"out={tmp_path / 'evaluation'}",
+            "mlflow=false",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")
+    for name in ("run/common", "run/salient", "random/common", "random/salient"):
+        assert f"| {name} | linear |" in report
+
+
+def test_space_encoder_returns_the_heads_outputs():
+    from medssl.downstream.spaces import SpaceEncoder
+    from medssl.models.joint import JointModel, JointModelConfig
+
+    model = JointModel(JointModelConfig(encoder="resnet10")).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        common, salient = model.sep_heads(model.encoder(x))
+        torch.testing.assert_close(SpaceEncoder(model, "common").eval()(x), common)
+        torch.testing.assert_close(SpaceEncoder(model, "salient").eval()(x), salient)
+    assert torch.allclose(common.norm(dim=1), torch.ones(3))
+    with pytest.raises(ValueError, match=r"model\.space"):
+        SpaceEncoder(model, "both")

@@ -1,8 +1,9 @@
 """``medssl evaluate``: a classification protocol for several backbones (and random initialisation).
 
-For every backbone the frozen features are extracted once; every (probe, label fraction, seed)
-then gives one result (``finetune`` trains a fresh copy of the encoder for each). The report is a Markdown table of mean ± std over seeds and one plot of
-the metric against the label fraction per probe, written to a folder and to MLflow.
+For every backbone (and feature space: the encoder, or SepCLR's common/salient heads) the frozen features are
+extracted once; every (protocol, label fraction, seed) then gives one result (``finetune`` trains a fresh copy of
+the encoder for each). The report is a Markdown table of mean ± std over seeds and one plot of the metric against
+the label fraction per protocol, written to a folder and to MLflow.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from medssl.downstream.finetune import (
     load_encoder,
     probe,
 )
+from medssl.downstream.spaces import SPACES
 from medssl.train.distributed import resolve_device
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy")
@@ -39,6 +41,7 @@ class EvaluateConfig:
 
     backbones: dict[str, str] = field(default_factory=dict)
     encoder: str = "resnet18"
+    spaces: list[str] = field(default_factory=lambda: ["backbone"])  # + common, salient: SepCLR heads
     protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
     label_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -60,6 +63,10 @@ class EvaluateConfig:
             raise ValueError("backbones, seeds and label_fractions must not be empty")
         if any(not 0 < f <= 1 for f in self.label_fractions):
             raise ValueError(f"label_fractions must be in (0, 1], got {self.label_fractions}")
+        if not self.spaces or any(s not in SPACES for s in self.spaces):
+            raise ValueError(f"spaces must be a non-empty list of {SPACES}, got {self.spaces}")
+        if "finetune" in self.protocols and self.spaces != ["backbone"]:
+            raise ValueError("protocol finetune trains the encoder: use it with spaces=[backbone]")
         if self.plot_metric not in METRICS:
             raise ValueError(f"plot_metric must be one of {METRICS}, got {self.plot_metric!r}")
 
@@ -134,8 +141,13 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
     device = resolve_device(config.device)
     results: list[dict[str, Any]] = []
     loaded: dict[str, str] = {}
-    for name, source in config.backbones.items():
-        network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri)
+    extractors = [
+        (name if space == "backbone" else f"{name}/{space}", source, space)
+        for name, source in config.backbones.items()
+        for space in config.spaces
+    ]
+    for name, source, space in extractors:
+        network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri, space)
         print(f"medssl evaluate: {name}: {loaded[name]}")
         probes = [p for p in config.protocols if p != "finetune"]
         features = encode_splits(network, train, test, config.data.size, device) if probes else None

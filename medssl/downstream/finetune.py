@@ -39,6 +39,7 @@ from medssl.downstream.probes import (
     label_fraction_subset,
     linear_probe,
 )
+from medssl.downstream.spaces import SPACES, load_space_encoder
 from medssl.train.distributed import resolve_device
 
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -62,6 +63,15 @@ class FinetuneDataConfig:
 
 
 @dataclass
+class ClassificationModelConfig(FinetuneModelConfig):
+    space: str = "backbone"  # backbone | common | salient (SepCLR heads; needs a run folder or checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"model.space must be one of {SPACES}, got {self.space!r}")
+
+
+@dataclass
 class FinetuneConfig:
     task: str = "classification"
     protocol: str = "linear"
@@ -70,7 +80,7 @@ class FinetuneConfig:
     finetune: FinetuneSchedule = field(default_factory=FinetuneSchedule)  # protocol=finetune
     device: str = "auto"  # auto | cpu | cuda
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
     tracking_uri: str | None = None
     experiment: str = "medssl-finetune"
     mlflow: bool = True
@@ -122,8 +132,13 @@ def run_finetune(config: Any, project_dir: Path | None = None) -> dict[str, Any]
     return _task_entry(config.task)[1](config, project_dir)
 
 
-def load_encoder(pretrained: str, encoder: str, tracking_uri: str | None = None) -> tuple[nn.Module, str]:
-    """The 2D encoder and a line saying what was loaded (``matched N/N pretrained tensors``)."""
+def load_encoder(
+    pretrained: str, encoder: str, tracking_uri: str | None = None, space: str = "backbone"
+) -> tuple[nn.Module, str]:
+    """The 2D feature extractor ``[B, C, H, W] -> [B, D]`` and a line saying what was loaded (``matched N/N
+    pretrained tensors``): the encoder, or the encoder + a SepCLR head (:mod:`medssl.downstream.spaces`)."""
+    if space != "backbone":
+        return load_space_encoder(pretrained, encoder, space)
     loaded = load_backbone(pretrained, encoder, spatial_dims=2, tracking_uri=tracking_uri)
     return loaded.network, loaded.message
 
@@ -200,7 +215,8 @@ def run_classification(config: FinetuneConfig, project_dir: Path | None = None) 
     to MLflow)."""
     data = config.data
     train, test = labelled_splits(data)
-    network, loaded = load_encoder(config.model.pretrained, config.model.encoder, config.tracking_uri)
+    model = config.model
+    network, loaded = load_encoder(model.pretrained, model.encoder, config.tracking_uri, model.space)
     print(f"medssl finetune: {loaded}")
     device = resolve_device(config.device)
     if config.protocol == "finetune":
