@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,7 @@ def test_demo_on_a_user_folder(tmp_path, capsys, monkeypatch):
     assert code == 0, out
     assert "demo data: 7 items (4 2D images, 3 3D volumes)" in out
     assert "mlflow ui --backend-store-uri" in out and "demo finished: backbone" in out
+    assert "demo: no labelled images to fine-tune on" in out
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-demo").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -81,3 +83,9 @@ def test_demo_on_the_embedded_data(tmp_path, capsys, monkeypatch):
     assert "real: 10 (2 from nibabel, 1 from nilearn, 2 from pydicom, 5 from pydicom-data)" in out
     assert Path(tmp_path / "outputs" / "demo" / "demo_manifest.csv").is_file()
     assert "demo finished" in out
+    assert "demo: exported the encoder as a MONAI bundle" in out
+    assert (tmp_path / "outputs" / "demo" / "bundle" / "configs" / "metadata.json").is_file()
+    probe = re.search(r"demo: linear probe of the label \(lesion 6, no_lesion 6; 4 held out\): AUROC pretrained "
+                      r"([0-9.]+), random init ([0-9.]+)", out)  # fmt: skip
+    assert probe is not None, out
+    assert re.search(r"matched (\d+)/\1 pretrained tensors", out)
