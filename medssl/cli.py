@@ -279,9 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser(
         "finetune",
-        help="downstream training from a pretrained encoder (classification: linear probe, kNN)",
+        help="downstream training from a pretrained encoder: classification (linear, kNN, finetune), "
+        "segmentation (2D slice-wise or 3D U-Net), detection (RetinaNet)",
         description="configs/finetune/<task>.yaml plus overrides, e.g. task=classification protocol=knn "
-        "model.pretrained=bundles/ct-joint data.label_fraction=0.1 seed=1",
+        "model.pretrained=bundles/ct-joint data.label_fraction=0.1 seed=1; task=segmentation mode=3d; "
+        "task=detection spatial_dims=3",
     )
     finetune.add_argument("overrides", nargs="*", help="key=value overrides")
     finetune.add_argument("--config-dir", help="folder of the task configs (default: configs/finetune)")
@@ -289,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="a protocol (probes x label fractions x seeds) for several backbones: table and plots",
+        help="a classification protocol (probes/fine-tuning x label fractions x seeds) for several backbones: "
+        "table and plots",
         description="configs/evaluate/classification.yaml plus overrides, e.g. "
         "'backbones={joint: bundles/ct-joint, random: none}' label_fractions=[0.1,1.0] seeds=[0,1,2]",
     )

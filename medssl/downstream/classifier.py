@@ -5,7 +5,8 @@ The encoder (a MONAI ``ResNet`` with ``feed_forward=False``, ``[B, C, H, W] -> [
 encoder at a smaller learning rate than the new head (``encoder_lr_scale``), as in the fine-tuning protocols of
 SimCLR (Chen et al., ICML 2020) and of the medical SSL literature (Azizi et al., ICCV 2021). Augmentation is batched
 on the device: a random resized crop (scale ``crop_scale``, aspect ratio 3/4-4/3), a small rotation and an optional
-horizontal flip, all as one ``affine_grid`` resampling per batch.
+horizontal flip, all as one ``affine_grid`` resampling per batch. After training, BatchNorm statistics are recomputed
+on the un-augmented training images with the final weights (:func:`precise_batchnorm`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,34 @@ def _images_and_labels(dataset: Dataset, lookup: dict[str, int]) -> tuple[Tensor
     return torch.cat(images), torch.tensor(labels, dtype=torch.long)
 
 
+@torch.no_grad()
+def precise_batchnorm(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> int:
+    """Recompute every BatchNorm layer's running mean/variance as the exact average over ``images`` ``[N, C, H, W]``
+    with the final weights ("precise BN", Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
+
+    The running statistics kept during a short fine-tuning average over weights that changed from step to step
+    (and over augmented images); evaluation then mis-normalises, which leaves the ranking (AUROC) intact but
+    shifts the decision threshold (accuracy). Returns the number of BatchNorm layers updated.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over the batches below
+        m.train()
+    try:
+        for chunk in images.split(batch_size):
+            if len(chunk) > 1:
+                model(chunk.to(device))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+    return len(norms)
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -190,6 +219,9 @@ def finetune_classifier(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if schedule.encoder_lr_scale > 0:
+        model.eval()
+        precise_batchnorm(model, x_train, max(2, schedule.batch_size), device)
     model.eval()
     with torch.no_grad():
         probabilities = torch.cat(
