@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.downstream.probes import ProbeResult, classification_metrics
+from medssl.downstream.probes import ProbeResult, classification_metrics, encode_labels
 
 
 @dataclass
@@ -101,13 +101,14 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-def _images_and_labels(dataset: Dataset, lookup: dict[str, int]) -> tuple[Tensor, Tensor]:
-    loader = DataLoader(dataset, batch_size=256, shuffle=False)
-    images, labels = [], []
-    for batch in loader:
+def _images_and_labels(dataset: Dataset) -> tuple[Tensor, list[str]]:
+    """All images ``[N, C, H, W]`` and labels of ``dataset``, in order."""
+    images: list[Tensor] = []
+    labels: list[str] = []
+    for batch in DataLoader(dataset, batch_size=256, shuffle=False):
         images.append(batch["image"])
-        labels.extend(lookup[str(y)] for y in batch["label"])
-    return torch.cat(images), torch.tensor(labels, dtype=torch.long)
+        labels.extend(str(y) for y in batch["label"])
+    return torch.cat(images), labels
 
 
 @torch.no_grad()
@@ -167,21 +168,12 @@ def finetune_classifier(
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    train_labels = [str(y) for y in getattr(train, "labels", [])] or [str(train[i]["label"]) for i in range(len(train))]
+    x_train, train_labels = _images_and_labels(train)
+    x_test, test_labels = _images_and_labels(test)
     if train_indices is not None:
-        train_labels = [train_labels[i] for i in train_indices]
-    class_names = sorted(set(train_labels))
-    if len(class_names) < 2:
-        raise ValueError(f"need at least 2 classes in the training labels, got {class_names}")
-    lookup = {name: i for i, name in enumerate(class_names)}
-    x_train, y_train = _images_and_labels(train, lookup)
-    if train_indices is not None:
-        x_train, y_train = x_train[torch.as_tensor(train_indices)], y_train[torch.as_tensor(train_indices)]
-    test_labels = [str(y) for y in getattr(test, "labels", [])] or [str(test[i]["label"]) for i in range(len(test))]
-    unknown = sorted(set(test_labels) - set(class_names))
-    if unknown:
-        raise ValueError(f"test labels {unknown} do not occur in the training labels {class_names}")
-    x_test, y_test = _images_and_labels(test, lookup)
+        x_train, train_labels = x_train[torch.as_tensor(train_indices)], [train_labels[i] for i in train_indices]
+    class_names, train_index, test_index = encode_labels(train_labels, test_labels)
+    y_train, y_test = torch.from_numpy(train_index), torch.from_numpy(test_index)
     device = torch.device(device)
     encoder.to(device)
     with torch.no_grad():

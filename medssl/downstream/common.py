@@ -214,6 +214,37 @@ def check_disjoint(train_subjects: Sequence[str], test_subjects: Sequence[str]) 
         )
 
 
+def labelled_train_test(data: LabelledDataConfig, seed: int) -> tuple[list[Any], list[Any], Any]:
+    """The readable cases with a mask of the training split (``data.label_fraction`` of its subjects, drawn by
+    ``seed``) and of the test split, checked subject-disjoint, and the manifest. Unreadable cases are printed and
+    skipped (:func:`medssl.data.labelled.load_cases`).
+
+    Raises:
+        ManifestError: no manifest, or a split without readable cases.
+    """
+    from medssl.data.errors import ManifestError
+    from medssl.data.labelled import load_cases
+    from medssl.data.manifest import read_manifest
+
+    path = Path(data.manifest)
+    if not path.is_file():
+        raise ManifestError(f"data.manifest: {path}: no such manifest")
+    manifest = read_manifest(path, data.root)
+    cases, errors = load_cases(manifest, data.preprocess, [data.train_split, data.test_split], workers=data.workers)
+    for error in errors:
+        print(f"medssl finetune: skipped {error}")
+    train = [c for c in cases if c.split == data.train_split]
+    test = [c for c in cases if c.split == data.test_split]
+    if not train or not test:
+        raise ManifestError(
+            f"data.manifest: {path}: needs readable rows with a mask in split {data.train_split!r} ({len(train)}) "
+            f"and {data.test_split!r} ({len(test)})"
+        )
+    check_disjoint([c.subject for c in train], [c.subject for c in test])
+    keep = fraction_of_cases([c.subject or c.id for c in train], data.label_fraction, seed)
+    return [train[i] for i in keep], test, manifest
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -35,13 +35,11 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from medssl.data.errors import ManifestError
 from medssl.downstream.common import (
     FinetuneModelConfig,
     LabelledDataConfig,
     LoadedBackbone,
-    check_disjoint,
-    fraction_of_cases,
+    labelled_train_test,
     load_backbone,
     log_finetune_run,
     seed_everything,
@@ -499,32 +497,13 @@ def detection_metrics(
 
 
 def _load_detection_cases(config: DetectionConfig) -> tuple[list[DetectionCase], list[DetectionCase], str]:
-    from medssl.data.labelled import load_cases
-    from medssl.data.manifest import read_manifest
-
     data = config.data
-    path = Path(data.manifest)
-    if not path.is_file():
-        raise ManifestError(f"data.manifest: {path}: no such manifest")
-    manifest = read_manifest(path, data.root)
-    cases, errors = load_cases(manifest, data.preprocess, [data.train_split, data.test_split], workers=data.workers)
-    for error in errors:
-        print(f"medssl finetune: skipped {error}")
-    for case in cases:
+    train, test, manifest = labelled_train_test(data, config.seed)
+    for case in (*train, *test):
         if case.dims != config.spatial_dims:
             raise ValueError(
                 f"spatial_dims={config.spatial_dims}: row {case.id} is {case.dims}D (select rows of one kind)"
             )
-    train = [c for c in cases if c.split == data.train_split]
-    test = [c for c in cases if c.split == data.test_split]
-    if not train or not test:
-        raise ManifestError(
-            f"data.manifest: {path}: needs readable cases with masks in split {data.train_split!r} ({len(train)}) "
-            f"and {data.test_split!r} ({len(test)})"
-        )
-    check_disjoint([c.subject for c in train], [c.subject for c in test])
-    keep = fraction_of_cases([c.subject for c in train], data.label_fraction, config.seed)
-    train = [train[i] for i in keep]
     source = boxes_source(data)
     given = read_boxes_file(source, [r.id for r in manifest.rows]) if source is not None else None
     how = f"boxes from {source}" if source is not None else "boxes derived from masks (connected components)"

@@ -153,7 +153,7 @@ class ProbeResult:
     validation_losses: dict[float, float] = field(default_factory=dict)
 
 
-def _encode_labels(
+def encode_labels(
     train_y: Sequence[str] | np.ndarray, test_y: Sequence[str] | np.ndarray
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Sorted class names (from train) and integer labels of train ``[N]`` and test ``[M]``."""
@@ -253,7 +253,7 @@ def linear_probe(
     Returns:
         :class:`ProbeResult` with test probabilities ``[M, K]`` and metrics.
     """
-    class_names, y_train, y_test = _encode_labels(train_y, test_y)
+    class_names, y_train, y_test = encode_labels(train_y, test_y)
     x_train = _check_features(train_x, y_train, "train")
     x_test = _check_features(test_x, y_test, "test")
     if x_train.shape[1] != x_test.shape[1]:
@@ -319,7 +319,7 @@ def knn_probe(
     """
     if k < 1 or temperature <= 0:
         raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    class_names, y_train, y_test = _encode_labels(train_y, test_y)
+    class_names, y_train, y_test = encode_labels(train_y, test_y)
     train = F.normalize(torch.from_numpy(_check_features(train_x, y_train, "train")).double(), dim=1)
     test = F.normalize(torch.from_numpy(_check_features(test_x, y_test, "test")).double(), dim=1)
     n_classes = len(class_names)

@@ -27,13 +27,11 @@ from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetResBlock
 from monai.networks.nets import ResNet
 from torch import Tensor, nn
 
-from medssl.data.errors import ManifestError
 from medssl.downstream.common import (
     FinetuneModelConfig,
     LabelledDataConfig,
     LoadedBackbone,
-    check_disjoint,
-    fraction_of_cases,
+    labelled_train_test,
     load_backbone,
     log_finetune_run,
     resnet_stages,
@@ -256,25 +254,7 @@ def load_segmentation_cases(
     Raises:
         ManifestError: no manifest, or an empty split. ValueError: labels >= num_classes, 2D images in mode 3d.
     """
-    from medssl.data.labelled import load_cases
-    from medssl.data.manifest import read_manifest
-
-    data = config.data
-    path = Path(data.manifest)
-    if not path.is_file():
-        raise ManifestError(f"data.manifest: {path}: no such manifest")
-    manifest = read_manifest(path, data.root)
-    cases, _ = load_cases(manifest, data.preprocess, [data.train_split, data.test_split], workers=data.workers)
-    train = [c for c in cases if c.split == data.train_split]
-    test = [c for c in cases if c.split == data.test_split]
-    if not train or not test:
-        raise ManifestError(
-            f"data.manifest: {path}: needs readable rows with a mask in split {data.train_split!r} ({len(train)}) "
-            f"and {data.test_split!r} ({len(test)})"
-        )
-    check_disjoint([c.subject for c in train], [c.subject for c in test])
-    keep = fraction_of_cases([c.subject or c.id for c in train], data.label_fraction, config.seed)
-    train = [train[i] for i in keep]
+    train, test, _ = labelled_train_test(config.data, config.seed)
     converted: list[list[SegmentationCase]] = [[], []]
     for target, split in zip(converted, (train, test), strict=True):
         for case in split:
