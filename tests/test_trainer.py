@@ -187,6 +187,17 @@ def test_gradient_accumulation_sees_the_same_samples(dataset):
         run(folder, manifest, "trainer.accumulate=4", "run.name=accum4", "logging=none")
 
 
+def test_a_compute_budget_stops_the_run_as_finished_with_its_backbone(dataset, capsys):
+    folder, manifest = dataset
+    result = run(folder, manifest, "trainer.max_steps=50", "trainer.max_minutes=0.0001", "run.name=budget",
+                 "logging=none")  # fmt: skip
+    assert result.status == "finished" and result.step == 1
+    assert result.backbone is not None and result.backbone.is_file()
+    assert "trainer.max_minutes=0.0001 reached at step 1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="max_minutes must be > 0"):
+        run(folder, manifest, "trainer.max_minutes=0", "run.name=budget0", "logging=none")
+
+
 def test_non_finite_loss_stops_with_a_clear_message(dataset, monkeypatch):
     folder, manifest = dataset
     original = JointObjective.forward

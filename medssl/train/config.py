@@ -95,6 +95,7 @@ class BatchConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    max_minutes: float | None = None  # compute budget: stop (finished, with backbone) after the step that reaches it
     batch: BatchConfig = field(default_factory=BatchConfig)
     accumulate: int = 1
     num_workers: int = 2
@@ -114,6 +115,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.accumulate < 1 or self.num_workers < 0 or self.log_every < 1:
             raise ValueError("accumulate and log_every must be >= 1 and num_workers >= 0")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:

@@ -323,6 +323,7 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 objective.train()
+                loop_start = time.perf_counter()
                 while state.step < tcfg.max_steps:
                     step = state.step
                     step_start = time.perf_counter()
@@ -391,6 +392,14 @@ class Trainer:
                         break
                     if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
                         self._checkpoint(ctx, state, tracker, log_artifact=False)
+                    if tcfg.max_minutes is not None and step < tcfg.max_steps:
+                        spent = time.perf_counter() - loop_start >= tcfg.max_minutes * 60
+                        if _agreed(spent, ctx, device):
+                            if ctx.is_main:
+                                bar.write(
+                                    f"{run_name}: trainer.max_minutes={tcfg.max_minutes:g} reached at step {step}"
+                                )
+                            break
         except BaseException:
             bar.close()
             tracker.finish("FAILED")
