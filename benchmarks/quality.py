@@ -1,0 +1,410 @@
+"""Representation quality on real data: does pretraining help downstream? (issue 6)
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/quality.py --budget-minutes 60 --update BENCHMARKS.md   # the full table (hours)
+    .venv/bin/python benchmarks/quality.py --quick                                      # ~10-minute smoke check
+
+Every dataset of ``--data`` (default ../shared/data) is split by patient before anything else (a fixed salt, so
+every method sees the same split); pretraining reads the unlabelled *train* images only (MedNIST: all images, as
+the protocol says) and never a label. Each method is pretrained for the same wall-clock budget on this machine
+(``--budget-minutes`` per run: a short calibration measures the seconds per step, ``trainer.max_steps`` is set so
+the cosine schedule ends at the budget, and ``trainer.max_minutes`` caps it), with the same encoder.
+
+Tasks (``--tasks``):
+
+* ``cxr``: Kermany chest X-rays, NORMAL vs PNEUMONIA: linear probe and kNN on frozen features (AUROC, accuracy)
+  at 64 px, patient-disjoint test split; methods random / simclr / swav2d (2D-only data: the joint method's 3D
+  terms have nothing to read).
+* ``hippocampus``: MSD hippocampus T1 MR: 3D (or ``--seg-mode 2d``) segmentation Dice (anterior, posterior) with
+  10% and 100% of the labelled training cases, each pretrained backbone and random init; methods random / simclr /
+  swav2d / joint and the joint ablations (no L_mask, no L_inter, full instead of deformable attention).
+* ``mednist``: 6-class MedNIST, kNN and linear-probe accuracy; methods random / simclr / swav2d.
+* ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
+  pneumonia (file names) on the salient and the common space.
+
+Results: mean ± std over ``--seeds`` seeds, ``<out>/quality.json`` and ``<out>/quality.md``; ``--update
+BENCHMARKS.md`` writes the tables, the budget, the machine and this command into BENCHMARKS.md. Every
+pretraining and fine-tuning run is in the MLflow store ``<out>/mlruns`` (plots in the runs' artifacts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from _report import update_section
+
+ROOT = Path(__file__).resolve().parents[1]
+SALT = "medssl-quality-benchmark"  # fixed: the same patient split for every method and every run
+KERMANY_SUBJECT = r"(person\d+|NORMAL2-IM-\d+|IM-\d+)"
+
+METHODS: dict[str, list[str]] = {  # name -> pretraining overrides (random init has none: it is not pretrained)
+    "simclr": ["method=simclr"],
+    "swav2d": ["method=swav2d"],
+    "joint": ["method=joint"],
+    "joint-no-mask": ["method=joint", "method.objective.weights.mask=0.0"],
+    "joint-no-inter": ["method=joint", "method.objective.weights.inter=0.0"],
+    "joint-full-attention": ["method=joint", "model.attention=full"],
+}
+TASK_METHODS = {
+    "cxr": ["random", "simclr", "swav2d"],
+    "mednist": ["random", "simclr", "swav2d"],
+    "hippocampus": ["random", "simclr", "swav2d", "joint", "joint-no-mask", "joint-no-inter", "joint-full-attention"],
+    "sepclr": ["random", "sepclr"],
+}
+QUICK_METHODS = {"cxr": ["random", "swav2d"], "mednist": ["random", "swav2d"], "hippocampus": ["random", "joint"],
+                 "sepclr": ["random", "sepclr"]}  # fmt: skip
+
+
+@dataclass
+class Settings:
+    data: Path
+    out: Path
+    budget_minutes: float
+    seeds: list[int]
+    quick: bool
+    encoder: str
+    size: int
+    seg_mode: str
+    workers: int
+
+
+# ---------------------------------------------------------------- manifests (split by patient first)
+def _scan(folder: Path, modality: str, subject: str | None, exclude: Sequence[str], masks: str | None = None) -> list:
+    from medssl.data.scan import ScanOptions, pair_masks, scan_folder
+
+    pattern = re.compile(subject) if subject else None
+    options = ScanOptions(salt=SALT, subject_pattern=pattern, modality=modality, progress=False,
+                          exclude=[*exclude, *([f"{masks}/*"] if masks else [])])  # fmt: skip
+    rows = scan_folder(folder, options).rows
+    if masks:
+        rows, _ = pair_masks(rows, folder, masks)
+    return rows
+
+
+def _thin(rows: list, keep: int | None) -> list:
+    """Every k-th row (in path order) so that about ``keep`` remain (quick mode)."""
+    if keep is None or len(rows) <= keep:
+        return rows
+    step = len(rows) / keep
+    return [rows[int(i * step)] for i in range(keep)]
+
+
+def prepare_manifests(settings: Settings) -> dict[str, Path]:
+    from medssl.data.manifest import write_manifest
+    from medssl.data.scan import assign_splits
+
+    out = settings.out / "manifests"
+    out.mkdir(parents=True, exist_ok=True)
+    manifests: dict[str, Path] = {}
+    kermany = settings.data / "kermany-cxr-224"
+    if kermany.is_dir():
+        rows = _scan(kermany / "train", "DX", KERMANY_SUBJECT, [])
+        rows = [replace(r, label=r.path.split("/")[0]) for r in rows]
+        rows = [replace(r, group="background" if r.label == "NORMAL" else "target") for r in rows]
+        rows = _thin(rows, 600 if settings.quick else None)
+        rows = assign_splits(rows, {"train": 0.8, "test": 0.2}, SALT)
+        write_manifest(out / "cxr.csv", rows, kermany / "train")
+        manifests["cxr"] = out / "cxr.csv"
+        subtypes = [
+            replace(r, label="viral" if "virus" in r.path else "bacterial") for r in rows if r.group == "target"
+        ]
+        write_manifest(out / "pneumonia_subtypes.csv", subtypes, kermany / "train")
+        manifests["pneumonia_subtypes"] = out / "pneumonia_subtypes.csv"
+    mednist = settings.data / "mednist-subset"
+    if mednist.is_dir():
+        rows = _scan(mednist, "OT", None, ["labels.csv", "README.md"])
+        rows = [replace(r, label=r.path.split("/")[0]) for r in rows]
+        rows = _thin(rows, 900 if settings.quick else None)
+        rows = assign_splits(rows, {"train": 0.8, "test": 0.2}, SALT)  # no patient ids: one subject per image
+        write_manifest(out / "mednist.csv", rows, mednist)
+        manifests["mednist"] = out / "mednist.csv"
+    hippocampus = settings.data / "msd-hippocampus"
+    if hippocampus.is_dir():
+        rows = _scan(hippocampus, "MR", None, ["README.md"], masks="labels")
+        rows = _thin(rows, 60 if settings.quick else None)
+        rows = assign_splits(rows, {"train": 0.8, "test": 0.2}, SALT)
+        write_manifest(out / "hippocampus.csv", rows, hippocampus)
+        manifests["hippocampus"] = out / "hippocampus.csv"
+    return manifests
+
+
+# ---------------------------------------------------------------- pretraining at a fixed budget
+def _pretrain_overrides(settings: Settings, manifest: Path, task: str, method: str, name: str) -> list[str]:
+    overrides = [
+        f"data.manifest={manifest}",
+        f"data.cache_dir={settings.out / 'cache'}",
+        f"run.output_dir={settings.out / 'runs'}",
+        f"run.name={name}",
+        f"logging.tracking_uri=sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+        "logging.experiment=medssl-quality",
+        f"model.encoder={settings.encoder}",
+        f"data.views.global_size={settings.size}",
+        f"data.views.local_size={settings.size // 2}",
+        "data.views.n_local=2",
+        "data.preprocess.max_side_2d=128",
+        f"trainer.num_workers={settings.workers}",
+        "trainer.progress=false",
+        "trainer.resume=null",
+    ]
+    if task != "mednist":
+        overrides.append("data.splits=[train]")  # pretraining sees the unlabelled train part only
+    if task == "hippocampus":
+        overrides += ["data.stacks.n_slices=8", f"data.stacks.size={settings.size}"]
+    if method == "sepclr":
+        return [*overrides, "method=sepclr", "data.background=background", "data.target=target"]
+    return [*overrides, *METHODS[method]]
+
+
+def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path:
+    """Calibrate the seconds per step, then pretrain for ``settings.budget_minutes``; returns the run folder."""
+    from medssl.train.config import compose_pretrain_config
+    from medssl.train.trainer import Trainer
+
+    name = f"{task}-{method}"
+    base = _pretrain_overrides(settings, manifest, task, method, name)
+    stamps: list[float] = []
+    calibration = compose_pretrain_config(
+        [*base, f"run.name={name}-calibration", "trainer.max_steps=8", "logging=none", "trainer.checkpoint_every=0"]
+    )
+    Trainer(calibration, callbacks=[lambda step, metrics: stamps.append(time.perf_counter())]).fit()
+    seconds_per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps[2:]))  # after loader start
+    steps = max(10, int(settings.budget_minutes * 60 / seconds_per_step * 0.92))
+    config = compose_pretrain_config([
+        *base,
+        f"trainer.max_steps={steps}",
+        f"trainer.max_minutes={settings.budget_minutes}",
+        f"trainer.optimizer.warmup_steps={max(1, steps // 10)}",
+        f"trainer.checkpoint_every={max(steps // 4, 1)}",
+    ])  # fmt: skip
+    start = time.perf_counter()
+    result = Trainer(config).fit()
+    print(f"quality: pretrained {name}: {result.step} steps ({seconds_per_step:.2f} s/step calibrated) in "
+          f"{(time.perf_counter() - start) / 60:.1f} min; run {result.run_id}", flush=True)  # fmt: skip
+    return result.output_dir
+
+
+def bundle(settings: Settings, run_dir: Path) -> str:
+    from medssl.export.bundle import export_bundle
+
+    return str(export_bundle(str(run_dir), settings.out / "bundles" / run_dir.name, log_to_mlflow=False))
+
+
+# ---------------------------------------------------------------- evaluations
+def _classification(settings: Settings, manifest: Path, backbones: dict[str, str], spaces: list[str],
+                    fractions: list[float], out_name: str) -> list[dict[str, Any]]:  # fmt: skip
+    from medssl.data.preprocess import PreprocessConfig
+    from medssl.downstream.evaluate import EvaluateConfig, run_evaluate
+    from medssl.downstream.finetune import FinetuneDataConfig
+
+    config = EvaluateConfig(
+        backbones=backbones,
+        encoder=settings.encoder,
+        spaces=spaces,
+        protocols=["linear", "knn"],
+        label_fractions=fractions,
+        seeds=settings.seeds,
+        data=FinetuneDataConfig(
+            manifest=str(manifest),
+            cache_dir=str(settings.out / "cache"),
+            preprocess=PreprocessConfig(max_side_2d=128),  # the pretraining cache's settings
+            size=settings.size,
+        ),
+        out=str(settings.out / out_name),
+        tracking_uri=f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+        experiment="medssl-quality",
+    )
+    return run_evaluate(config)["summary"]
+
+
+def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str]) -> list[dict[str, Any]]:
+    from medssl.downstream.common import FinetuneModelConfig, LabelledDataConfig
+    from medssl.downstream.segmentation import SegmentationConfig, run_segmentation
+
+    rows = []
+    for name, source in backbones.items():
+        for fraction in (0.1, 1.0):
+            dice: dict[str, list[float]] = {}
+            for seed in settings.seeds:
+                config = SegmentationConfig(
+                    mode=settings.seg_mode,
+                    seed=seed,
+                    model=FinetuneModelConfig(pretrained=source, encoder=settings.encoder),
+                    data=LabelledDataConfig(manifest=str(manifest), label_fraction=fraction),
+                    num_classes=3,
+                    class_names=["anterior", "posterior"],
+                    roi_size=32 if settings.seg_mode == "3d" else 48,
+                    batch_size=4 if settings.seg_mode == "3d" else 8,
+                    steps=40 if settings.quick else 300,
+                    log_every=0,
+                    tracking_uri=f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+                    experiment="medssl-quality",
+                )
+                result = run_segmentation(config)
+                for key in ("dice/anterior", "dice/posterior", "dice_mean"):
+                    dice.setdefault(key, []).append(float(result[key]))
+            rows.append({"backbone": name, "label_fraction": fraction, "seeds": len(settings.seeds),
+                         **{k: _mean_std(v) for k, v in dice.items()}})  # fmt: skip
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+
+
+# ---------------------------------------------------------------- report
+def _cell(pair: Sequence[float]) -> str:
+    return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+
+def classification_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| backbone | probe | label fraction | AUROC | accuracy | balanced accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['protocol']} | {r['label_fraction']:g} | {_cell(r['auroc'])} | "
+                     f"{_cell(r['accuracy'])} | {_cell(r['balanced_accuracy'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def segmentation_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| backbone | label fraction | Dice anterior | Dice posterior | Dice mean |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['label_fraction']:g} | {_cell(r['dice/anterior'])} | "
+                     f"{_cell(r['dice/posterior'])} | {_cell(r['dice_mean'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> dict[str, Any]:
+    manifests = prepare_manifests(settings)
+    results: dict[str, Any] = {"tables": {}, "missing": []}
+
+    def pretrained(task: str, manifest: Path) -> dict[str, str]:
+        """Backbone name -> bundle folder (``none`` for random init), every method pretrained at the budget."""
+        sources = {}
+        for method in methods[task]:
+            if method == "random":
+                sources[method] = "none"
+            else:
+                sources[method] = bundle(settings, pretrain(settings, manifest, task, method))
+        return sources
+
+    for task in tasks:
+        needed = {"cxr": "cxr", "mednist": "mednist", "hippocampus": "hippocampus", "sepclr": "cxr"}[task]
+        if needed not in manifests:
+            results["missing"].append(f"{task}: no {needed} data under {settings.data}")
+            continue
+        start = time.perf_counter()
+        if task in ("cxr", "mednist"):
+            rows = _classification(settings, manifests[task], pretrained(task, manifests[task]), ["backbone"],
+                                   [0.1, 1.0], f"evaluation-{task}")  # fmt: skip
+            results["tables"][task] = {"kind": "classification", "rows": rows}
+        elif task == "hippocampus":
+            rows = _segmentation(settings, manifests[task], pretrained(task, manifests[task]))
+            results["tables"][task] = {"kind": "segmentation", "rows": rows}
+        else:
+            run_dir = pretrain(settings, manifests["cxr"], "sepclr", "sepclr")
+            sources = {"sepclr": str(run_dir), "random": "none"}
+            rows = _classification(settings, manifests["pneumonia_subtypes"], sources, ["common", "salient"], [1.0],
+                                   "evaluation-sepclr")  # fmt: skip
+            results["tables"][task] = {"kind": "classification", "rows": rows}
+        results["tables"][task]["minutes"] = (time.perf_counter() - start) / 60
+        print(f"quality: {task} done in {results['tables'][task]['minutes']:.1f} min", flush=True)
+    return results
+
+
+TITLES = {
+    "cxr": "Kermany chest X-ray, NORMAL vs PNEUMONIA (frozen features, patient-disjoint test)",
+    "mednist": "MedNIST, 6 classes (frozen features)",
+    "hippocampus": "MSD hippocampus segmentation (pretrained encoder fine-tuned)",
+    "sepclr": "SepCLR on Kermany: bacterial vs viral pneumonia on the common and salient spaces",
+}
+
+
+def report(results: dict[str, Any], settings: Settings, command: str, minutes: float) -> str:
+    scope = "QUICK smoke settings (subsets, short runs)" if settings.quick else "full data"
+    store = settings.out / "mlruns"
+    lines = [
+        "## Representation quality (benchmarks/quality.py)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
+        f"budget {settings.budget_minutes:g} min of pretraining per method; encoder {settings.encoder} at "
+        f"{settings.size} px; seeds {settings.seeds}; {scope}; total {minutes:.0f} min. Runs and plots: MLflow "
+        f"store `{store}` (experiment medssl-quality).",
+        "",
+    ]
+    for task, table in results["tables"].items():
+        lines += [f"### {TITLES[task]}", ""]
+        rows = table["rows"]
+        lines.append(classification_table(rows) if table["kind"] == "classification" else segmentation_table(rows))
+        lines += ["", f"({table['minutes']:.0f} min)", ""]
+    for missing in results["missing"]:
+        lines.append(f"- not run: {missing}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "quality"))
+    parser.add_argument("--budget-minutes", type=float, default=60.0, help="pretraining wall-clock per method")
+    parser.add_argument("--quick", action="store_true", help="subsets, 1-minute budgets, one seed: ~10 minutes")
+    parser.add_argument("--tasks", default="cxr,hippocampus,mednist,sepclr")
+    parser.add_argument("--methods", help="comma-separated subset of the methods of every task")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seg-mode", choices=("2d", "3d"), default="3d")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--update", help="write the section into this Markdown file (e.g. BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    settings = Settings(
+        data=Path(args.data),
+        out=Path(args.out),
+        budget_minutes=1.0 if args.quick and args.budget_minutes == 60.0 else args.budget_minutes,
+        seeds=list(range(1 if args.quick else args.seeds)),
+        quick=args.quick,
+        encoder="resnet10" if args.quick and args.encoder == "resnet18" else args.encoder,
+        size=args.size,
+        seg_mode="2d" if args.quick and args.seg_mode == "3d" else args.seg_mode,
+        workers=args.workers,
+    )
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASK_METHODS]
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; choose from {sorted(TASK_METHODS)}")
+    methods = {t: list((QUICK_METHODS if args.quick else TASK_METHODS)[t]) for t in tasks}
+    if args.methods:
+        chosen = args.methods.split(",")
+        methods = {t: [m for m in ms if m in chosen or m == "random"] for t, ms in methods.items()}
+    settings.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = run(settings, tasks, methods)
+    minutes = (time.perf_counter() - start) / 60
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    text = report(results, settings, command.strip(), minutes)
+    (settings.out / "quality.json").write_text(json.dumps({**results, "command": command}, indent=2, default=str))
+    (settings.out / "quality.md").write_text(text, encoding="utf-8")
+    print(text)
+    if args.update:
+        update_section(Path(args.update), text, "quality")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
