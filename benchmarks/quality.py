@@ -338,8 +338,9 @@ TITLES = {
 def report(results: dict[str, Any], settings: Settings, command: str, minutes: float) -> str:
     scope = "QUICK smoke settings (subsets, short runs)" if settings.quick else "full data"
     store = settings.out / "mlruns"
+    heading = "smoke check (--quick)" if settings.quick else ", ".join(results["tables"]) or "no task"
     lines = [
-        "## Representation quality (benchmarks/quality.py)",
+        f"## Representation quality (benchmarks/quality.py): {heading}",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
@@ -402,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (settings.out / "quality.md").write_text(text, encoding="utf-8")
     print(text)
     if args.update:
-        update_section(Path(args.update), text, "quality")
+        tag = "quality-quick" if settings.quick else "quality-" + "-".join(tasks)  # partial runs keep other sections
+        update_section(Path(args.update), text, tag)
     return 0
 
 
