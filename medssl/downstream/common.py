@@ -18,7 +18,7 @@ import torch
 from monai.networks.nets import ResNet
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch import Tensor, nn
+from torch import Tensor
 
 from medssl.data.preprocess import PreprocessConfig
 
@@ -205,12 +205,13 @@ def fraction_of_cases(subjects: Sequence[str], fraction: float, seed: int) -> li
 
 
 def check_disjoint(train_subjects: Sequence[str], test_subjects: Sequence[str]) -> None:
-    """Raise if a subject is in both splits (pseudonymised subjects only are named)."""
+    """Raise if a subject (patient) is on both sides: evaluation splits must be patient-disjoint. Empty subjects
+    are not compared; the message names a few of the (pseudonymised) shared subjects."""
     shared = sorted(set(train_subjects) & set(test_subjects) - {""})
     if shared:
         raise ValueError(
-            f"{len(shared)} subject(s) are in both the training and the test split (e.g. {shared[0]}): "
-            "fix the manifest's split column (split by subject)"
+            f"{len(shared)} subject(s) appear in both the training and the test rows (e.g. {shared[:5]}); "
+            "evaluation splits must be patient-disjoint (fix the manifest's split column)"
         )
 
 
@@ -243,10 +244,6 @@ def labelled_train_test(data: LabelledDataConfig, seed: int) -> tuple[list[Any],
     check_disjoint([c.subject for c in train], [c.subject for c in test])
     keep = fraction_of_cases([c.subject or c.id for c in train], data.label_fraction, seed)
     return [train[i] for i in keep], test, manifest
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def log_finetune_run(

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from medssl.data.datasets import CachedItem
 from medssl.data.geometry import slice_to_display
 from medssl.data.manifest import ManifestRow
+from medssl.downstream.common import check_disjoint
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 """Grid of L2 penalties searched by :func:`linear_probe` (on standardised features)."""
@@ -428,10 +429,4 @@ def check_disjoint_subjects(train_rows: Iterable[ManifestRow], test_rows: Iterab
     Raises:
         ValueError: naming how many subjects are shared (and a few of them).
     """
-    train = {row.subject for row in train_rows if row.subject}
-    shared = sorted(train & {row.subject for row in test_rows if row.subject})
-    if shared:
-        raise ValueError(
-            f"{len(shared)} subject(s) appear in both the training and the test rows (e.g. {shared[:5]}); "
-            "evaluation splits must be patient-disjoint"
-        )
+    check_disjoint([row.subject for row in train_rows], [row.subject for row in test_rows])
