@@ -3,6 +3,8 @@ and a subset of the real MSD hippocampus cases (../shared/data) when present."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,11 @@ import pytest
 from factories import write_nifti, write_png
 
 from medssl.data.manifest import ManifestRow, write_manifest
+from medssl.data.scan import ScanOptions, assign_splits, scan_folder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HIPPOCAMPUS = SHARED / "msd-hippocampus"
+KERMANY = SHARED / "kermany-cxr-224"
 
 
 def _ball(shape: tuple[int, ...], centre: np.ndarray, radius: float) -> np.ndarray:
@@ -93,3 +97,22 @@ def hippocampus_manifest(folder: Path, train: int = 8, test: int = 4) -> Path:
     manifest = folder / "hippocampus.csv"
     write_manifest(manifest, rows, HIPPOCAMPUS)
     return manifest
+
+
+def kermany_manifest(folder: Path, per_class: int, test_fraction: float = 0.4) -> Path:
+    """A manifest of ``per_class`` real Kermany radiographs per label (evenly spaced over the sorted files),
+    labelled NORMAL/PNEUMONIA and split train/test by patient; skips when ../shared/data is absent."""
+    if not KERMANY.is_dir():
+        pytest.skip(f"real data not available: {KERMANY} (see ../shared/data/README.md)")
+    data = folder / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        files = sorted((KERMANY / "train" / label).glob("*.jp*g"))
+        (data / label).mkdir(parents=True)
+        for path in files[:: len(files) // per_class][:per_class]:
+            shutil.copy(path, data / label / path.name)
+    pattern = re.compile(r"(person\d+|NORMAL2-IM-\d+|IM-\d+)")
+    rows = scan_folder(data, ScanOptions(salt="t", progress=False, modality="CR", subject_pattern=pattern)).rows
+    rows = [type(r)(**{**r.__dict__, "label": r.path.split("/")[0]}) for r in rows]
+    rows = assign_splits(rows, {"train": 1 - test_fraction, "test": test_fraction}, salt="t")
+    write_manifest(folder / "kermany.csv", rows, data)
+    return folder / "kermany.csv"

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from labelled_data import kermany_manifest
 from torch.utils.data import Dataset
 
 from medssl.cli import main
-from medssl.data.manifest import write_manifest
-from medssl.data.scan import ScanOptions, assign_splits, scan_folder
 from medssl.downstream.classifier import FinetuneSchedule, augment_batch, finetune_classifier, precise_batchnorm
 from medssl.models.encoders import create_encoder
-
-KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-cxr-224"
 
 
 class SpotImages(Dataset):
@@ -119,26 +114,15 @@ def test_bad_schedules_name_the_key(values, message):
         FinetuneSchedule(**values)
 
 
-@pytest.mark.skipif(not KERMANY.is_dir(), reason=f"real data folder {KERMANY} is absent (see ../shared/data/README.md)")
 @pytest.mark.parametrize("protocol", ["linear", "finetune"])
 def test_real_chest_xrays_fine_tune_end_to_end(tmp_path, capsys, protocol):
     """`medssl finetune` on 40 real Kermany radiographs (NORMAL vs PNEUMONIA), patient-disjoint splits."""
-    data = tmp_path / "data"
-    for label in ("NORMAL", "PNEUMONIA"):
-        files = sorted((KERMANY / "train" / label).glob("*.jp*g"))
-        (data / label).mkdir(parents=True)
-        for path in files[:: len(files) // 20][:20]:
-            shutil.copy(path, data / label / path.name)
-    options = ScanOptions(salt="t", progress=False, modality="CR",
-                          subject_pattern=re.compile(r"(person\d+|NORMAL2-IM-\d+|IM-\d+)"))  # fmt: skip
-    rows = [type(r)(**{**r.__dict__, "label": r.path.split("/")[0]}) for r in scan_folder(data, options).rows]
-    rows = assign_splits(rows, {"train": 0.6, "test": 0.4}, salt="t")
-    write_manifest(tmp_path / "cxr.csv", rows, data)
+    manifest = kermany_manifest(tmp_path, per_class=20)
     code = main(
         [
             "finetune",
             f"protocol={protocol}",
-            f"data.manifest={tmp_path / 'cxr.csv'}",
+            f"data.manifest={manifest}",
             f"data.cache_dir={tmp_path / 'cache'}",
             "data.cache_workers=1",
             "data.size=64",

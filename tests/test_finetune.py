@@ -53,6 +53,13 @@ def finetune(folder: Path, manifest: Path, *extra: str) -> int:
     )
 
 
+def evaluate(folder: Path, manifest: Path, out: Path, extra: list[str]) -> int:
+    """``medssl evaluate`` on the labelled fixture's data at 32 px, writing to ``out``."""
+    data = [f"data.manifest={manifest}", f"data.cache_dir={folder / 'cache'}", "data.cache_workers=1",
+            "data.preprocess.percentiles=[0,100]", "data.size=32", f"out={out}"]  # fmt: skip
+    return main(["evaluate", *extra, *data])
+
+
 @pytest.mark.parametrize(
     ("protocol", "printed"),
     [("linear", "linear probe"), ("knn", "knn probe"), ("finetune", "full fine-tuning (3 steps)")],
@@ -110,9 +117,11 @@ def test_bad_finetune_settings_name_the_key(labelled, capsys, override, message)
 def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, capsys, tmp_path):
     folder, manifest, result = labelled
     bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
-    code = main(
+    code = evaluate(
+        folder,
+        manifest,
+        tmp_path / "evaluation",
         [
-            "evaluate",
             f"backbones={{pretrained: {bundle}, random: none}}",
             "encoder=resnet10",
             "label_fractions=[0.5,1.0]",
@@ -120,14 +129,8 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
             "protocols=[linear,knn,finetune]",
             "finetune.steps=2",
             "finetune.batch_size=4",
-            f"data.manifest={manifest}",
-            f"data.cache_dir={folder / 'cache'}",
-            "data.cache_workers=1",
-            "data.preprocess.percentiles=[0,100]",
-            "data.size=32",
-            f"out={tmp_path / 'evaluation'}",
             f"tracking_uri=sqlite:///{folder / 'mlruns' / 'mlflow.db'}",
-        ]
+        ],
     )
     assert code == 0, capsys.readouterr().err
     report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")
@@ -165,23 +168,19 @@ def test_sepclr_spaces_are_probed_from_a_run_folder_and_refused_from_a_bundle(la
     bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
     assert finetune(folder, manifest, f"model.pretrained={bundle}", "model.space=common", "mlflow=false") == 2
     assert "needs a pretraining run folder or checkpoint" in capsys.readouterr().err
-    code = main(
+    code = evaluate(
+        folder,
+        manifest,
+        tmp_path / "evaluation",
         [
-            "evaluate",
             f"backbones={{run: {result.output_dir}, random: none}}",
             "spaces=[common,salient]",
             "encoder=resnet10",
             "protocols=[linear]",
             "label_fractions=[1.0]",
             "seeds=[0]",
-            f"data.manifest={manifest}",
-            f"data.cache_dir={folder / 'cache'}",
-            "data.cache_workers=1",
-            "data.preprocess.percentiles=[0,100]",
-            "data.size=32",
-            f"out={tmp_path / 'evaluation'}",
             "mlflow=false",
-        ]
+        ],
     )
     assert code == 0, capsys.readouterr().err
     report = (tmp_path / "evaluation" / "report.md").read_text(encoding="utf-8")

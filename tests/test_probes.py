@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import shutil
 from itertools import product
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from labelled_data import kermany_manifest
 from PIL import Image
 
 from medssl.data.cache import build_cache
@@ -18,7 +17,7 @@ from medssl.data.datasets import CachedItem, cached_items
 from medssl.data.geometry import slice_to_display
 from medssl.data.manifest import ManifestRow, read_manifest, write_manifest
 from medssl.data.preprocess import PreprocessConfig
-from medssl.data.scan import ScanOptions, assign_splits, scan_folder
+from medssl.data.scan import ScanOptions, scan_folder
 from medssl.downstream.probes import (
     LabelledImageDataset,
     check_disjoint_subjects,
@@ -29,8 +28,6 @@ from medssl.downstream.probes import (
     linear_probe,
 )
 from medssl.models.encoders import create_encoder
-
-KERMANY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-cxr-224"
 
 
 def pairwise_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -202,22 +199,8 @@ def test_dataset_and_features_end_to_end(tmp_path):
     assert result.metrics["accuracy"] == 1.0
 
 
-@pytest.mark.skipif(not KERMANY.is_dir(), reason=f"real data folder {KERMANY} is absent")
 def test_kermany_random_features_linear_probe(tmp_path):
-    data = tmp_path / "data"
-    for label in ("NORMAL", "PNEUMONIA"):
-        files = sorted((KERMANY / "train" / label).glob("*.jp*g"))
-        (data / label).mkdir(parents=True)
-        for path in files[:: len(files) // 50][:50]:
-            shutil.copy(path, data / label / path.name)
-    options = ScanOptions(
-        salt="t", progress=False, modality="CR", subject_pattern=re.compile(r"(person\d+|NORMAL2-IM-\d+|IM-\d+)")
-    )
-    rows = scan_folder(data, options).rows
-    rows = [type(r)(**{**r.__dict__, "label": r.path.split("/")[0]}) for r in rows]
-    rows = assign_splits(rows, {"train": 0.6, "test": 0.4}, salt="t")
-    write_manifest(tmp_path / "m.csv", rows, data)
-    manifest = read_manifest(tmp_path / "m.csv")
+    manifest = read_manifest(kermany_manifest(tmp_path, per_class=50))
     config = PreprocessConfig(percentiles=[0.5, 99.5])
     build_cache(manifest, tmp_path / "cache", config, workers=1, progress=False)
     splits = {

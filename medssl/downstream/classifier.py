@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.downstream.probes import ProbeResult, classification_metrics, encode_labels
+from medssl.downstream.probes import ProbeResult, encode_labels
 
 
 @dataclass
@@ -173,7 +173,7 @@ def finetune_classifier(
     if train_indices is not None:
         x_train, train_labels = x_train[torch.as_tensor(train_indices)], [train_labels[i] for i in train_indices]
     class_names, train_index, test_index = encode_labels(train_labels, test_labels)
-    y_train, y_test = torch.from_numpy(train_index), torch.from_numpy(test_index)
+    y_train = torch.from_numpy(train_index)
     device = torch.device(device)
     encoder.to(device)
     with torch.no_grad():
@@ -219,11 +219,4 @@ def finetune_classifier(
         probabilities = torch.cat(
             [torch.softmax(model(chunk.to(device)), dim=1).cpu() for chunk in x_test.split(256)]
         ).numpy()
-    labels = y_test.numpy()
-    return ProbeResult(
-        probabilities=probabilities,
-        predictions=probabilities.argmax(axis=1),
-        labels=labels,
-        class_names=class_names,
-        metrics=classification_metrics(probabilities, labels, class_names),
-    )
+    return ProbeResult.of(probabilities, test_index, class_names)

@@ -153,6 +153,19 @@ class ProbeResult:
     weight_decay: float | None = None
     validation_losses: dict[float, float] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], **extra: Any) -> ProbeResult:
+        """The result of test probabilities ``[M, K]`` against true class indices ``[M]``: argmax predictions and
+        :func:`classification_metrics`."""
+        return cls(
+            probabilities=probabilities,
+            predictions=probabilities.argmax(axis=1),
+            labels=labels,
+            class_names=class_names,
+            metrics=classification_metrics(probabilities, labels, class_names),
+            **extra,
+        )
+
 
 def encode_labels(
     train_y: Sequence[str] | np.ndarray, test_y: Sequence[str] | np.ndarray
@@ -286,14 +299,8 @@ def linear_probe(
     model = _fit_logistic(xt, yt, k, float(weight_decay), max_iter)
     with torch.no_grad():
         probabilities = torch.softmax(model(xs), dim=1).numpy()
-    return ProbeResult(
-        probabilities=probabilities,
-        predictions=probabilities.argmax(axis=1),
-        labels=y_test,
-        class_names=class_names,
-        metrics=classification_metrics(probabilities, y_test, class_names),
-        weight_decay=float(weight_decay),
-        validation_losses=losses,
+    return ProbeResult.of(
+        probabilities, y_test, class_names, weight_decay=float(weight_decay), validation_losses=losses
     )
 
 
@@ -335,13 +342,7 @@ def knn_probe(
         votes.scatter_add_(1, targets[index], weights)
         chunks.append(votes / votes.sum(dim=1, keepdim=True))
     probabilities = torch.cat(chunks).numpy()
-    return ProbeResult(
-        probabilities=probabilities,
-        predictions=probabilities.argmax(axis=1),
-        labels=y_test,
-        class_names=class_names,
-        metrics=classification_metrics(probabilities, y_test, class_names),
-    )
+    return ProbeResult.of(probabilities, y_test, class_names)
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
