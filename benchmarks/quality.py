@@ -15,10 +15,13 @@ Tasks (``--tasks``):
 
 * ``cxr``: Kermany chest X-rays, NORMAL vs PNEUMONIA: linear probe and kNN on frozen features (AUROC, accuracy)
   at 64 px, patient-disjoint test split; methods random / simclr / swav2d (2D-only data: the joint method's 3D
-  terms have nothing to read).
+  terms have nothing to read). Then end-to-end fine-tuning (``--finetune-steps``): each pretrained backbone with
+  10% of the labels against supervised training from scratch with 10% and with all the labels.
 * ``hippocampus``: MSD hippocampus T1 MR: 3D (or ``--seg-mode 2d``) segmentation Dice (anterior, posterior) with
-  10% and 100% of the labelled training cases, each pretrained backbone and random init; methods random / simclr /
-  swav2d / joint and the joint ablations (no L_mask, no L_inter, full instead of deformable attention).
+  10% and 100% of the labelled training cases (``--seg-steps`` each), each pretrained backbone (encoder at 0.1x the
+  decoder's learning rate) and random init (supervised from scratch: the encoder at the full learning rate); methods
+  random / simclr / swav2d / joint and the joint ablations (no L_mask, no L_inter, full instead of deformable
+  attention).
 * ``mednist``: 6-class MedNIST, kNN and linear-probe accuracy; methods random / simclr / swav2d.
 * ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
   pneumonia (file names) on the salient and the common space.
@@ -80,6 +83,11 @@ class Settings:
     size: int
     seg_mode: str
     workers: int
+    overrides: list[str]
+    cache_dir: Path
+    reuse: bool  # reuse finished pretraining runs in <out>/runs instead of pretraining again
+    seg_steps: int  # hippocampus: segmentation fine-tuning steps
+    finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
 
 
 # ---------------------------------------------------------------- manifests (split by patient first)
@@ -146,7 +154,7 @@ def prepare_manifests(settings: Settings) -> dict[str, Path]:
 def _pretrain_overrides(settings: Settings, manifest: Path, task: str, method: str, name: str) -> list[str]:
     overrides = [
         f"data.manifest={manifest}",
-        f"data.cache_dir={settings.out / 'cache'}",
+        f"data.cache_dir={settings.cache_dir}",
         f"run.output_dir={settings.out / 'runs'}",
         f"run.name={name}",
         f"logging.tracking_uri=sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
@@ -165,8 +173,8 @@ def _pretrain_overrides(settings: Settings, manifest: Path, task: str, method: s
     if task == "hippocampus":
         overrides += ["data.stacks.n_slices=8", f"data.stacks.size={settings.size}"]
     if method == "sepclr":
-        return [*overrides, "method=sepclr", "data.background=background", "data.target=target"]
-    return [*overrides, *METHODS[method]]
+        return [*overrides, "method=sepclr", "data.background=background", "data.target=target", *settings.overrides]
+    return [*overrides, *METHODS[method], *settings.overrides]
 
 
 def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path:
@@ -175,6 +183,10 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
     from medssl.train.trainer import Trainer
 
     name = f"{task}-{method}"
+    finished = settings.out / "runs" / name
+    if settings.reuse and (finished / "backbone.pt").is_file():
+        print(f"quality: reusing the finished pretraining run {finished} (--reuse)", flush=True)
+        return finished
     base = _pretrain_overrides(settings, manifest, task, method, name)
     stamps: list[float] = []
     calibration = compose_pretrain_config(
@@ -205,8 +217,10 @@ def bundle(settings: Settings, run_dir: Path) -> str:
 
 # ---------------------------------------------------------------- evaluations
 def _classification(settings: Settings, manifest: Path, backbones: dict[str, str], spaces: list[str],
-                    fractions: list[float], out_name: str) -> list[dict[str, Any]]:  # fmt: skip
+                    fractions: list[float], out_name: str, protocols: Sequence[str] = ("linear", "knn"),
+                    encoder_lr_scale: float = 0.1) -> list[dict[str, Any]]:  # fmt: skip
     from medssl.data.preprocess import PreprocessConfig
+    from medssl.downstream.classifier import FinetuneSchedule
     from medssl.downstream.evaluate import EvaluateConfig, run_evaluate
     from medssl.downstream.finetune import FinetuneDataConfig
 
@@ -214,12 +228,13 @@ def _classification(settings: Settings, manifest: Path, backbones: dict[str, str
         backbones=backbones,
         encoder=settings.encoder,
         spaces=spaces,
-        protocols=["linear", "knn"],
+        protocols=list(protocols),
         label_fractions=fractions,
         seeds=settings.seeds,
+        finetune=FinetuneSchedule(steps=max(settings.finetune_steps, 1), encoder_lr_scale=encoder_lr_scale),
         data=FinetuneDataConfig(
             manifest=str(manifest),
-            cache_dir=str(settings.out / "cache"),
+            cache_dir=str(settings.cache_dir),
             preprocess=PreprocessConfig(max_side_2d=128),  # the pretraining cache's settings
             size=settings.size,
         ),
@@ -228,6 +243,17 @@ def _classification(settings: Settings, manifest: Path, backbones: dict[str, str
         experiment="medssl-quality",
     )
     return run_evaluate(config)["summary"]
+
+
+def _finetuning(settings: Settings, manifest: Path, backbones: dict[str, str]) -> list[dict[str, Any]]:
+    """Every pretrained backbone fine-tuned end to end with 10% of the labels (encoder at 0.1x the head's learning
+    rate), against supervised training from scratch (random init, encoder at the full learning rate) with 10% and
+    with all the labels; the same number of steps for every run."""
+    pretrained = {name: source for name, source in backbones.items() if source != "none"}
+    rows = _classification(settings, manifest, pretrained, ["backbone"], [0.1], "finetune-pretrained", ["finetune"])
+    scratch = _classification(settings, manifest, {"scratch": "none"}, ["backbone"], [0.1, 1.0], "finetune-scratch",
+                              ["finetune"], encoder_lr_scale=1.0)  # fmt: skip
+    return rows + scratch
 
 
 def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str]) -> list[dict[str, Any]]:
@@ -243,12 +269,13 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                     mode=settings.seg_mode,
                     seed=seed,
                     model=FinetuneModelConfig(pretrained=source, encoder=settings.encoder),
+                    encoder_lr_scale=1.0 if source == "none" else 0.1,  # random init: supervised from scratch
                     data=LabelledDataConfig(manifest=str(manifest), label_fraction=fraction),
                     num_classes=3,
                     class_names=["anterior", "posterior"],
                     roi_size=32 if settings.seg_mode == "3d" else 48,
                     batch_size=4 if settings.seg_mode == "3d" else 8,
-                    steps=40 if settings.quick else 300,
+                    steps=settings.seg_steps,
                     log_every=0,
                     tracking_uri=f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
                     experiment="medssl-quality",
@@ -310,8 +337,10 @@ def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> 
             continue
         start = time.perf_counter()
         if task in ("cxr", "mednist"):
-            rows = _classification(settings, manifests[task], pretrained(task, manifests[task]), ["backbone"],
-                                   [0.1, 1.0], f"evaluation-{task}")  # fmt: skip
+            sources = pretrained(task, manifests[task])
+            rows = _classification(settings, manifests[task], sources, ["backbone"], [0.1, 1.0], f"evaluation-{task}")
+            if task == "cxr" and settings.finetune_steps > 0:
+                rows += _finetuning(settings, manifests[task], sources)
             results["tables"][task] = {"kind": "classification", "rows": rows}
         elif task == "hippocampus":
             rows = _segmentation(settings, manifests[task], pretrained(task, manifests[task]))
@@ -349,6 +378,10 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
         f"store `{store}` (experiment medssl-quality).",
         "",
     ]
+    if settings.reuse:
+        lines[-1:-1] = ["Finished pretraining runs were reused (`--reuse`): each kept the budget it was run with.", ""]
+    if settings.overrides:
+        lines[-1:-1] = [f"Pretraining overrides on top of the shipped defaults: `{' '.join(settings.overrides)}`.", ""]
     for task, table in results["tables"].items():
         lines += [f"### {TITLES[task]}", ""]
         rows = table["rows"]
@@ -372,7 +405,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seg-mode", choices=("2d", "3d"), default="3d")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=600,
+        help="cxr: end-to-end fine-tuning steps (10%% labels vs supervised from scratch); 0 skips it",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra override for every pretraining run (repeatable), e.g. model.intra_prototypes=[128]",
+    )
+    parser.add_argument("--cache-dir", help="preprocessed-image cache (default <out>/cache), shareable across --out")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished pretraining runs in <out>/runs (e.g. to add evaluations to a finished run)",
+    )
     parser.add_argument("--update", help="write the section into this Markdown file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--section", help="section name in --update (default quality-<tasks>): keep variants apart")
     args = parser.parse_args(argv)
     settings = Settings(
         data=Path(args.data),
@@ -384,6 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=args.size,
         seg_mode="2d" if args.quick and args.seg_mode == "3d" else args.seg_mode,
         workers=args.workers,
+        overrides=list(args.override),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else Path(args.out) / "cache",
+        seg_steps=40 if args.quick and args.seg_steps == 300 else args.seg_steps,
+        reuse=args.reuse,
+        finetune_steps=40 if args.quick and args.finetune_steps == 600 else args.finetune_steps,
     )
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASK_METHODS]
@@ -403,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (settings.out / "quality.md").write_text(text, encoding="utf-8")
     print(text)
     if args.update:
-        tag = "quality-quick" if settings.quick else "quality-" + "-".join(tasks)  # partial runs keep other sections
+        tag = args.section or ("quality-quick" if settings.quick else "quality-" + "-".join(tasks))  # others kept
         update_section(Path(args.update), text, tag)
     return 0
 
