@@ -392,7 +392,8 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dict[str, list[str]]]:
+    """The command line -> (arguments, settings, task -> methods); a wrong task or method name is an error."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(ROOT / "outputs" / "quality"))
@@ -405,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seg-mode", choices=("2d", "3d"), default="3d")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seg-steps", type=int, default=300, help="hippocampus: segmentation fine-tuning steps")
     parser.add_argument(
         "--finetune-steps",
         type=int,
@@ -449,8 +451,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--tasks: unknown {unknown}; choose from {sorted(TASK_METHODS)}")
     methods = {t: list((QUICK_METHODS if args.quick else TASK_METHODS)[t]) for t in tasks}
     if args.methods:
-        chosen = args.methods.split(",")
+        chosen = [m for m in args.methods.split(",") if m]
+        known = {m for ms in TASK_METHODS.values() for m in ms}
+        if any(m not in known for m in chosen):
+            parser.error(f"--methods: unknown {[m for m in chosen if m not in known]}; choose from {sorted(known)}")
         methods = {t: [m for m in ms if m in chosen or m == "random"] for t, ms in methods.items()}
+    return args, settings, methods
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, settings, methods = parse(argv)
+    tasks = list(methods)
     settings.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run(settings, tasks, methods)

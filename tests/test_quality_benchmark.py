@@ -1,0 +1,48 @@
+"""The quality benchmark's command line (benchmarks/quality.py): every option reaches the settings, quick defaults,
+and a wrong task or method name is refused before hours of pretraining start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality
+
+
+def test_every_option_reaches_the_settings(tmp_path: Path) -> None:
+    args, settings, methods = quality.parse([
+        "--tasks", "cxr,hippocampus", "--methods", "swav2d", "--budget-minutes", "15", "--seeds", "2",
+        "--out", str(tmp_path), "--override", "model.intra_prototypes=[128]", "--override", "a.b=1", "--reuse",
+        "--seg-steps", "120", "--finetune-steps", "0", "--seg-mode", "2d", "--section", "variant",
+    ])  # fmt: skip
+    assert methods == {"cxr": ["random", "swav2d"], "hippocampus": ["random", "swav2d"]}
+    assert settings.budget_minutes == 15 and settings.seeds == [0, 1]
+    assert settings.overrides == ["model.intra_prototypes=[128]", "a.b=1"]
+    assert settings.reuse and settings.seg_steps == 120 and settings.finetune_steps == 0
+    assert settings.cache_dir == tmp_path / "cache" and settings.seg_mode == "2d" and args.section == "variant"
+
+
+def test_quick_shrinks_only_what_was_not_given(tmp_path: Path) -> None:
+    _, quick, methods = quality.parse(["--quick", "--out", str(tmp_path)])
+    assert quick.budget_minutes == 1.0 and quick.seeds == [0] and quick.encoder == "resnet10"
+    assert quick.seg_steps == 40 and quick.finetune_steps == 40 and quick.seg_mode == "2d"
+    assert methods == quality.QUICK_METHODS
+    _, given, _ = quality.parse(["--quick", "--out", str(tmp_path), "--seg-steps", "80", "--encoder", "resnet34"])
+    assert given.seg_steps == 80 and given.encoder == "resnet34"
+
+
+@pytest.mark.parametrize("option", [["--tasks", "cxr,ct"], ["--methods", "swav"]])
+def test_a_wrong_name_is_refused(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        quality.parse(option)
+    assert option[1].split(",")[-1] in capsys.readouterr().err
+
+
+def test_pretraining_overrides_end_with_the_study_overrides(tmp_path: Path) -> None:
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--override", "model.intra_prototypes=[128]"])
+    overrides = quality._pretrain_overrides(settings, tmp_path / "cxr.csv", "cxr", "swav2d", "cxr-swav2d")
+    assert overrides[-2:] == ["method=swav2d", "model.intra_prototypes=[128]"]
+    assert "data.splits=[train]" in overrides  # pretraining never reads the test split
