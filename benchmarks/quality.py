@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ from typing import Any
 from _report import update_section
 
 ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "benchmarks" / "figures"  # --update copies the summary plot here (linked from BENCHMARKS.md)
 SALT = "medssl-quality-benchmark"  # fixed: the same patient split for every method and every run
 KERMANY_SUBJECT = r"(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
@@ -316,6 +318,51 @@ def segmentation_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_figure(results: dict[str, Any]) -> Any:
+    """One panel per task: the headline metric (classification AUROC, segmentation mean Dice), mean ± std over seeds,
+    one bar per backbone x probe x label fraction, coloured by backbone."""
+    from matplotlib.figure import Figure
+
+    tables = results["tables"]
+    figure = Figure(figsize=(6 * max(len(tables), 1), 1.2 + 0.3 * max((len(t["rows"]) for t in tables.values()),
+                                                                       default=1)), layout="constrained")  # fmt: skip
+    axes = figure.subplots(1, max(len(tables), 1), squeeze=False)[0]
+    for axis, (task, table) in zip(axes, tables.items(), strict=False):
+        metric = "auroc" if table["kind"] == "classification" else "dice_mean"
+        rows = table["rows"]
+        backbones = sorted({r["backbone"].split("/")[0] for r in rows})
+        colours = [f"C{backbones.index(r['backbone'].split('/')[0])}" for r in rows]
+        means = [r[metric][0] for r in rows]
+        stds = [r[metric][1] for r in rows]
+        labels = [" ".join(str(x) for x in (r["backbone"], r.get("protocol", ""), f"{r['label_fraction']:g}") if x)
+                  for r in rows]  # fmt: skip
+        axis.barh(range(len(rows)), means, xerr=stds, capsize=3, color=colours)
+        axis.set_yticks(range(len(rows)), labels, fontsize="small")
+        axis.invert_yaxis()
+        low = min((m - s for m, s in zip(means, stds, strict=True)), default=0.0)
+        axis.set_xlim(max(0.0, low - 0.05), 1.0)
+        axis.set_xlabel(f"{metric} (mean ± std over seeds)")
+        axis.set_title(task)
+        axis.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def log_summary(settings: Settings, files: Sequence[Path]) -> str:
+    """One ``quality-summary`` MLflow run (experiment medssl-quality) holding the tables, the JSON and the plot."""
+    from medssl.train.tracking import Tracker
+
+    tracker = Tracker(
+        f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="quality-summary"
+    )
+    tracker.log_params({"budget_minutes": str(settings.budget_minutes), "encoder": settings.encoder,
+                        "size": str(settings.size), "seeds": str(settings.seeds), "quick": str(settings.quick),
+                        "overrides": " ".join(settings.overrides) or "none"})  # fmt: skip
+    for path in files:
+        tracker.log_artifact(path)
+    tracker.finish()
+    return str(tracker.run_id)
+
+
 def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> dict[str, Any]:
     manifests = prepare_manifests(settings)
     results: dict[str, Any] = {"tables": {}, "missing": []}
@@ -364,7 +411,8 @@ TITLES = {
 }
 
 
-def report(results: dict[str, Any], settings: Settings, command: str, minutes: float) -> str:
+def report(results: dict[str, Any], settings: Settings, command: str, minutes: float, figure: str | None = None
+           ) -> str:  # fmt: skip
     scope = "QUICK smoke settings (subsets, short runs)" if settings.quick else "full data"
     store = settings.out / "mlruns"
     heading = "smoke check (--quick)" if settings.quick else ", ".join(results["tables"]) or "no task"
@@ -389,6 +437,8 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
         lines += ["", f"({table['minutes']:.0f} min)", ""]
     for missing in results["missing"]:
         lines.append(f"- not run: {missing}")
+    if figure:
+        lines += [f"![quality summary]({figure})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -467,12 +517,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(settings, tasks, methods)
     minutes = (time.perf_counter() - start) / 60
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    text = report(results, settings, command.strip(), minutes)
+    tag = args.section or ("quality-quick" if settings.quick else "quality-" + "-".join(tasks))  # others kept
+    plot = settings.out / "quality.png"
+    summary_figure(results).savefig(plot, dpi=100)
+    link = None
+    if args.update:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, FIGURES / f"{tag}.png")
+        link = os.path.relpath(FIGURES / f"{tag}.png", Path(args.update).resolve().parent)
+    text = report(results, settings, command.strip(), minutes, link)
     (settings.out / "quality.json").write_text(json.dumps({**results, "command": command}, indent=2, default=str))
     (settings.out / "quality.md").write_text(text, encoding="utf-8")
+    run_id = log_summary(settings, [settings.out / "quality.md", settings.out / "quality.json", plot])
     print(text)
+    print(f"quality: summary run {run_id} in {settings.out / 'mlruns'}; plot {plot}")
     if args.update:
-        tag = args.section or ("quality-quick" if settings.quick else "quality-" + "-".join(tasks))  # others kept
         update_section(Path(args.update), text, tag)
     return 0
 

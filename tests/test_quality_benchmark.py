@@ -46,3 +46,26 @@ def test_pretraining_overrides_end_with_the_study_overrides(tmp_path: Path) -> N
     overrides = quality._pretrain_overrides(settings, tmp_path / "cxr.csv", "cxr", "swav2d", "cxr-swav2d")
     assert overrides[-2:] == ["method=swav2d", "model.intra_prototypes=[128]"]
     assert "data.splits=[train]" in overrides  # pretraining never reads the test split
+
+
+def test_summary_figure_has_a_panel_per_task_and_a_bar_per_row(tmp_path: Path) -> None:
+    pair = (0.9, 0.01)
+    results = {
+        "tables": {
+            "cxr": {"kind": "classification", "rows": [
+                {"backbone": b, "protocol": p, "label_fraction": f, "auroc": pair, "accuracy": pair,
+                 "balanced_accuracy": pair}
+                for b in ("random", "swav2d") for p in ("linear", "knn") for f in (0.1, 1.0)]},
+            "hippocampus": {"kind": "segmentation", "rows": [
+                {"backbone": b, "label_fraction": f, "dice_mean": pair, "dice/anterior": pair, "dice/posterior": pair}
+                for b in ("random", "joint") for f in (0.1, 1.0)]},
+        },
+        "missing": [],
+    }  # fmt: skip
+    figure = quality.summary_figure(results)
+    axes = figure.get_axes()
+    assert [a.get_title() for a in axes] == ["cxr", "hippocampus"]
+    assert [len(a.patches) for a in axes] == [8, 4]
+    assert axes[0].get_yticklabels()[0].get_text() == "random linear 0.1"
+    figure.savefig(tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 0
