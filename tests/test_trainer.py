@@ -198,6 +198,31 @@ def test_a_compute_budget_stops_the_run_as_finished_with_its_backbone(dataset, c
         run(folder, manifest, "trainer.max_minutes=0", "run.name=budget0", "logging=none")
 
 
+def test_uniform_swav_predictions_raise_a_health_warning_in_the_log_and_mlflow(dataset, monkeypatch, capsys):
+    folder, manifest = dataset
+    original = JointObjective.forward
+
+    def collapsed(self, *args, **kwargs):  # what a run stuck at SwAV's trivial solution logs
+        loss, metrics = original(self, *args, **kwargs)
+        metrics["health/intra_prediction_entropy"] = torch.ones(())
+        return loss, metrics
+
+    monkeypatch.setattr(JointObjective, "forward", collapsed)
+    result = run(folder, manifest, "trainer.max_steps=7", "run.name=collapsed", "method=swav2d")
+    out = capsys.readouterr().out
+    assert out.count("health warning at step 5: L_intra predictions are uniform") == 1  # windows 1..5
+    tags = client(folder).get_run(result.run_id).data.tags
+    assert tags["health_warning_intra"].startswith("health warning at step 5")
+
+
+def test_a_learning_swav_run_raises_no_health_warning(dataset, capsys):
+    folder, manifest = dataset
+    result = run(folder, manifest, "trainer.max_steps=7", "run.name=healthy", "method=swav2d")
+    assert "health warning" not in capsys.readouterr().out
+    metrics = client(folder).get_run(result.run_id).data.metrics
+    assert 0.0 < metrics["health/intra_prediction_entropy"] < 0.98
+
+
 def test_non_finite_loss_stops_with_a_clear_message(dataset, monkeypatch):
     folder, manifest = dataset
     original = JointObjective.forward

@@ -293,6 +293,8 @@ class JointObjective(nn.Module):
             total = total + w.intra * loss
             metrics["loss/intra"] = loss.detach()
             metrics["health/intra_effective_prototypes"] = m["effective_prototypes"]
+            if "prediction_entropy" in m:  # SwAV (DeepCluster-v2 has no per-batch predictions to compare)
+                metrics["health/intra_prediction_entropy"] = m["prediction_entropy"]
             metrics["health/intra_alignment"] = alignment(z[0].detach(), z[1].detach())
             if z[0].shape[0] > 1:  # spread metrics need two samples
                 metrics["health/intra_uniformity"] = uniformity(z[0].detach())
@@ -317,6 +319,8 @@ class JointObjective(nn.Module):
                 total = total + w.inter * loss
                 metrics["loss/inter"] = loss.detach()
                 metrics["health/inter_effective_prototypes"] = m["effective_prototypes"]
+                if "prediction_entropy" in m:
+                    metrics["health/inter_prediction_entropy"] = m["prediction_entropy"]
                 metrics["health/inter_alignment"] = alignment(volumes[0].detach(), volumes[1].detach())
                 if volumes[0].shape[0] > 1:
                     metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())

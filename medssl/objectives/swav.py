@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -108,8 +109,10 @@ class SwAVLoss(nn.Module):
         Returns:
             ``(loss, metrics)``: the scalar loss (float32, or float64 for float64 scores) and detached scalars
             ``loss_crop{a}`` (the term of each assigned crop), ``effective_prototypes`` (``exp`` of the entropy of the
-            mean code over the batch and the assigned crops, in ``[1, K]``) and ``code_entropy`` (mean per-sample
-            entropy of the codes, in nats).
+            mean code over the batch and the assigned crops, in ``[1, K]``), ``code_entropy`` (mean per-sample
+            entropy of the codes, in nats) and ``prediction_entropy`` (mean per-sample entropy of the predictions
+            ``softmax(scores / temperature)`` over all crops, divided by ``ln K``: 1 when every prediction is uniform,
+            the trivial solution where the loss sits at ``ln K`` and no gradient reaches the encoder).
         """
         n_crops = len(scores)
         if n_crops < 2:
@@ -147,6 +150,8 @@ class SwAVLoss(nn.Module):
             codes = torch.cat(all_codes)  # [|A| B, K]
             metrics["effective_prototypes"] = perplexity(codes.mean(dim=0))
             metrics["code_entropy"] = entropy(codes).mean()
+            prediction = torch.stack([-(lp.exp() * lp).sum(dim=1).mean() for lp in log_p]).mean()
+            metrics["prediction_entropy"] = prediction / math.log(shape[1]) if shape[1] > 1 else torch.ones(())
         return loss, metrics
 
 

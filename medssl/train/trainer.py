@@ -32,6 +32,7 @@ from medssl.data.manifest import atomic_write_text
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
 from medssl.objectives.joint import JointObjective, SepBatch, StackBatch
+from medssl.train.alarms import UniformPredictionAlarm
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.train.config import PretrainConfig, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
@@ -305,6 +306,7 @@ class Trainer:
         batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
         window = MetricWindow()
         timer = window.timer
+        alarm = UniformPredictionAlarm(start_step=opt.warmup_steps)  # SwAV's trivial solution, warned about once
         last_metrics: dict[str, float] = {}
         bar = tqdm(
             total=tcfg.max_steps,
@@ -377,6 +379,10 @@ class Trainer:
                     if step % tcfg.log_every == 0 or step == tcfg.max_steps:
                         last_metrics = window.close(primary.epoch)
                         tracker.log_metrics(last_metrics, step)
+                        for stream, warning in alarm.update(step, last_metrics):
+                            if ctx.is_main:
+                                bar.write(f"{run_name}: {warning}")
+                            tracker.set_tags({f"health_warning_{stream}": warning})
                         for k, v in last_metrics.items():
                             state.history.setdefault(k, []).append([float(step), float(v)])
                         bar.set_postfix(

@@ -1,0 +1,75 @@
+"""Run-health alarms: turn the logged health metrics into one clear warning while a run can still be stopped.
+
+:class:`UniformPredictionAlarm` watches the SwAV prediction entropy (``health/*_prediction_entropy``, the mean entropy
+of ``softmax(scores / temperature)`` divided by ``ln K``, :class:`medssl.objectives.swav.SwAVLoss`). When it stays at
+``threshold`` or above for ``patience`` consecutive logging windows, every prediction is uniform over the prototypes:
+the swapped-prediction loss sits at ``ln K`` and the encoder receives no clustering signal. This is SwAV's trivial
+solution (Caron et al., NeurIPS 2020; the facebookresearch/swav README calls a loss stuck at ``ln(nmb_prototypes)`` a
+collapse); small batches and few prototypes make it likely. Pure bookkeeping: no I/O, the trainer prints and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["UniformPredictionAlarm"]
+
+ADVICE = {
+    "intra": (
+        "try a sharper Sinkhorn (method.objective.epsilon=0.03), more prototypes (model.intra_prototypes), a larger "
+        "batch (trainer.batch.images) or a queue (method.objective.queue_length); for a short CPU budget "
+        "method=simclr learns where SwAV has not started"
+    ),
+    "inter": (
+        "try a sharper Sinkhorn (method.objective.epsilon=0.03), another number of volume prototypes "
+        "(model.inter_prototypes) or more stacks per batch (trainer.batch.stacks)"
+    ),
+}
+
+
+@dataclass
+class UniformPredictionAlarm:
+    """Fires once per stream (``intra``, ``inter``) when its predictions stay uniform.
+
+    Args:
+        threshold: normalised prediction entropy counted as uniform (1.0 = exactly uniform; a freshly initialised
+            model sits near 0.9 for 512 prototypes and a temperature of 0.1).
+        patience: consecutive logging windows at or above ``threshold`` before the alarm fires.
+        start_step: windows logged before this step are ignored (learning-rate warm-up).
+    """
+
+    threshold: float = 0.98
+    patience: int = 5
+    start_step: int = 0
+    _streak: dict[str, int] = field(default_factory=dict, init=False)
+    fired: set[str] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1 or self.patience < 1 or self.start_step < 0:
+            raise ValueError(
+                f"threshold must be in (0, 1], patience >= 1 and start_step >= 0, got {self.threshold}, "
+                f"{self.patience}, {self.start_step}"
+            )
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> list[tuple[str, str]]:
+        """Feed one logging window's metrics; returns ``(stream, warning)`` for the alarms that fire now (each
+        stream at most once per run)."""
+        messages = []
+        for stream in ("intra", "inter"):
+            value = metrics.get(f"health/{stream}_prediction_entropy")
+            if value is None or step < self.start_step or stream in self.fired:
+                continue
+            self._streak[stream] = self._streak.get(stream, 0) + 1 if value >= self.threshold else 0
+            if self._streak[stream] >= self.patience:
+                self.fired.add(stream)
+                messages.append(
+                    (
+                        stream,
+                        f"health warning at step {step}: L_{stream} predictions are uniform over the prototypes "
+                        f"(normalised prediction entropy {value:.3f} >= {self.threshold:g} for {self.patience} logging "
+                        f"windows; the loss sits at ln K): the {stream} clustering has collapsed to SwAV's trivial "
+                        f"solution and teaches the encoder nothing. {ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
+                    )
+                )
+        return messages

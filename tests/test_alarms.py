@@ -1,0 +1,79 @@
+"""The uniform-prediction alarm (SwAV's trivial solution): when it fires, once, and what it says; and the SwAV
+prediction-entropy metric it reads, against a plainly written reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medssl.objectives.swav import SwAVLoss
+from medssl.train.alarms import UniformPredictionAlarm
+
+
+def reference_prediction_entropy(scores: list[torch.Tensor], temperature: float) -> float:
+    """Mean over crops and samples of -sum_k p_k ln p_k, p = softmax(scores / t), divided by ln K: written as loops."""
+    k = scores[0].shape[1]
+    total, count = 0.0, 0
+    for crop in scores:
+        for row in crop.tolist():
+            exps = [math.exp(v / temperature) for v in row]
+            z = sum(exps)
+            total += -sum(e / z * math.log(e / z) for e in exps)
+            count += 1
+    return total / count / math.log(k)
+
+
+def test_prediction_entropy_matches_the_reference_and_is_one_for_uniform_predictions() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(6, 7, generator=g, dtype=torch.float64) * 0.3 for _ in range(3)]
+    criterion = SwAVLoss(temperature=0.1)
+    _, metrics = criterion(scores)
+    assert float(metrics["prediction_entropy"]) == pytest.approx(reference_prediction_entropy(scores, 0.1), rel=1e-9)
+    assert 0.0 < float(metrics["prediction_entropy"]) < 1.0
+
+    collapsed = [torch.full((6, 7), 0.25, dtype=torch.float64) for _ in range(3)]  # every score equal: uniform p
+    loss, metrics = criterion(collapsed)
+    assert float(metrics["prediction_entropy"]) == pytest.approx(1.0)
+    assert float(loss) == pytest.approx(math.log(7))  # the loss sits at ln K
+
+
+def window(value: float, stream: str = "intra") -> dict[str, float]:
+    return {f"health/{stream}_prediction_entropy": value, "loss/total": 1.0}
+
+
+def test_fires_once_after_patience_consecutive_uniform_windows() -> None:
+    alarm = UniformPredictionAlarm(threshold=0.98, patience=3, start_step=0)
+    assert alarm.update(10, window(0.99)) == []
+    assert alarm.update(20, window(0.995)) == []
+    fired = alarm.update(30, window(1.0))
+    assert [stream for stream, _ in fired] == ["intra"]
+    message = fired[0][1]
+    assert "step 30" in message and "L_intra" in message and "method.objective.epsilon=0.03" in message
+    assert alarm.update(40, window(1.0)) == []  # once per run
+
+
+def test_a_healthy_window_resets_the_streak_and_streams_are_independent() -> None:
+    alarm = UniformPredictionAlarm(threshold=0.98, patience=2)
+    assert alarm.update(10, window(0.99)) == []
+    assert alarm.update(20, window(0.90)) == []  # learning: the streak starts again
+    assert alarm.update(30, window(0.99)) == []
+    both = {**window(0.99), **window(1.0, "inter")}
+    assert [s for s, _ in alarm.update(40, both)] == ["intra"]
+    inter = alarm.update(50, both)
+    assert [s for s, _ in inter] == ["inter"] and "model.inter_prototypes" in inter[0][1]
+    assert alarm.update(60, both) == []
+
+
+def test_warm_up_windows_and_runs_without_the_metric_are_ignored() -> None:
+    alarm = UniformPredictionAlarm(patience=1, start_step=100)
+    assert alarm.update(50, window(1.0)) == []
+    assert alarm.update(60, {"loss/simclr": 4.0}) == []  # SimCLR logs no prediction entropy
+    assert [s for s, _ in alarm.update(100, window(1.0))] == ["intra"]
+
+
+@pytest.mark.parametrize("kwargs", [{"threshold": 0.0}, {"threshold": 1.5}, {"patience": 0}, {"start_step": -1}])
+def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="threshold must be in"):
+        UniformPredictionAlarm(**kwargs)  # type: ignore[arg-type]
