@@ -427,9 +427,9 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
         "",
     ]
     if settings.reuse:
-        lines[-1:-1] = ["Finished pretraining runs were reused (`--reuse`): each kept the budget it was run with.", ""]
+        lines += ["Finished pretraining runs were reused (`--reuse`): each kept the budget it was run with.", ""]
     if settings.overrides:
-        lines[-1:-1] = [f"Pretraining overrides on top of the shipped defaults: `{' '.join(settings.overrides)}`.", ""]
+        lines += [f"Pretraining overrides on top of the shipped defaults: `{' '.join(settings.overrides)}`.", ""]
     for task, table in results["tables"].items():
         lines += [f"### {TITLES[task]}", ""]
         rows = table["rows"]
