@@ -145,6 +145,31 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id)} >= {"report.md", "results.json"}
 
 
+def test_evaluate_draws_random_init_once_per_seed_reproducibly(labelled, capsys, tmp_path, monkeypatch):
+    """The spread over seeds of random init includes the initialisation; a pretrained backbone is loaded once."""
+    import medssl.downstream.evaluate as evaluate_module
+
+    folder, manifest, result = labelled
+    bundle = export_bundle(str(result.output_dir), tmp_path / "bundle", log_to_mlflow=False)
+    loads: list[tuple[str, float]] = []
+    original = evaluate_module.load_encoder
+
+    def recording(source, *args, **kwargs):
+        network, line = original(source, *args, **kwargs)
+        loads.append((source, float(next(network.parameters()).detach().double().sum())))
+        return network, line
+
+    monkeypatch.setattr(evaluate_module, "load_encoder", recording)
+    settings = [f"backbones={{pretrained: {bundle}, random: none}}", "encoder=resnet10", "label_fractions=[1.0]",
+                "seeds=[0,1]", "protocols=[knn]", "mlflow=false"]  # fmt: skip
+    for attempt in range(2):
+        assert evaluate(folder, manifest, tmp_path / f"evaluation{attempt}", settings) == 0, capsys.readouterr().err
+    assert [source for source, _ in loads] == [str(bundle), "none", "none"] * 2
+    random_first, random_second = loads[1][1], loads[2][1]
+    assert random_first != random_second  # seed 0 and seed 1 draw different networks
+    assert loads[4:6] == loads[1:3]  # ... and the same ones on a second evaluation
+
+
 def test_summary_is_the_mean_and_population_std_over_seeds():
     results = [
         {"backbone": "b", "protocol": "linear", "label_fraction": 0.1, "seed": s, "train_samples": 3,

@@ -2,12 +2,15 @@
 
 For every backbone (and feature space: the encoder, or SepCLR's common/salient heads) the frozen features are
 extracted once; every (protocol, label fraction, seed) then gives one result (``finetune`` trains a fresh copy of
-the encoder for each). The report is a Markdown table of mean ± std over seeds and one plot of the metric against
-the label fraction per protocol, written to a folder and to MLflow.
+the encoder for each). Random initialisation is drawn once per seed (seeded), so that its spread over seeds includes
+the initialisation, as a pretrained backbone's includes nothing but the labels and the probe. The report is a
+Markdown table of mean ± std over seeds and one plot of the metric against the label fraction per protocol, written
+to a folder and to MLflow.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from omegaconf import OmegaConf
 
 from medssl.data.manifest import atomic_write_text
 from medssl.downstream.classifier import FinetuneSchedule
+from medssl.downstream.common import seed_everything
 from medssl.downstream.finetune import (
     PROTOCOLS,
     FinetuneDataConfig,
@@ -146,22 +150,26 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
         for name, source in config.backbones.items()
         for space in config.spaces
     ]
+    probes = [p for p in config.protocols if p != "finetune"]
     for name, source, space in extractors:
-        network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri, space)
-        print(f"medssl evaluate: {name}: {loaded[name]}")
-        probes = [p for p in config.protocols if p != "finetune"]
-        features = encode_splits(network, train, test, config.data.size, device) if probes else None
-        for protocol in config.protocols:
-            for fraction in config.label_fractions:
-                for seed in config.seeds:
-                    if protocol == "finetune":
-                        metrics = finetune_result(network, train, test, config.data.size, fraction, seed,
-                                                  config.finetune, device)  # fmt: skip
-                    else:
-                        assert features is not None
-                        metrics = probe(features, protocol, fraction, seed, config.knn_k)
-                    results.append({"backbone": name, "protocol": protocol, "label_fraction": fraction, "seed": seed,
-                                    **{k: metrics[k] for k in (*METRICS, "train_samples")}})  # fmt: skip
+        # random init: every seed draws its own network, so that the spread over seeds includes the initialisation
+        draws = [(seed, [seed]) for seed in config.seeds] if source == "none" else [(None, config.seeds)]
+        for init_seed, seeds in draws:
+            if init_seed is not None:
+                seed_everything(init_seed)
+            network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri, space)
+            if init_seed is None or init_seed == config.seeds[0]:
+                print(f"medssl evaluate: {name}: {loaded[name]}")
+            features = encode_splits(network, train, test, config.data.size, device) if probes else None
+            for protocol, fraction, seed in itertools.product(config.protocols, config.label_fractions, seeds):
+                if protocol == "finetune":
+                    metrics = finetune_result(network, train, test, config.data.size, fraction, seed, config.finetune,
+                                              device)  # fmt: skip
+                else:
+                    assert features is not None
+                    metrics = probe(features, protocol, fraction, seed, config.knn_k)
+                results.append({"backbone": name, "protocol": protocol, "label_fraction": fraction, "seed": seed,
+                                **{k: metrics[k] for k in (*METRICS, "train_samples")}})  # fmt: skip
     rows = summarise(results)
     table = markdown_table(rows)
     out = Path(config.out)

@@ -216,11 +216,11 @@ def run_classification(config: FinetuneConfig, project_dir: Path | None = None) 
     data = config.data
     train, test = labelled_splits(data)
     model = config.model
+    seed_everything(config.seed)  # before the network: a random initialisation is the seed's
     network, loaded = load_encoder(model.pretrained, model.encoder, config.tracking_uri, model.space)
     print(f"medssl finetune: {loaded}")
     device = resolve_device(config.device)
     if config.protocol == "finetune":
-        seed_everything(config.seed)
         result = finetune_result(network, train, test, data.size, data.label_fraction, config.seed, config.finetune,
                                  device)  # fmt: skip
         what = f"full fine-tuning ({config.finetune.steps} steps)"
