@@ -18,10 +18,10 @@ Tasks (``--tasks``):
   terms have nothing to read). Then end-to-end fine-tuning (``--finetune-steps``): each pretrained backbone with
   10% of the labels against supervised training from scratch with 10% and with all the labels.
 * ``hippocampus``: MSD hippocampus T1 MR: 3D (or ``--seg-mode 2d``) segmentation Dice (anterior, posterior) with
-  10% and 100% of the labelled training cases (``--seg-steps`` each), each pretrained backbone (encoder at 0.1x the
-  decoder's learning rate) and random init (supervised from scratch: the encoder at the full learning rate); methods
-  random / simclr / swav2d / joint and the joint ablations (no L_mask, no L_inter, full instead of deformable
-  attention).
+  10% and 100% of the labelled training cases (``--seg-steps`` each), each pretrained backbone (encoder at
+  ``--seg-encoder-lr-scale`` x the decoder's learning rate, default 0.1) and random init (supervised from scratch:
+  the encoder at the full learning rate); methods random / simclr / swav2d / joint and the joint ablations (no
+  L_mask, no L_inter, full instead of deformable attention).
 * ``mednist``: 6-class MedNIST, kNN and linear-probe accuracy; methods random / simclr / swav2d.
 * ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
   pneumonia (file names) on the salient and the common space.
@@ -89,6 +89,7 @@ class Settings:
     cache_dir: Path
     reuse: bool  # reuse finished pretraining runs in <out>/runs instead of pretraining again
     seg_steps: int  # hippocampus: segmentation fine-tuning steps
+    seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
 
 
@@ -271,7 +272,7 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                     mode=settings.seg_mode,
                     seed=seed,
                     model=FinetuneModelConfig(pretrained=source, encoder=settings.encoder),
-                    encoder_lr_scale=1.0 if source == "none" else 0.1,  # random init: supervised from scratch
+                    encoder_lr_scale=1.0 if source == "none" else settings.seg_encoder_lr_scale,  # random: scratch
                     data=LabelledDataConfig(manifest=str(manifest), label_fraction=fraction),
                     num_classes=3,
                     class_names=["anterior", "posterior"],
@@ -458,6 +459,12 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seg-steps", type=int, default=300, help="hippocampus: segmentation fine-tuning steps")
     parser.add_argument(
+        "--seg-encoder-lr-scale",
+        type=float,
+        default=0.1,
+        help="hippocampus: a pretrained encoder's learning rate relative to the decoder's (random: 1)",
+    )
+    parser.add_argument(
         "--finetune-steps",
         type=int,
         default=600,
@@ -492,6 +499,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         overrides=list(args.override),
         cache_dir=Path(args.cache_dir) if args.cache_dir else Path(args.out) / "cache",
         seg_steps=40 if args.quick and args.seg_steps == 300 else args.seg_steps,
+        seg_encoder_lr_scale=args.seg_encoder_lr_scale,
         reuse=args.reuse,
         finetune_steps=40 if args.quick and args.finetune_steps == 600 else args.finetune_steps,
     )
