@@ -19,9 +19,9 @@ Tasks (``--tasks``):
   10% of the labels against supervised training from scratch with 10% and with all the labels.
 * ``hippocampus``: MSD hippocampus T1 MR: 3D (or ``--seg-mode 2d``) segmentation Dice (anterior, posterior) with
   10% and 100% of the labelled training cases (``--seg-steps`` each), each pretrained backbone (encoder at
-  ``--seg-encoder-lr-scale`` x the decoder's learning rate, default 0.1) and random init (supervised from scratch:
-  the encoder at the full learning rate); methods random / simclr / swav2d / joint and the joint ablations (no
-  L_mask, no L_inter, full instead of deformable attention).
+  ``--seg-encoder-lr-scale`` x the decoder's learning rate, default 1 as in medssl finetune) and random init
+  (supervised from scratch: the encoder at the full learning rate); methods random / simclr / swav2d / joint and the
+  joint ablations (no L_mask, no L_inter, full instead of deformable attention).
 * ``mednist``: 6-class MedNIST, kNN and linear-probe accuracy; methods random / simclr / swav2d.
 * ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
   pneumonia (file names) on the salient and the common space.

@@ -64,7 +64,7 @@ class SegmentationConfig:
     steps: int = 500
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    encoder_lr_scale: float = 0.1  # encoder learning rate = lr * encoder_lr_scale
+    encoder_lr_scale: float = 1.0  # encoder learning rate = lr * encoder_lr_scale (1.0 won: BENCHMARKS.md)
     freeze_encoder: bool = False  # train the decoder only (encoder in eval mode, batch-norm statistics fixed)
     overlap: float = 0.5  # sliding-window overlap at inference
     log_every: int = 50  # a progress line every N steps (0: none)
