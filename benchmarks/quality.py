@@ -461,7 +461,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
     parser.add_argument(
         "--seg-encoder-lr-scale",
         type=float,
-        default=0.1,
+        default=1.0,
         help="hippocampus: a pretrained encoder's learning rate relative to the decoder's (random: 1)",
     )
     parser.add_argument(

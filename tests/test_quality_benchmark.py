@@ -71,3 +71,10 @@ def test_summary_figure_has_a_panel_per_task_and_a_bar_per_row(tmp_path: Path) -
     assert axes[0].get_yticklabels()[0].get_text() == "random linear 0.1"
     figure.savefig(tmp_path / "quality.png")
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_segmentation_defaults_match_medssl_finetune(tmp_path: Path) -> None:
+    from medssl.downstream.segmentation import SegmentationConfig
+
+    _, settings, _ = quality.parse(["--out", str(tmp_path)])
+    assert settings.seg_encoder_lr_scale == SegmentationConfig().encoder_lr_scale == 1.0
