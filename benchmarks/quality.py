@@ -92,6 +92,11 @@ class Settings:
     seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
 
+    @property
+    def tracking_uri(self) -> str:
+        """The study's MLflow store: every pretraining, evaluation and summary run of one ``--out`` folder."""
+        return f"sqlite:///{self.out / 'mlruns' / 'mlflow.db'}"
+
 
 # ---------------------------------------------------------------- manifests (split by patient first)
 def _scan(folder: Path, modality: str, subject: str | None, exclude: Sequence[str], masks: str | None = None) -> list:
@@ -160,7 +165,7 @@ def _pretrain_overrides(settings: Settings, manifest: Path, task: str, method: s
         f"data.cache_dir={settings.cache_dir}",
         f"run.output_dir={settings.out / 'runs'}",
         f"run.name={name}",
-        f"logging.tracking_uri=sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+        f"logging.tracking_uri={settings.tracking_uri}",
         "logging.experiment=medssl-quality",
         f"model.encoder={settings.encoder}",
         f"data.views.global_size={settings.size}",
@@ -234,7 +239,9 @@ def _classification(settings: Settings, manifest: Path, backbones: dict[str, str
         protocols=list(protocols),
         label_fractions=fractions,
         seeds=settings.seeds,
-        finetune=FinetuneSchedule(steps=max(settings.finetune_steps, 1), encoder_lr_scale=encoder_lr_scale),
+        finetune=FinetuneSchedule(steps=settings.finetune_steps, encoder_lr_scale=encoder_lr_scale)
+        if "finetune" in protocols
+        else FinetuneSchedule(),
         data=FinetuneDataConfig(
             manifest=str(manifest),
             cache_dir=str(settings.cache_dir),
@@ -242,7 +249,7 @@ def _classification(settings: Settings, manifest: Path, backbones: dict[str, str
             size=settings.size,
         ),
         out=str(settings.out / out_name),
-        tracking_uri=f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+        tracking_uri=settings.tracking_uri,
         experiment="medssl-quality",
     )
     return run_evaluate(config)["summary"]
@@ -280,7 +287,7 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                     batch_size=4 if settings.seg_mode == "3d" else 8,
                     steps=settings.seg_steps,
                     log_every=0,
-                    tracking_uri=f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}",
+                    tracking_uri=settings.tracking_uri,
                     experiment="medssl-quality",
                 )
                 result = run_segmentation(config)
@@ -352,9 +359,7 @@ def log_summary(settings: Settings, files: Sequence[Path]) -> str:
     """One ``quality-summary`` MLflow run (experiment medssl-quality) holding the tables, the JSON and the plot."""
     from medssl.train.tracking import Tracker
 
-    tracker = Tracker(
-        f"sqlite:///{settings.out / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="quality-summary"
-    )
+    tracker = Tracker(settings.tracking_uri, "medssl-quality", run_name="quality-summary")
     tracker.log_params({"budget_minutes": str(settings.budget_minutes), "encoder": settings.encoder,
                         "size": str(settings.size), "seeds": str(settings.seeds), "quick": str(settings.quick),
                         "overrides": " ".join(settings.overrides) or "none"})  # fmt: skip

@@ -34,7 +34,7 @@ class UniformPredictionAlarm:
 
     Args:
         threshold: normalised prediction entropy counted as uniform (1.0 = exactly uniform; a freshly initialised
-            model sits near 0.9 for 512 prototypes and a temperature of 0.1).
+            ResNet-18 + projector measured 0.94 with 512 prototypes and a temperature of 0.1 on Kermany crops).
         patience: consecutive logging windows at or above ``threshold`` before the alarm fires.
         start_step: windows logged before this step are ignored (learning-rate warm-up).
     """
