@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medssl.objectives.swav import SwAVLoss
-from medssl.train.alarms import UniformPredictionAlarm
+from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
 
 
 def reference_prediction_entropy(scores: list[torch.Tensor], temperature: float) -> float:
@@ -77,3 +77,14 @@ def test_warm_up_windows_and_runs_without_the_metric_are_ignored() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="threshold must be in"):
         UniformPredictionAlarm(**kwargs)  # type: ignore[arg-type]
+
+
+def test_frozen_prototypes_warn_only_when_the_freeze_outlasts_the_run() -> None:
+    assert frozen_prototypes_warning(["intra"], freeze_steps=299, max_steps=300) is None
+    assert frozen_prototypes_warning([], freeze_steps=300, max_steps=240) is None  # SimCLR, DeepCluster-v2
+    message = frozen_prototypes_warning(["intra", "inter"], freeze_steps=300, max_steps=240)
+    assert message is not None
+    assert "L_intra and L_inter prototypes are frozen for 300 steps" in message
+    assert "method.objective.freeze_prototypes_steps" in message and "trainer.max_steps" in message
+    assert "e.g. 24" in message
+    assert "L_intra prototypes" in (frozen_prototypes_warning(["intra"], 300, 300) or "")

@@ -50,6 +50,19 @@ def test_pretraining_overrides_end_with_the_study_overrides(tmp_path: Path) -> N
     assert "data.splits=[train]" in overrides  # pretraining never reads the test split
 
 
+def test_a_budgeted_schedule_lets_swav_prototypes_train_after_its_first_tenth(tmp_path: Path) -> None:
+    from medssl.train.config import compose_pretrain_config
+
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--budget-minutes", "15"])
+    config = compose_pretrain_config(["method=joint", *quality.budget_overrides(settings, 240)])
+    assert config.trainer.max_steps == 240 and config.trainer.max_minutes == 15
+    assert config.trainer.optimizer.warmup_steps == 24
+    assert config.method.objective.freeze_prototypes_steps == 24  # the shipped 300 would outlast the run
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--override", "method.objective.freeze_prototypes_steps=5"])
+    config = compose_pretrain_config(["method=joint", *quality.budget_overrides(settings, 240)])
+    assert config.method.objective.freeze_prototypes_steps == 5  # --override wins
+
+
 def test_summary_figure_has_a_panel_per_task_and_a_bar_per_row(tmp_path: Path) -> None:
     pair = (0.9, 0.01)
     results = {

@@ -223,6 +223,20 @@ def test_a_learning_swav_run_raises_no_health_warning(dataset, capsys):
     assert 0.0 < metrics["health/intra_prediction_entropy"] < 0.98
 
 
+def test_prototypes_frozen_for_the_whole_run_raise_a_configuration_warning(dataset, capsys):
+    folder, manifest = dataset
+    frozen = run(folder, manifest, "trainer.max_steps=3", "run.name=frozen-prototypes",
+                 "method.objective.freeze_prototypes_steps=3")  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("the L_intra and L_inter prototypes are frozen for 3 steps") == 1
+    tags = client(folder).get_run(frozen.run_id).data.tags
+    assert tags["health_warning_prototypes"].startswith("configuration warning")
+    moving = run(folder, manifest, "trainer.max_steps=3", "run.name=moving-prototypes",
+                 "method.objective.freeze_prototypes_steps=2")  # fmt: skip
+    assert "configuration warning" not in capsys.readouterr().out
+    assert "health_warning_prototypes" not in client(folder).get_run(moving.run_id).data.tags
+
+
 def test_non_finite_loss_stops_with_a_clear_message(dataset, monkeypatch):
     folder, manifest = dataset
     original = JointObjective.forward

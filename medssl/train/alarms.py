@@ -5,15 +5,17 @@ of ``softmax(scores / temperature)`` divided by ``ln K``, :class:`medssl.objecti
 ``threshold`` or above for ``patience`` consecutive logging windows, every prediction is uniform over the prototypes:
 the swapped-prediction loss sits at ``ln K`` and the encoder receives no clustering signal. This is SwAV's trivial
 solution (Caron et al., NeurIPS 2020; the facebookresearch/swav README calls a loss stuck at ``ln(nmb_prototypes)`` a
-collapse); small batches and few prototypes make it likely. Pure bookkeeping: no I/O, the trainer prints and logs.
+collapse); small batches and few prototypes make it likely. :func:`frozen_prototypes_warning` checks a run's
+configuration before it starts: SwAV prototypes frozen for the whole run never train. Pure bookkeeping: no I/O, the
+trainer prints and logs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["UniformPredictionAlarm"]
+__all__ = ["UniformPredictionAlarm", "frozen_prototypes_warning"]
 
 ADVICE = {
     "intra": (
@@ -73,3 +75,25 @@ class UniformPredictionAlarm:
                     )
                 )
         return messages
+
+
+def frozen_prototypes_warning(swav_streams: Sequence[str], freeze_steps: int, max_steps: int) -> str | None:
+    """The warning for a run whose SwAV prototypes stay frozen from its first to its last step, else ``None``.
+
+    SwAV freezes the prototypes for its first epoch (``freeze_prototypes_niters``, Caron et al., NeurIPS 2020): a
+    small share of a long schedule. A short run (a CPU budget, a smoke test) can end before the freeze does; its
+    encoder then only learns to cluster around the random initial prototypes.
+
+    Args:
+        swav_streams: the streams clustered by SwAV prototypes in this run (``intra``, ``inter``; weight > 0).
+        freeze_steps: ``method.objective.freeze_prototypes_steps``.
+        max_steps: ``trainer.max_steps``.
+    """
+    if not swav_streams or freeze_steps < max_steps:
+        return None
+    return (
+        f"configuration warning: the {' and '.join(f'L_{s}' for s in swav_streams)} prototypes are frozen for "
+        f"{freeze_steps} steps (method.objective.freeze_prototypes_steps) but the run has {max_steps} "
+        f"(trainer.max_steps): they never train. Set method.objective.freeze_prototypes_steps below max_steps, e.g. "
+        f"{max(1, max_steps // 10)} (a tenth of the run)."
+    )

@@ -32,7 +32,7 @@ from medssl.data.manifest import atomic_write_text
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
 from medssl.objectives.joint import JointObjective, SepBatch, StackBatch
-from medssl.train.alarms import UniformPredictionAlarm
+from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.train.config import PretrainConfig, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
@@ -302,6 +302,12 @@ class Trainer:
         )
         state.mlflow_run_id = tracker.run_id
         self._log_run_start(tracker, config_dict, data, resumed=checkpoint is not None)
+        frozen = frozen_prototypes_warning(_swav_streams(cfg), cfg.method.objective.freeze_prototypes_steps,
+                                           tcfg.max_steps)  # fmt: skip
+        if frozen is not None:
+            if ctx.is_main:
+                print(f"{run_name}: {frozen}", flush=True)
+            tracker.set_tags({"health_warning_prototypes": frozen})
 
         batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
         window = MetricWindow()
@@ -625,6 +631,18 @@ def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: Distribut
             "set trainer.optimizer.clip_grad, or use trainer.precision=fp32"
         )
     return host
+
+
+def _swav_streams(config: PretrainConfig) -> list[str]:
+    """The streams of this run clustered by SwAV prototypes (weight > 0; DeepCluster-v2's are set by k-means)."""
+    if config.method.name != "joint":
+        return []
+    objective = config.method.objective
+    return [
+        stream
+        for stream in ("intra", "inter")
+        if getattr(objective.weights, stream) > 0 and getattr(objective, f"{stream}_clustering") == "swav"
+    ]
 
 
 def _trains_intra_prototypes(config: PretrainConfig) -> bool:
