@@ -16,14 +16,14 @@ def test_every_option_reaches_the_settings(tmp_path: Path) -> None:
     args, settings, methods = quality.parse([
         "--tasks", "cxr,hippocampus", "--methods", "swav2d", "--budget-minutes", "15", "--seeds", "2",
         "--out", str(tmp_path), "--override", "model.intra_prototypes=[128]", "--override", "a.b=1", "--reuse",
-        "--seg-steps", "120", "--seg-encoder-lr-scale", "1", "--finetune-steps", "0", "--seg-mode", "2d",
+        "--seg-steps", "120", "--seg-encoder-lr-scale", "0.5", "--finetune-steps", "0", "--seg-mode", "2d",
         "--section", "variant",
     ])  # fmt: skip
     assert methods == {"cxr": ["random", "swav2d"], "hippocampus": ["random", "swav2d"]}
     assert settings.budget_minutes == 15 and settings.seeds == [0, 1]
     assert settings.overrides == ["model.intra_prototypes=[128]", "a.b=1"]
     assert settings.reuse and settings.seg_steps == 120 and settings.finetune_steps == 0
-    assert settings.seg_encoder_lr_scale == 1.0
+    assert settings.seg_encoder_lr_scale == 0.5  # not the default (1.0): the option is read
     assert settings.cache_dir == tmp_path / "cache" and settings.seg_mode == "2d" and args.section == "variant"
 
 
