@@ -91,6 +91,7 @@ class Settings:
     seg_steps: int  # hippocampus: segmentation fine-tuning steps
     seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
+    steps: dict[str, int] | None = None  # method -> optimiser steps ("*": every method); None: calibrate per run
 
     @property
     def tracking_uri(self) -> str:
@@ -188,11 +189,13 @@ def _pretrain_overrides(settings: Settings, manifest: Path, task: str, method: s
 def budget_overrides(settings: Settings, steps: int) -> list[str]:
     """The schedule of a budgeted run of ``steps`` (calibrated) steps: warm-up for the first tenth, and SwAV
     prototypes frozen for the same tenth (the shipped 300 steps outlast a 15-minute CPU run of the joint method,
-    about 240 steps, whose prototypes then never train); the study's ``--override`` values still win."""
+    about 240 steps, whose prototypes then never train); the study's ``--override`` values still win. With fixed
+    ``--steps`` there is no wall-clock cap: a busy machine changes how long the run takes, never its result."""
     tenth = max(1, steps // 10)
+    cap = [] if settings.steps is not None else [f"trainer.max_minutes={settings.budget_minutes}"]
     return [
         f"trainer.max_steps={steps}",
-        f"trainer.max_minutes={settings.budget_minutes}",
+        *cap,
         f"trainer.optimizer.warmup_steps={tenth}",
         f"trainer.checkpoint_every={max(steps // 4, 1)}",
         f"method.objective.freeze_prototypes_steps={tenth}",
@@ -211,6 +214,14 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
         print(f"quality: reusing the finished pretraining run {finished} (--reuse)", flush=True)
         return finished
     base = _pretrain_overrides(settings, manifest, task, method, name)
+    fixed = step_budget(settings, method)
+    if fixed is not None:
+        print(f"quality: {name}: a budget of {fixed} optimiser steps (--steps, no wall-clock cap)", flush=True)
+        start = time.perf_counter()
+        result = Trainer(compose_pretrain_config([*base, *budget_overrides(settings, fixed)])).fit()
+        print(f"quality: pretrained {name}: {result.step} steps in {(time.perf_counter() - start) / 60:.1f} min; "
+              f"run {result.run_id}", flush=True)  # fmt: skip
+        return result.output_dir
     stamps: list[float] = []
     calibration = compose_pretrain_config(
         [*base, f"run.name={name}-calibration", "trainer.max_steps=8", "logging=none", "trainer.checkpoint_every=0",
@@ -225,6 +236,30 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
     print(f"quality: pretrained {name}: {result.step} steps ({seconds_per_step:.2f} s/step calibrated) in "
           f"{(time.perf_counter() - start) / 60:.1f} min; run {result.run_id}", flush=True)  # fmt: skip
     return result.output_dir
+
+
+def step_budget(settings: Settings, method: str) -> int | None:
+    """The fixed optimiser-step budget of ``method`` (``--steps``), or None to calibrate against the wall clock."""
+    if settings.steps is None:
+        return None
+    if method in settings.steps:
+        return settings.steps[method]
+    if "*" in settings.steps:
+        return settings.steps["*"]
+    raise ValueError(f"--steps names no budget for method {method!r} (and no default): {settings.steps}")
+
+
+def parse_steps(text: str | None) -> dict[str, int] | None:
+    """``--steps``: ``600`` (every method) or ``simclr=880,swav2d=640`` (per method; ``*=N`` for the others)."""
+    if not text:
+        return None
+    budgets: dict[str, int] = {}
+    for item in text.split(","):
+        name, _, value = item.rpartition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--steps: {item!r} is not N or METHOD=N with N >= 1")
+        budgets[name.strip() or "*"] = int(value)
+    return budgets
 
 
 def bundle(settings: Settings, run_dir: Path) -> str:
@@ -427,6 +462,12 @@ TITLES = {
 }
 
 
+def _budget_text(settings: Settings) -> str:
+    if settings.steps is None:
+        return f"{settings.budget_minutes:g} min"
+    return ", ".join(f"{n} steps" if m == "*" else f"{m} {n} steps" for m, n in settings.steps.items())
+
+
 def report(results: dict[str, Any], settings: Settings, command: str, minutes: float, figure: str | None = None
            ) -> str:  # fmt: skip
     scope = "QUICK smoke settings (subsets, short runs)" if settings.quick else "full data"
@@ -437,13 +478,16 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
-        f"budget {settings.budget_minutes:g} min of pretraining per method; encoder {settings.encoder} at "
+        f"budget {_budget_text(settings)} of pretraining per method; encoder {settings.encoder} at "
         f"{settings.size} px; seeds {settings.seeds}; {scope}; total {minutes:.0f} min. Runs and plots: MLflow "
         f"store `{store}` (experiment medssl-quality).",
         "",
     ]
     if settings.reuse:
         lines += ["Finished pretraining runs were reused (`--reuse`): each kept the budget it was run with.", ""]
+    if settings.steps is not None:
+        budgets = ", ".join(f"{m} {n}" for m, n in settings.steps.items())
+        lines += [f"Budgets in optimiser steps (`--steps`, no wall-clock cap): {budgets}.", ""]
     if settings.overrides:
         lines += [f"Pretraining overrides on top of the shipped defaults: `{' '.join(settings.overrides)}`.", ""]
     for task, table in results["tables"].items():
@@ -492,6 +536,11 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         metavar="KEY=VALUE",
         help="Hydra override for every pretraining run (repeatable), e.g. model.intra_prototypes=[128]",
     )
+    parser.add_argument(
+        "--steps",
+        help="fixed optimiser-step budgets instead of a wall-clock budget: N, or METHOD=N,... (calibrated once on an "
+        "idle machine; no max_minutes cap, so a busy machine cannot change the result)",
+    )
     parser.add_argument("--cache-dir", help="preprocessed-image cache (default <out>/cache), shareable across --out")
     parser.add_argument(
         "--reuse",
@@ -518,6 +567,10 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         reuse=args.reuse,
         finetune_steps=40 if args.quick and args.finetune_steps == 600 else args.finetune_steps,
     )
+    try:
+        settings.steps = parse_steps(args.steps)
+    except ValueError as exc:
+        parser.error(str(exc))
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASK_METHODS]
     if unknown:
