@@ -2,13 +2,18 @@
 
 All transforms act on ``[C, H, W]`` tensors. For a stack of ``N`` slices the slices are the
 channels, so one random crop/flip/affine applies to every slice of the stack alike.
+Crop boxes follow torchvision's ``RandomResizedCrop.get_params`` (area fraction of the whole image
+uniform in ``scale``, log aspect ratio uniform in ``log(ratio)``, 10 tries, then a central crop),
+written here because torchvision is not a dependency.
 Grey-level images get no colour jitter; intensity augmentation is gamma, contrast, noise, blur.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +25,14 @@ from monai.transforms import (
     RandFlip,
     RandGaussianNoise,
     RandGaussianSmooth,
-    RandScaleCrop,
     RandScaleIntensity,
     RandShiftIntensity,
     Resize,
 )
+from monai.transforms.transform import Randomizable, Transform
+
+DEFAULT_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+"""Aspect-ratio range (width / height) of the crop boxes, as torchvision's default."""
 
 
 @dataclass
@@ -57,7 +65,8 @@ class AugmentConfig:
 class MultiCropConfig:
     """SwAV multi-crop (Caron et al., 2020): ``n_global`` large and ``n_local`` small random resized crops.
 
-    Scales are fractions of the image area.
+    Scales are fractions of the whole image area; ``ratio`` is the range of the crop boxes' aspect
+    ratio (width / height), drawn log-uniformly (torchvision's ``RandomResizedCrop``).
     """
 
     global_size: int = 96
@@ -66,6 +75,7 @@ class MultiCropConfig:
     local_size: int = 48
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
     n_local: int = 4
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -73,19 +83,107 @@ class MultiCropConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high <= 1:
                 raise ValueError(f"views.{name} must be [low, high] with 0 < low <= high <= 1, got {[low, high]}")
+        check_ratio(self.ratio, "views.ratio")
         if self.n_global < 1 or self.n_local < 0:
             raise ValueError(f"views.n_global must be >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
         if self.global_size < 8 or self.local_size < 8:
             raise ValueError("views.global_size and views.local_size must be at least 8 pixels")
 
 
-def view_transform(size: int, area_scale: tuple[float, float] | list[float], augment: AugmentConfig) -> Compose:
-    """Random resized crop (area fraction ``area_scale``) to ``size`` x ``size``, then augmentation."""
-    side_low, side_high = math.sqrt(area_scale[0]), math.sqrt(area_scale[1])
+def check_ratio(ratio: Sequence[float], key: str) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``ratio`` is ``[low, high]`` with ``0 < low <= high``."""
+    values = list(ratio)
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or not 0 < values[0] <= values[1]:
+        raise ValueError(f"{key} must be [low, high] (width / height) with 0 < low <= high, got {values}")
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = DEFAULT_RATIO,
+    state: np.random.RandomState | None = None,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """A crop box ``(top, left, box_height, box_width)`` inside a ``height`` x ``width`` image.
+
+    torchvision's ``RandomResizedCrop.get_params``: up to ``attempts`` times, draw the box area
+    as a fraction of the whole image area ``height * width`` uniformly in ``scale`` and the aspect
+    ratio ``box_width / box_height`` log-uniformly in ``ratio``, round the sides, and keep the
+    first box that fits, placed uniformly. If none fits, fall back to a central crop: the whole
+    image when its aspect ratio ``width / height`` is in ``ratio``, else the largest box with the
+    aspect ratio clamped to ``ratio`` (full height or full width). The draws, in order, are
+    ``state.uniform`` (area), ``state.uniform`` (log ratio) per try, then ``state.randint``
+    (top, then left) for a box that fits; the fallback draws nothing.
+    """
+    state = state if state is not None else np.random.RandomState()
+    area = float(height * width)
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target_area = area * float(state.uniform(scale[0], scale[1]))
+        aspect = math.exp(float(state.uniform(log_low, log_high)))
+        box_width = round(math.sqrt(target_area * aspect))
+        box_height = round(math.sqrt(target_area / aspect))
+        if 0 < box_width <= width and 0 < box_height <= height:
+            top = int(state.randint(0, height - box_height + 1))
+            left = int(state.randint(0, width - box_width + 1))
+            return top, left, box_height, box_width
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        box_width = width
+        box_height = min(height, max(1, round(box_width / min(ratio))))
+    elif in_ratio > max(ratio):
+        box_height = height
+        box_width = min(width, max(1, round(box_height * max(ratio))))
+    else:
+        box_width, box_height = width, height
+    return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
+
+
+class RandResizedCropBox(Randomizable, Transform):
+    """Crop ``[C, H, W]`` to a box from ``random_resized_crop_box`` (the resize is a separate step).
+
+    Randomness comes from ``self.R``, which ``Compose.set_random_state`` seeds like the other
+    MONAI transforms, so a view depends on the seed only.
+    """
+
+    def __init__(self, scale: Sequence[float], ratio: Sequence[float] = DEFAULT_RATIO, attempts: int = 10) -> None:
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.attempts = int(attempts)
+        self.box: tuple[int, int, int, int] | None = None
+
+    def randomize(self, data: Any) -> None:
+        """Draw the box for an image of spatial shape ``data = (H, W)``."""
+        height, width = data
+        self.box = random_resized_crop_box(height, width, self.scale, self.ratio, self.R, self.attempts)
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        """``[C, H, W]`` -> ``[C, box_height, box_width]``."""
+        if img.ndim != 3:
+            raise ValueError(f"RandResizedCropBox expects [C, H, W], got shape {tuple(img.shape)}")
+        if randomize or self.box is None:
+            self.randomize((int(img.shape[-2]), int(img.shape[-1])))
+        assert self.box is not None
+        top, left, box_height, box_width = self.box
+        return img[:, top : top + box_height, left : left + box_width]
+
+
+def view_transform(
+    size: int,
+    area_scale: tuple[float, float] | list[float],
+    augment: AugmentConfig,
+    ratio: Sequence[float] = DEFAULT_RATIO,
+) -> Compose:
+    """Random resized crop to ``size`` x ``size``, then augmentation: ``[C, H, W]`` -> ``[C, size, size]``.
+
+    The crop box (``RandResizedCropBox``) covers a fraction ``area_scale`` of the image area with
+    an aspect ratio (width / height) in ``ratio``.
+    """
     rotate = math.radians(augment.rotate_degrees)
     return Compose(
         [
-            RandScaleCrop(roi_scale=side_low, max_roi_scale=side_high, random_size=True),
+            RandResizedCropBox(scale=area_scale, ratio=ratio),
             Resize((size, size), mode="bilinear", align_corners=False),
             RandFlip(prob=augment.flip_prob, spatial_axis=1),
             RandAffine(
@@ -111,8 +209,8 @@ class MultiCrop:
 
     def __init__(self, config: MultiCropConfig) -> None:
         self.config = config
-        self.global_view = view_transform(config.global_size, config.global_scale, config.augment)
-        self.local_view = view_transform(config.local_size, config.local_scale, config.augment)
+        self.global_view = view_transform(config.global_size, config.global_scale, config.augment, config.ratio)
+        self.local_view = view_transform(config.local_size, config.local_scale, config.augment, config.ratio)
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
         views = []
