@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from ranks import spawn_ranks
 from torch import nn
 
-from medssl.objectives.deepcluster import IGNORE_INDEX, DeepClusterV2, MemoryBank, spherical_kmeans
+from medssl.objectives.deepcluster import (
+    IGNORE_INDEX,
+    DeepClusterHead,
+    DeepClusterV2,
+    MemoryBank,
+    spherical_kmeans,
+)
 from medssl.objectives.distributed import all_gather_with_grad, all_reduce_sum, is_distributed, world_size
 from medssl.objectives.sinkhorn import sinkhorn_knopp
 from medssl.objectives.swav import EmbeddingQueue, SwAVLoss
@@ -452,6 +458,41 @@ def test_deepcluster_effective_prototypes_and_argument_checks():
         criterion([[torch.randn(4, 5)]], torch.tensor([0, 1, 2, 3]))
 
 
+def test_deepcluster_clusters_only_the_rows_written_since_the_last_clustering():
+    # epoch 1 fills rows 0-29 around e0, e1, e2; epoch 2 fills rows 30-59 around e3, e4, e5; rows 60-79 never
+    x, _ = _separated_clusters(seed=15)  # [60, 8] around e0, e1, e2
+    epoch1, epoch2 = x[:30], torch.roll(x[30:], shifts=3, dims=1)  # epoch 2: around e3, e4, e5
+    bank = MemoryBank(size=80, dim=8, n_views=1)
+    criterion = DeepClusterV2([3], kmeans_iterations=5)
+    weight = torch.zeros(3, 8)
+    bank.update(torch.arange(0, 30), [epoch1])
+    criterion.cluster(bank, [weight], generator=torch.Generator().manual_seed(4))
+
+    bank.update(torch.arange(30, 45), [torch.randn(15, 8)])  # overwritten below: only the newest write counts
+    bank.update(torch.arange(30, 60), [epoch2])
+    saved = {k: v.clone() for k, v in bank.state_dict().items()}
+    criterion.cluster(bank, [weight], generator=torch.Generator().manual_seed(4))
+    want_c, want_labels = spherical_kmeans(epoch2, 3, 5, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(weight, want_c)  # epoch 1's rows and the never-written zero rows do not count
+    assert weight[:, :3].abs().max() < 0.3 and weight[:, 3:6].max(dim=0).values.min() > 0.9  # around e3, e4, e5
+    assert torch.equal(criterion.assignments[0, 30:60], want_labels)
+    unlabelled = torch.cat([criterion.assignments[0, :30], criterion.assignments[0, 60:]])
+    assert (unlabelled == IGNORE_INDEX).all()
+    assert not bank.fresh.any() and bank.filled[:60].all()  # reset after clustering; the embeddings stay
+    resumed = MemoryBank(size=80, dim=8, n_views=1)  # the rows written since the last clustering survive a checkpoint
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.rows_to_cluster(), torch.arange(30, 60))
+
+    # a clustering with nothing written since the last one keeps the prototypes and the pseudo-labels
+    head = DeepClusterHead(size=80, dim=8, n_prototypes=[3], kmeans_iterations=5)
+    prototypes = [nn.Linear(8, 3, bias=False)]
+    head.bank.update(torch.arange(30, 60), [epoch2, epoch2])
+    assert set(head.cluster(prototypes, torch.Generator().manual_seed(4))) == {"effective_prototypes_h0"}
+    before = prototypes[0].weight.detach().clone(), head.deepcluster.assignments.clone()
+    assert head.cluster(prototypes, torch.Generator().manual_seed(5)) == {}
+    assert torch.equal(prototypes[0].weight, before[0]) and torch.equal(head.deepcluster.assignments, before[1])
+
+
 # ---- distributed (2 CPU ranks over gloo) ----
 
 
@@ -507,3 +548,43 @@ def _distributed_worker(rank, init_file, world, batch, k):
 def test_distributed_sinkhorn_gather_and_kmeans_match_single_process():
     world = 2
     spawn_ranks(_distributed_worker, (world, 5, 4), nprocs=world)
+
+
+def _distributed_bank_worker(rank, init_file, world):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(31)
+        first = unit(20, 3, generator=g, dtype=torch.float32)  # epoch 1: rank r writes indices 10r..10r+9
+        second = unit(22, 3, generator=g, dtype=torch.float32)  # epoch 2: the ranks swap, and both write index 20
+        bank = MemoryBank(size=30, dim=3, n_views=1)
+        criterion = DeepClusterV2([4], kmeans_iterations=3)
+        own = torch.arange(rank * 10, (rank + 1) * 10)
+        bank.update(own, [first[own]])
+        criterion.cluster(bank, [torch.zeros(4, 3)], generator=torch.Generator().manual_seed(2))
+
+        other = torch.arange((1 - rank) * 10, (2 - rank) * 10)
+        stale = unit(1, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+        bank.update(other, [second[other]])  # step 1 of epoch 2 (and rank 0 writes index 20, soon overwritten)
+        if rank == 0:
+            bank.update(torch.tensor([20, 21]), [torch.cat([stale, second[21:22]])])  # step 2
+        else:
+            bank.update(torch.tensor([20]), [second[20:21]])  # step 2: rank 1 writes index 20 last
+        weight = torch.zeros(4, 3)
+        criterion.cluster(bank, [weight], generator=torch.Generator().manual_seed(2))
+
+        # == one-process k-means on epoch 2's 22 rows (index 20: rank 1's newest write), initialised from rank 0's
+        rank0_rows = torch.tensor([*range(10, 20), 21])
+        init = second[rank0_rows][torch.randperm(11, generator=torch.Generator().manual_seed(2))[:4]]
+        ref_c, ref_labels = ref_kmeans(second, init, 3)
+        torch.testing.assert_close(weight, ref_c)
+        assert torch.equal(criterion.assignments[0, :22], ref_labels)
+        assert (criterion.assignments[0, 22:] == IGNORE_INDEX).all()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_deepcluster_clusters_each_fresh_index_once_across_ranks():
+    world = 2
+    spawn_ranks(_distributed_bank_worker, (world,), nprocs=world)

@@ -2,9 +2,10 @@
 NeurIPS 2020, Appendix; facebookresearch/swav ``main_deepclusterv2.py``).
 
 A memory bank keeps last epoch's unit embeddings of the assigned crops. At the start of each epoch, spherical k-means
-is run for each of H prototype heads (head h clusters bank view ``h mod n_views``); the centroids become the
-(frozen) prototypes and the cluster of every sample becomes its pseudo-label. The loss is the cross-entropy between
-``scores / τ`` of every crop and the pseudo-label of its sample, averaged over the heads.
+is run for each of H prototype heads (head h clusters bank view ``h mod n_views``) on the rows written since the
+previous clustering only (as the reference, whose bank holds exactly one epoch of every rank's samples); the
+centroids become the (frozen) prototypes and the cluster of every sample becomes its pseudo-label. The loss is the
+cross-entropy between ``scores / τ`` of every crop and the pseudo-label of its sample, averaged over the heads.
 
 Example:
     >>> bank = MemoryBank(size=len(dataset), dim=128, n_views=2)
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medssl.objectives.distributed import all_reduce_max, all_reduce_sum, is_distributed
+from medssl.objectives.distributed import all_reduce_max, all_reduce_sum, is_distributed, rank, world_size
 from medssl.objectives.numerics import at_least_float32, perplexity
 
 __all__ = ["IGNORE_INDEX", "DeepClusterV2", "MemoryBank", "spherical_kmeans"]
@@ -105,9 +106,15 @@ def spherical_kmeans(
 class MemoryBank(nn.Module):
     """Last epoch's unit embeddings of each assigned crop, indexed by dataset index (DeepCluster-v2 memory bank).
 
-    Buffers (saved in the ``state_dict``): ``embeddings`` ``[n_views, size, dim]`` and ``filled`` ``[size]`` (bool),
-    True for the indices written at least once. Under DDP each rank holds the full-size table but writes only the
-    indices of its own samples; :meth:`DeepClusterV2.cluster` clusters the filled rows of every rank jointly.
+    Buffers (saved in the ``state_dict``, so that a resumed run clusters exactly the same rows):
+    ``embeddings`` ``[n_views, size, dim]``; ``filled`` ``[size]`` (bool), True for the indices written at least once;
+    ``stamp`` ``[size]`` (int64), the write count (``clock``) of each index's last write since the last
+    :meth:`reset`, 0 for the indices not written since; ``clock`` (int64 scalar), the number of :meth:`update` calls.
+
+    Only the rows written since the last clustering (:attr:`fresh`) are clustered; :meth:`DeepClusterV2.cluster`
+    resets the stamps afterwards, as the reference's bank holds exactly last epoch's embeddings. Under DDP each rank
+    holds the full-size table but writes only the indices of its own samples; :meth:`rows_to_cluster` gives every
+    fresh index to exactly one rank (the one that wrote it last), and the ranks cluster their rows jointly.
 
     Args:
         size: number of samples in the dataset (largest index + 1).
@@ -117,6 +124,8 @@ class MemoryBank(nn.Module):
 
     embeddings: Tensor
     filled: Tensor
+    stamp: Tensor
+    clock: Tensor
 
     def __init__(self, size: int, dim: int, n_views: int = 2) -> None:
         super().__init__()
@@ -131,9 +140,45 @@ class MemoryBank(nn.Module):
         self.n_views = int(n_views)
         self.register_buffer("embeddings", torch.zeros(n_views, size, dim))
         self.register_buffer("filled", torch.zeros(size, dtype=torch.bool))
+        self.register_buffer("stamp", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, n_views={self.n_views}"
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before ``stamp``/``clock`` existed: every filled row counts as fresh once.
+        filled = state_dict.get(prefix + "filled")
+        if isinstance(filled, Tensor) and prefix + "stamp" not in state_dict:
+            state_dict[prefix + "stamp"] = filled.to(torch.long)
+            state_dict[prefix + "clock"] = torch.ones((), dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def fresh(self) -> Tensor:
+        """``[size]`` bool: the indices written since the last :meth:`reset` (on this rank)."""
+        return self.stamp > 0
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Mark every row as stale (after a clustering); the embeddings stay, but are not clustered again."""
+        self.stamp.zero_()
+
+    @torch.no_grad()
+    def rows_to_cluster(self) -> Tensor:
+        """``[N]`` int64, ascending: the fresh indices this rank clusters.
+
+        In one process, every fresh index. Under DDP (a collective: every rank must call it) each fresh index goes to
+        the rank that wrote it last (largest ``stamp``; on a tie, the highest rank), so that an index written by
+        several ranks since the last clustering is clustered once, with its newest embedding.
+        """
+        fresh = self.fresh
+        if world_size() > 1:
+            key = torch.where(fresh, self.stamp * world_size() + rank(), torch.full_like(self.stamp, -1))
+            mine = fresh & (key == all_reduce_max(key.clone()))
+        else:
+            mine = fresh
+        return mine.nonzero().squeeze(1)
 
     @property
     def is_full(self) -> bool:
@@ -159,6 +204,8 @@ class MemoryBank(nn.Module):
         for v, e in enumerate(embeddings):
             self.embeddings[v, idx] = F.normalize(e.detach().to(self.embeddings), dim=1)
         self.filled[idx] = True
+        self.clock += 1
+        self.stamp[idx] = self.clock
 
 
 class DeepClusterV2(nn.Module):
@@ -215,12 +262,15 @@ class DeepClusterV2(nn.Module):
     ) -> dict[str, Tensor]:
         """Run spherical k-means per head, write the centroids into the prototypes in place, store the pseudo-labels.
 
-        Head h clusters the filled rows of bank view ``h mod n_views``. Under DDP, the sums are all-reduced inside
-        :func:`spherical_kmeans` and the per-rank label tables are merged with an all-reduce MAX (each index is
-        labelled by the rank that holds it, ``-100`` elsewhere).
+        Head h clusters the rows of bank view ``h mod n_views`` written since the previous clustering
+        (:meth:`MemoryBank.rows_to_cluster`); the other indices get the label ``-100``. The bank is then
+        :meth:`~MemoryBank.reset`, so the next clustering sees only the rows written after this one. Under DDP
+        (every rank must call it) each fresh index is clustered by exactly one rank, the sums are all-reduced inside
+        :func:`spherical_kmeans` (the joint k-means of every rank's rows) and the per-rank label tables are merged
+        with an all-reduce MAX (each index is labelled by the rank that holds it, ``-100`` elsewhere).
 
         Args:
-            bank: the memory bank (last epoch's embeddings).
+            bank: the memory bank (last epoch's embeddings); reset on return.
             prototypes_weights: H tensors ``[K_h, dim]`` (e.g. ``head.weight``), overwritten in place.
             generator: optional RNG for the k-means initialisations.
         Returns:
@@ -234,7 +284,7 @@ class DeepClusterV2(nn.Module):
         device = bank.embeddings.device
         if self.assignments.shape[1] != bank.size or self.assignments.device != device:
             self.assignments = torch.empty(len(self.n_prototypes), bank.size, dtype=torch.long, device=device)
-        rows = bank.filled.nonzero().squeeze(1)  # [N]
+        rows = bank.rows_to_cluster()  # [N]: written since the last clustering, each index on one rank only
         metrics: dict[str, Tensor] = {}
         for h, (w, k) in enumerate(zip(prototypes_weights, self.n_prototypes, strict=True)):
             x = bank.embeddings[h % bank.n_views, rows]  # [N, dim]
@@ -245,6 +295,7 @@ class DeepClusterV2(nn.Module):
             self.assignments[h] = all_reduce_max(table)
             known = self.assignments[h][self.assignments[h] != IGNORE_INDEX]
             metrics[f"effective_prototypes_h{h}"] = perplexity(torch.bincount(known, minlength=k).float())
+        bank.reset()
         return metrics
 
     def forward(self, scores: Sequence[Sequence[Tensor]], index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -337,8 +388,12 @@ class DeepClusterHead(nn.Module):
     def cluster(
         self, prototype_heads: Sequence[nn.Module], generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
-        """k-means on the bank; writes the centroids into the heads' weights. No-op on an empty bank."""
-        if not bool(self.bank.filled.any()):
+        """k-means on the rows written since the last clustering; writes the centroids into the heads' weights.
+
+        No-op (keeping the previous prototypes and pseudo-labels) when no rank wrote a row since the last clustering.
+        """
+        written = torch.tensor(int(self.bank.fresh.any()), device=self.bank.stamp.device)
+        if not bool(all_reduce_max(written)):  # agreed by every rank: k-means is a collective
             return {}
         metrics = self.deepcluster.cluster(self.bank, [head.weight for head in prototype_heads], generator)
         self.clustered.fill_(True)
