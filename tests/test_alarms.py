@@ -88,3 +88,19 @@ def test_frozen_prototypes_warn_only_when_the_freeze_outlasts_the_run() -> None:
     assert "method.objective.freeze_prototypes_steps" in message and "trainer.max_steps" in message
     assert "e.g. 24" in message
     assert "L_intra prototypes" in (frozen_prototypes_warning(["intra"], 300, 300) or "")
+
+
+def test_a_loss_stuck_just_under_ln_k_fires_although_the_entropy_is_below_its_threshold() -> None:
+    alarm = UniformPredictionAlarm(threshold=0.98, gap_threshold=0.5, patience=2)
+    soft = {"health/intra_prediction_entropy": 0.95, "health/intra_gap_to_uniform": 0.2}
+    assert alarm.update(10, soft) == []
+    fired = alarm.update(20, soft)
+    assert [s for s, _ in fired] == ["intra"] and "0.20 nat below ln K" in fired[0][1]
+
+
+def test_a_loss_well_below_ln_k_stays_silent() -> None:
+    alarm = UniformPredictionAlarm(gap_threshold=0.5, patience=1)
+    learning = {"health/intra_prediction_entropy": 0.95, "health/intra_gap_to_uniform": 1.3}
+    assert alarm.update(10, learning) == [] and alarm.update(20, learning) == []
+    with pytest.raises(ValueError, match="gap_threshold"):
+        UniformPredictionAlarm(gap_threshold=-1.0)

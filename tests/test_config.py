@@ -38,3 +38,14 @@ def test_overrides_reach_nested_settings():
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         data_config(overrides=[override])
+
+
+def test_sepclr_config_ships_the_from_scratch_weights():
+    # neurospin-projects/2024_rlouiset_sep_clr, celeba_accessories/sep_clr_k-jem.py (ResNet-18 from scratch):
+    # salient_term_beta = salient_reg_beta = 1000, jem_lambda = 10, tau = 0.5 (losses.py)
+    from medssl.objectives.joint import SepCLRWeights
+    from medssl.train.config import compose_pretrain_config
+
+    expected = SepCLRWeights(beta_salient=1000.0, beta_infoless=1000.0, lambda_jem=10.0, tau=0.5)
+    assert compose_pretrain_config(["method=sepclr"]).method.objective.sepclr == expected
+    assert SepCLRWeights() == expected

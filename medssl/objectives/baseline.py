@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from medssl.models.joint import JointModel
-from medssl.objectives.health import embedding_std, uniformity
+from medssl.objectives.health import per_dimension_std, uniformity
 from medssl.objectives.simclr import InfoNCELoss, MoCHiConfig
 
 
@@ -36,5 +36,5 @@ class SimCLRObjective(nn.Module):
         metrics.update({f"health/{k}": v for k, v in m.items()})
         if z1.shape[0] > 1:
             metrics["health/uniformity"] = uniformity(z1.detach())
-            metrics["health/std_mean"] = embedding_std(z1.detach())["std_mean"]
+            metrics["health/std_mean"] = per_dimension_std(z1).mean()
         return loss, metrics

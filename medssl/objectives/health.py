@@ -29,6 +29,7 @@ __all__ = [
     "collapse_report",
     "effective_prototypes",
     "embedding_std",
+    "per_dimension_std",
     "similarity_histograms",
     "uniformity",
 ]
@@ -116,6 +117,16 @@ def effective_prototypes(assignments: Tensor, num_prototypes: int | None = None)
 
 
 @torch.no_grad()
+def per_dimension_std(z: Tensor) -> Tensor:
+    """Per-dimension standard deviation (unbiased) of the L2-normalised embedding: ``[N, D] -> [D]`` float32.
+
+    Its mean is the collapse metric the trainer logs every step (``health/*std_mean``): a tensor, so that it is
+    averaged with the other metrics without a host synchronisation.
+    """
+    return F.normalize(_as_matrix(z, "z", min_rows=2), dim=1).std(dim=0)
+
+
+@torch.no_grad()
 def embedding_std(z: Tensor) -> dict[str, float]:
     """Per-dimension standard deviation of the L2-normalised embedding (collapse alarm).
 
@@ -125,8 +136,7 @@ def embedding_std(z: Tensor) -> dict[str, float]:
         ``{"std_mean", "std_min", "std_isotropic"}``: mean and minimum over dimensions of the per-dimension std
         (unbiased), and the reference ``1/sqrt(D)`` of an isotropic embedding. A collapsed embedding has std 0.
     """
-    z = F.normalize(_as_matrix(z, "z", min_rows=2), dim=1)
-    std = z.std(dim=0)
+    std = per_dimension_std(z)
     return {"std_mean": float(std.mean()), "std_min": float(std.min()), "std_isotropic": 1.0 / math.sqrt(z.shape[1])}
 
 

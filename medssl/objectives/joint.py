@@ -1,7 +1,11 @@
 """The joint objective: L = λ_intra L_intra + λ_inter L_inter + λ_mask L_mask + λ_sep L_sep in one step.
 
 * ``L_intra``: SwAV swapped prediction (Caron et al., NeurIPS 2020) on the 2D multi-crop views of
-  images and of slices of volumes (shared encoder, projector, 2D prototypes).
+  images and of slices of volumes (shared encoder, projector, 2D prototypes); or DeepCluster-v2 (same paper), or
+  SimCLR's InfoNCE on the two global crops (Chen et al., ICML 2020; ``intra_clustering=simclr``), so that the 3D
+  terms can sit on the 2D objective that learns best at a given budget.
+* Spreading terms on the 2D embeddings of the global crops (optional): KoLeo (Sablayrolles et al., ICLR 2019, as in
+  DINOv2) or uniformity (Wang & Isola, ICML 2020), against the cone the clustering streams draw them into.
 * ``L_inter``: SwAV on the volume embeddings of two views of the same stack of slices
   (Nguyen et al., AAAI 2023), through the deformable slice transformer.
 * ``L_mask``: masked slice-embedding prediction on the stacks' slice embeddings (same paper).
@@ -22,9 +26,15 @@ from torch import Tensor, nn
 from medssl.models.heads import Prototypes
 from medssl.models.joint import JointModel
 from medssl.objectives.deepcluster import DeepClusterHead
-from medssl.objectives.health import alignment, embedding_std, uniformity
+from medssl.objectives.distributed import world_size
+from medssl.objectives.health import alignment, per_dimension_std, uniformity
+from medssl.objectives.numerics import at_least_float32
 from medssl.objectives.sepclr import SepCLRLoss
+from medssl.objectives.simclr import InfoNCELoss
+from medssl.objectives.spreading import koleo_loss, uniformity_loss
 from medssl.objectives.swav import EmbeddingQueue, SwAVLoss
+
+CLUSTERINGS = {"intra": ("swav", "deepcluster", "simclr"), "inter": ("swav", "deepcluster")}
 
 
 @dataclass
@@ -42,8 +52,17 @@ class LossWeights:
 
 @dataclass
 class SepCLRWeights:
-    beta_salient: float = 1.0
-    beta_infoless: float = 10.0
+    """SepCLR loss weights (``objective.sepclr``; :class:`medssl.objectives.sepclr.SepCLRLoss`).
+
+    The defaults are the authors' values for an encoder trained from scratch, as medssl always pretrains
+    (neurospin-projects/2024_rlouiset_sep_clr, ``celeba_accessories/sep_clr_k-jem.py`` and
+    ``cifar_mnist/sep_clr_k-jem.py``: ``salient_term_beta = 1000``, ``salient_reg_beta = 1000``,
+    ``jem_lambda = 10``, ``tau = 0.5`` from ``losses.py``). Their ImageNet-initialised scripts use
+    ``beta_salient = 1`` with ``beta_infoless = 10`` (``chexpert_subtypes``) or 100 (``odir_subtypes``).
+    """
+
+    beta_salient: float = 1000.0
+    beta_infoless: float = 1000.0
     lambda_jem: float = 10.0
     tau: float = 0.5
 
@@ -54,6 +73,13 @@ class JointObjectiveConfig:
 
     ``stages``: ``None`` for joint training, or ``[end_of_2d, end_of_masked]`` steps for the staged
     preset (2D -> masked with frozen encoder -> 3D end to end).
+
+    ``intra_clustering``: ``swav``, ``deepcluster`` or ``simclr`` (InfoNCE on the two global crops at
+    ``instance_temperature``; local crops are not used). ``queue_length`` / ``inter_queue_length``: SwAV queues of the
+    2D and the volume embeddings, global lengths (each process keeps ``length / world size`` rows); size them so that
+    queue + batch covers the prototypes. ``freeze_prototypes_steps`` counts from the first step of each stream: from
+    step 0 for L_intra, from the start of the 3D stage for L_inter in the staged preset. ``koleo_weight``,
+    ``uniformity_weight``: spreading terms on the 2D embeddings of the global crops.
     """
 
     weights: LossWeights = field(default_factory=LossWeights)
@@ -61,24 +87,34 @@ class JointObjectiveConfig:
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = 300
-    intra_clustering: str = "swav"  # or "deepcluster" (memory bank + k-means each epoch)
+    intra_clustering: str = "swav"  # or "deepcluster" (memory bank + k-means each epoch) or "simclr" (InfoNCE)
     inter_clustering: str = "swav"
     kmeans_iterations: int = 10
+    instance_temperature: float = 0.1  # InfoNCE temperature of intra_clustering=simclr
     queue_length: int = 0  # SwAV queue of 2D embeddings for small batches (0 = none)
     queue_start_step: int = 0
+    inter_queue_length: int = 0  # SwAV queue of volume embeddings (L_inter), from queue_start_step too
+    koleo_weight: float = 0.0  # KoLeo on the 2D embeddings of the two global crops (DINOv2: 0.1)
+    uniformity_weight: float = 0.0  # Wang & Isola uniformity on the same embeddings
     sepclr: SepCLRWeights = field(default_factory=SepCLRWeights)
     stages: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.stages is not None and (len(self.stages) != 2 or not 0 <= self.stages[0] <= self.stages[1]):
             raise ValueError(f"stages must be null or [end_of_2d, end_of_masked] with 0 <= a <= b, got {self.stages}")
-        for name in ("intra_clustering", "inter_clustering"):
-            if getattr(self, name) not in ("swav", "deepcluster"):
-                raise ValueError(f"{name} must be 'swav' or 'deepcluster', got {getattr(self, name)!r}")
-        if self.queue_length < 0 or self.queue_start_step < 0:
-            raise ValueError(f"queue_length and queue_start_step must be >= 0, got {self.queue_length}")
-        if self.temperature <= 0 or self.epsilon <= 0:
-            raise ValueError(f"temperature and epsilon must be > 0, got {self.temperature}, {self.epsilon}")
+        for stream, allowed in CLUSTERINGS.items():
+            name = f"{stream}_clustering"
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("queue_length", "queue_start_step", "inter_queue_length", "freeze_prototypes_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "epsilon", "instance_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("koleo_weight", "uniformity_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -153,8 +189,14 @@ class JointObjective(nn.Module):
             cfg.sepclr.beta_salient, cfg.sepclr.beta_infoless, cfg.sepclr.lambda_jem, tau=cfg.sepclr.tau
         )
         self.schedule = StagedSchedule(cfg.stages, cfg.weights) if cfg.stages is not None else None
-        self.queue = (
-            EmbeddingQueue(cfg.queue_length, model.config.projector_dim, n_assign=2) if cfg.queue_length else None
+        self.queue = self._queue(cfg.queue_length, model.config.projector_dim, "queue_length")
+        self.inter_queue = (
+            self._queue(cfg.inter_queue_length, model.config.transformer_dim, "inter_queue_length")
+            if cfg.inter_clustering == "swav"
+            else None
+        )
+        self.infonce = (
+            InfoNCELoss(cfg.instance_temperature, gather_distributed=True) if cfg.intra_clustering == "simclr" else None
         )
         if "deepcluster" in (cfg.intra_clustering, cfg.inter_clustering) and dataset_sizes is None:
             raise ValueError("dataset_sizes (2D samples, volumes) are needed when a clustering is 'deepcluster'")
@@ -173,6 +215,20 @@ class JointObjective(nn.Module):
             cfg.inter_clustering, sizes[1], mcfg.transformer_dim, mcfg.inter_prototypes
         )
 
+    @staticmethod
+    def _queue(length: int, dim: int, key: str) -> EmbeddingQueue | None:
+        """A SwAV queue holding this process's share of ``length`` rows (SwAV: ``queue_length // world_size``)."""
+        if not length:
+            return None
+        local = length // world_size()
+        if local < 1:
+            raise ValueError(f"{key}={length} is shorter than the world size {world_size()}")
+        return EmbeddingQueue(local, dim, n_assign=2)
+
+    def inter_start(self) -> int:
+        """The first step at which L_inter trains (the start of the 3D stage in the staged preset, else 0)."""
+        return 0 if self.schedule is None else self.schedule.boundaries[1]
+
     def plan(self, step: int) -> StagePlan:
         if self.schedule is None:
             return StagePlan(self.config.weights, False, "joint")
@@ -184,11 +240,13 @@ class JointObjective(nn.Module):
             prototypes.normalize_()
 
     def after_backward(self, step: int) -> None:
-        """Cancel prototype gradients while frozen (always for DeepCluster-v2: k-means sets them)."""
-        frozen = step < self.config.freeze_prototypes_steps
-        if frozen or self.intra_deepcluster is not None:
+        """Cancel prototype gradients while frozen (always for DeepCluster-v2: k-means sets them; always for the
+        unused 2D prototypes of ``intra_clustering=simclr``). Each stream's freeze counts from its own first step: the
+        staged preset's L_inter starts with frozen prototypes like L_intra did (SwAV's first-epoch freeze)."""
+        freeze = self.config.freeze_prototypes_steps
+        if step < freeze or self.intra_deepcluster is not None or self.infonce is not None:
             self.model.intra_prototypes.cancel_gradients()
-        if frozen or self.inter_deepcluster is not None:
+        if step < self.inter_start() + freeze or self.inter_deepcluster is not None:
             self.model.inter_prototypes.cancel_gradients()
 
     def cluster(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -225,9 +283,12 @@ class JointObjective(nn.Module):
 
         With a full ``queue``, the codes of the two global crops are computed over queue + batch."""
         per_head: list[list[Tensor]] = [[] for _ in range(prototypes.n_heads)]
-        for z in embeddings:
-            for h, scores in enumerate(prototypes(z)):
-                per_head[h].append(scores)
+        # Prototype scores in float32 outside autocast: with bf16 the scores of nearby prototypes round together and
+        # the Sinkhorn codes and predictions built on them lose their contrast.
+        with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
+            for z in embeddings:
+                for h, scores in enumerate(prototypes(at_least_float32(z))):
+                    per_head[h].append(scores)
         losses, metrics = [], {}
         for h, scores in enumerate(per_head):
             queued = queue.scores(prototypes.heads[h].weight) if queue is not None and queue.is_full else None
@@ -236,6 +297,41 @@ class JointObjective(nn.Module):
             if h == 0:
                 metrics = m
         return torch.stack(losses).mean(), metrics
+
+    def _intra_loss(self, z: list[Tensor], step: int, crop_index: Tensor | None, metrics: dict[str, Any]) -> Tensor:
+        """L_intra on the unit 2D embeddings ``z`` (V × ``[B, d]``, globals first); adds its health to ``metrics``."""
+        if self.infonce is not None:
+            loss, m = self.infonce(z[0], z[1], step=step)
+            metrics.update({f"health/intra_{k}": v for k, v in m.items()})
+        else:
+            use_queue = self.queue is not None and step >= self.config.queue_start_step
+            loss, m = self._cluster_loss(
+                self.model.intra_prototypes, z, self.intra_deepcluster, crop_index, self.queue if use_queue else None
+            )
+            if use_queue and self.training:
+                self.queue.push([z[0], z[1]])  # type: ignore[union-attr]
+            _cluster_health("intra", m, metrics)
+        metrics["health/intra_alignment"] = alignment(z[0].detach(), z[1].detach())
+        if z[0].shape[0] > 1:  # spread metrics need two samples
+            metrics["health/intra_uniformity"] = uniformity(z[0].detach())
+            metrics["health/intra_std_mean"] = per_dimension_std(z[0]).mean()
+        return loss
+
+    def _spreading(self, z: list[Tensor], metrics: dict[str, Any]) -> Tensor:
+        """The weighted spreading terms on the global crops' embeddings ``z`` (2 × ``[B, d]``); 0 when off."""
+        cfg = self.config
+        total = z[0].new_zeros(())
+        if z[0].shape[0] < 2:
+            return total
+        if cfg.koleo_weight > 0:  # DINOv2: summed over the two global crops
+            koleo = torch.stack([koleo_loss(v) for v in z]).sum()
+            total = total + cfg.koleo_weight * koleo
+            metrics["loss/koleo"] = koleo.detach()
+        if cfg.uniformity_weight > 0:  # Wang & Isola: averaged over the two views
+            spread = torch.stack([uniformity_loss(v) for v in z]).mean()
+            total = total + cfg.uniformity_weight * spread
+            metrics["loss/uniformity"] = spread.detach()
+        return total
 
     def forward(
         self,
@@ -266,7 +362,12 @@ class JointObjective(nn.Module):
 
         images: list[Tensor] = []
         if want_intra:
-            images.extend(crops)  # type: ignore[arg-type]
+            assert crops is not None
+            if self.infonce is not None:  # SimCLR's InfoNCE: the two global crops only
+                if len(crops) < 2:
+                    raise ValueError(f"intra_clustering=simclr needs the two global crops, got {len(crops)} crops")
+                crops = crops[:2]
+            images.extend(crops)
         if want_3d:
             images.extend(view[stacks.mask] for view in stacks.views)  # type: ignore[union-attr]
         if want_sep:
@@ -281,24 +382,14 @@ class JointObjective(nn.Module):
         metrics: dict[str, Any] = {"stage": plan.name}
         cursor = 0
         if want_intra:
-            n = len(crops)  # type: ignore[arg-type]
+            assert crops is not None
+            n = len(crops)
             z = [self.model.projector(f) for f in features[cursor : cursor + n]]
             cursor += n
-            use_queue = self.queue is not None and step >= self.config.queue_start_step
-            loss, m = self._cluster_loss(
-                self.model.intra_prototypes, z, self.intra_deepcluster, crop_index, self.queue if use_queue else None
-            )
-            if use_queue and self.training:
-                self.queue.push([z[0], z[1]])  # type: ignore[union-attr]
+            loss = self._intra_loss(z, step, crop_index, metrics)
             total = total + w.intra * loss
             metrics["loss/intra"] = loss.detach()
-            metrics["health/intra_effective_prototypes"] = m["effective_prototypes"]
-            if "prediction_entropy" in m:  # SwAV (DeepCluster-v2 has no per-batch predictions to compare)
-                metrics["health/intra_prediction_entropy"] = m["prediction_entropy"]
-            metrics["health/intra_alignment"] = alignment(z[0].detach(), z[1].detach())
-            if z[0].shape[0] > 1:  # spread metrics need two samples
-                metrics["health/intra_uniformity"] = uniformity(z[0].detach())
-                metrics["health/intra_std_mean"] = embedding_std(z[0].detach())["std_mean"]
+            total = total + self._spreading(z[:2], metrics)
         if want_3d:
             mask = stacks.mask  # type: ignore[union-attr]
             tokens = []
@@ -310,17 +401,19 @@ class JointObjective(nn.Module):
             positions = stacks.positions  # type: ignore[union-attr]
             if w.inter > 0:
                 volumes = [self.model.transformer(t, mask, positions).volume for t in tokens]
+                use_queue = self.inter_queue is not None and step >= self.config.queue_start_step
                 loss, m = self._cluster_loss(
                     self.model.inter_prototypes,
                     volumes,
                     self.inter_deepcluster,
                     stacks.index,  # type: ignore[union-attr]
+                    self.inter_queue if use_queue else None,
                 )
+                if use_queue and self.training:
+                    self.inter_queue.push([volumes[0], volumes[1]])  # type: ignore[union-attr]
                 total = total + w.inter * loss
                 metrics["loss/inter"] = loss.detach()
-                metrics["health/inter_effective_prototypes"] = m["effective_prototypes"]
-                if "prediction_entropy" in m:
-                    metrics["health/inter_prediction_entropy"] = m["prediction_entropy"]
+                _cluster_health("inter", m, metrics)
                 metrics["health/inter_alignment"] = alignment(volumes[0].detach(), volumes[1].detach())
                 if volumes[0].shape[0] > 1:
                     metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())
@@ -346,3 +439,13 @@ class JointObjective(nn.Module):
             metrics["health/salient_norm_target"] = m["salient_norm_target"]
         metrics["loss/total"] = total.detach()
         return total, metrics
+
+
+def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Any]) -> None:
+    """Copy a clustering loss's health metrics under ``health/<stream>_*``: effective prototypes (of the predictions
+    for SwAV, of the batch's k-means labels for DeepCluster-v2), and for SwAV the prediction entropy and the gap between
+    ``ln K`` and the loss."""
+    metrics[f"health/{stream}_effective_prototypes"] = m["effective_prototypes"]
+    for key in ("prediction_entropy", "gap_to_uniform"):  # SwAV (DeepCluster-v2 has no swapped predictions)
+        if key in m:
+            metrics[f"health/{stream}_{key}"] = m[key]

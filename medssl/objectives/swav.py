@@ -108,11 +108,14 @@ class SwAVLoss(nn.Module):
                 them): ``[L, K]`` scores of the queued embeddings of that crop, or None for no queue.
         Returns:
             ``(loss, metrics)``: the scalar loss (float32, or float64 for float64 scores) and detached scalars
-            ``loss_crop{a}`` (the term of each assigned crop), ``effective_prototypes`` (``exp`` of the entropy of the
-            mean code over the batch and the assigned crops, in ``[1, K]``), ``code_entropy`` (mean per-sample
-            entropy of the codes, in nats) and ``prediction_entropy`` (mean per-sample entropy of the predictions
-            ``softmax(scores / temperature)`` over all crops, divided by ``ln K``: 1 when every prediction is uniform,
-            the trivial solution where the loss sits at ``ln K`` and no gradient reaches the encoder).
+            ``loss_crop{a}`` (the term of each assigned crop); ``gap_to_uniform`` (``ln K − loss``, in nats: 0 at
+            SwAV's trivial solution, where every prediction is uniform and the loss sits at ``ln K``; the
+            facebookresearch/swav README reads a loss stuck near ``ln K`` as a failed run);
+            ``effective_prototypes`` (``exp`` of the entropy of the mean *prediction* ``softmax(scores / τ)`` over the
+            batch and all crops, in ``[1, K]``: 1 when every sample predicts the same prototype; the codes are not
+            used because Sinkhorn equipartitions them by construction); ``code_entropy`` (mean per-sample entropy of
+            the codes, in nats) and ``prediction_entropy`` (mean per-sample entropy of the predictions over all
+            crops, divided by ``ln K``: 1 when every prediction is uniform).
         """
         n_crops = len(scores)
         if n_crops < 2:
@@ -148,7 +151,8 @@ class SwAVLoss(nn.Module):
 
         with torch.no_grad():
             codes = torch.cat(all_codes)  # [|A| B, K]
-            metrics["effective_prototypes"] = perplexity(codes.mean(dim=0))
+            metrics["gap_to_uniform"] = math.log(shape[1]) - loss.detach()
+            metrics["effective_prototypes"] = perplexity(torch.cat([lp.exp() for lp in log_p]).mean(dim=0))
             metrics["code_entropy"] = entropy(codes).mean()
             prediction = torch.stack([-(lp.exp() * lp).sum(dim=1).mean() for lp in log_p]).mean()
             metrics["prediction_entropy"] = prediction / math.log(shape[1]) if shape[1] > 1 else torch.ones(())

@@ -1,9 +1,12 @@
 """Run-health alarms: turn the logged health metrics into one clear warning while a run can still be stopped.
 
 :class:`UniformPredictionAlarm` watches the SwAV prediction entropy (``health/*_prediction_entropy``, the mean entropy
-of ``softmax(scores / temperature)`` divided by ``ln K``, :class:`medssl.objectives.swav.SwAVLoss`). When it stays at
-``threshold`` or above for ``patience`` consecutive logging windows, every prediction is uniform over the prototypes:
-the swapped-prediction loss sits at ``ln K`` and the encoder receives no clustering signal. This is SwAV's trivial
+of ``softmax(scores / temperature)`` divided by ``ln K``, :class:`medssl.objectives.swav.SwAVLoss`) and the gap
+between ``ln K`` and the loss (``health/*_gap_to_uniform``). When the entropy stays at ``threshold`` or above, or the
+gap below ``gap_threshold``, for ``patience`` consecutive logging windows, the predictions are (nearly) uniform over
+the prototypes: the swapped-prediction loss sits at or near ``ln K`` and the encoder receives little clustering
+signal. The soft form (entropy 0.94-0.97, loss a few tenths of a nat under ``ln K``) escapes an entropy threshold,
+hence the gap. This is SwAV's trivial
 solution (Caron et al., NeurIPS 2020; the facebookresearch/swav README calls a loss stuck at ``ln(nmb_prototypes)`` a
 collapse); small batches and few prototypes make it likely. :func:`frozen_prototypes_warning` checks a run's
 configuration before it starts: SwAV prototypes frozen for the whole run never train. Pure bookkeeping: no I/O, the
@@ -15,7 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["UniformPredictionAlarm", "frozen_prototypes_warning"]
+__all__ = ["GAP_THRESHOLD", "UniformPredictionAlarm", "frozen_prototypes_warning"]
+
+# ln K - loss (nats) under which SwAV counts as stuck: calibrated in BENCHMARKS.md ("health alarm calibration").
+GAP_THRESHOLD = 0.5
 
 ADVICE = {
     "intra": (
@@ -37,11 +43,13 @@ class UniformPredictionAlarm:
     Args:
         threshold: normalised prediction entropy counted as uniform (1.0 = exactly uniform; a freshly initialised
             ResNet-18 + projector measured 0.94 with 512 prototypes and a temperature of 0.1 on Kermany crops).
+        gap_threshold: ``ln K − loss`` (nats) under which the loss counts as stuck at the trivial solution.
         patience: consecutive logging windows at or above ``threshold`` before the alarm fires.
         start_step: windows logged before this step are ignored (learning-rate warm-up).
     """
 
     threshold: float = 0.98
+    gap_threshold: float = GAP_THRESHOLD
     patience: int = 5
     start_step: int = 0
     _streak: dict[str, int] = field(default_factory=dict, init=False)
@@ -53,6 +61,8 @@ class UniformPredictionAlarm:
                 f"threshold must be in (0, 1], patience >= 1 and start_step >= 0, got {self.threshold}, "
                 f"{self.patience}, {self.start_step}"
             )
+        if not self.gap_threshold >= 0:
+            raise ValueError(f"gap_threshold must be >= 0, got {self.gap_threshold}")
 
     def update(self, step: int, metrics: Mapping[str, float]) -> list[tuple[str, str]]:
         """Feed one logging window's metrics; returns ``(stream, warning)`` for the alarms that fire now (each
@@ -60,18 +70,25 @@ class UniformPredictionAlarm:
         messages = []
         for stream in ("intra", "inter"):
             value = metrics.get(f"health/{stream}_prediction_entropy")
-            if value is None or step < self.start_step or stream in self.fired:
+            gap = metrics.get(f"health/{stream}_gap_to_uniform")
+            if (value is None and gap is None) or step < self.start_step or stream in self.fired:
                 continue
-            self._streak[stream] = self._streak.get(stream, 0) + 1 if value >= self.threshold else 0
+            uniform = value is not None and value >= self.threshold
+            near = gap is not None and gap < self.gap_threshold
+            self._streak[stream] = self._streak.get(stream, 0) + 1 if uniform or near else 0
             if self._streak[stream] >= self.patience:
                 self.fired.add(stream)
+                if uniform:
+                    what = f"normalised prediction entropy {value:.3f} >= {self.threshold:g}"
+                else:
+                    what = f"loss only {gap:.2f} nat below ln K, under {self.gap_threshold:g}"
                 messages.append(
                     (
                         stream,
-                        f"health warning at step {step}: L_{stream} predictions are uniform over the prototypes "
-                        f"(normalised prediction entropy {value:.3f} >= {self.threshold:g} for {self.patience} logging "
-                        f"windows; the loss sits at ln K): the {stream} clustering has collapsed to SwAV's trivial "
-                        f"solution and teaches the encoder nothing. {ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
+                        f"health warning at step {step}: L_{stream} predictions are (nearly) uniform over the "
+                        f"prototypes ({what} for {self.patience} logging windows): the {stream} clustering sits at "
+                        f"SwAV's trivial solution and teaches the encoder little. "
+                        f"{ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
                     )
                 )
         return messages

@@ -8,7 +8,7 @@ starts, with a message naming the key (``trainer.optimizer.lr: ...``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,13 @@ class MethodConfig:
     name: str = "joint"
     objective: JointObjectiveConfig = field(default_factory=JointObjectiveConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    weight_decay: float | None = None  # the method's own weight decay (start and end); null: trainer.optimizer's
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"name must be one of {METHODS}, got {self.name!r}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0 or null, got {self.weight_decay}")
 
 
 @dataclass
@@ -94,8 +97,13 @@ class BatchConfig:
 
 @dataclass
 class TrainerConfig:
+    # The schedule's length in optimiser steps. With ``max_minutes`` it is the reference length: the run's length is
+    # calibrated and the step counts of the schedule (warm-up, prototype freeze, queue start, stages) scale with it.
     max_steps: int = 1000
-    max_minutes: float | None = None  # compute budget: stop (finished, with backbone) after the step that reaches it
+    # Wall-clock budget in minutes: the first steps are timed (median seconds per step after the loader has started)
+    # and the run's length is set so that the whole schedule ends within the budget (92%); the budget also stays a
+    # safety stop (finished, with backbone, after the step that reaches it). null: run max_steps.
+    max_minutes: float | None = None
     batch: BatchConfig = field(default_factory=BatchConfig)
     accumulate: int = 1
     num_workers: int = 2
@@ -109,6 +117,9 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = "auto"  # auto: continue this run name's last checkpoint if there is one; or a path; or null
+    # Initialise the model from a finished run before step 0: a run folder, a pretraining checkpoint, an exported bundle
+    # folder or a backbone.pt (the encoder at least; ignored when resuming this run's own checkpoint). null: random.
+    init_from: str | None = None
     log_every: int = 10
     progress: bool = True
 
@@ -160,6 +171,15 @@ class PretrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def optimizer_settings(config: PretrainConfig) -> OptimizerConfig:
+    """``trainer.optimizer`` with the method's own defaults applied: ``method.weight_decay`` (when set) replaces the
+    weight decay and its end value (the public SwAV / DeepCluster-v2 recipes use 1e-6, where others use more)."""
+    optimizer = config.trainer.optimizer
+    if config.method.weight_decay is None:
+        return optimizer
+    return replace(optimizer, weight_decay=config.method.weight_decay, weight_decay_end=None)
 
 
 def _section_of(exc: BaseException) -> str:
