@@ -124,6 +124,38 @@ def test_every_method_trains(dataset, method, extra):
         assert seen[-1]["loss/intra"] > 0.0
 
 
+def test_sepclr_uses_the_configured_group_names(tmp_path, monkeypatch):
+    """``data.background=healthy data.target=patient``: the objective gets the patient rows as targets."""
+    from medssl.objectives.sepclr import SepCLRLoss
+
+    manifest = write_training_data(tmp_path, volumes=0, group_names=("healthy", "patient"))
+    masks: list[torch.Tensor] = []
+    forward = SepCLRLoss.forward
+
+    def spy(self, c1, c2, s1, s2, is_target):  # type: ignore[no-untyped-def]
+        masks.append(is_target.detach().cpu().clone())
+        return forward(self, c1, c2, s1, s2, is_target)
+
+    monkeypatch.setattr(SepCLRLoss, "forward", spy)
+    seen: list[dict[str, float]] = []
+    result = run(
+        tmp_path,
+        manifest,
+        "method=sepclr",
+        "data.background=healthy",
+        "data.target=patient",
+        "trainer.max_steps=2",
+        "run.name=sepclr_groups",
+        "logging=none",
+        callbacks=[lambda step, metrics: seen.append(metrics)],
+    )
+    assert result.status == "finished" and result.step == 2
+    # balanced batches of 4: the healthy half first, then the patient half
+    assert [m.tolist() for m in masks] == [[False, False, True, True]] * 2
+    assert all("health/salient_norm_target" in m and "health/salient_norm_background" in m for m in seen)
+    assert all(torch.isfinite(torch.tensor(m["loss/sep"])) for m in seen)
+
+
 def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(checkpoint)["objective"]
 
@@ -210,17 +242,27 @@ def test_uniform_swav_predictions_raise_a_health_warning_in_the_log_and_mlflow(d
     monkeypatch.setattr(JointObjective, "forward", collapsed)
     result = run(folder, manifest, "trainer.max_steps=7", "run.name=collapsed", "method=swav2d")
     out = capsys.readouterr().out
-    assert out.count("health warning at step 5: L_intra predictions are uniform") == 1  # windows 1..5
+    assert out.count("health warning at step 5: L_intra predictions are (nearly) uniform") == 1  # windows 1..5
     tags = client(folder).get_run(result.run_id).data.tags
     assert tags["health_warning_intra"].startswith("health warning at step 5")
 
 
-def test_a_learning_swav_run_raises_no_health_warning(dataset, capsys):
+def test_a_learning_swav_run_raises_no_health_warning(dataset, monkeypatch, capsys):
     folder, manifest = dataset
+    original = JointObjective.forward
+
+    def learning(self, *args, **kwargs):  # 7 steps are too few to leave ln K: report the gap of a learning run
+        loss, metrics = original(self, *args, **kwargs)
+        assert 0.0 < float(metrics["health/intra_prediction_entropy"]) < 0.98  # the real, non-uniform predictions
+        metrics["health/intra_gap_to_uniform"] = torch.tensor(1.3)
+        return loss, metrics
+
+    monkeypatch.setattr(JointObjective, "forward", learning)
     result = run(folder, manifest, "trainer.max_steps=7", "run.name=healthy", "method=swav2d")
     assert "health warning" not in capsys.readouterr().out
     metrics = client(folder).get_run(result.run_id).data.metrics
     assert 0.0 < metrics["health/intra_prediction_entropy"] < 0.98
+    assert metrics["health/intra_gap_to_uniform"] == pytest.approx(1.3)
 
 
 def test_prototypes_frozen_for_the_whole_run_raise_a_configuration_warning(dataset, capsys):

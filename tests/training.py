@@ -12,10 +12,17 @@ from medssl.data.manifest import write_manifest
 from medssl.data.scan import ScanOptions, scan_folder
 
 
-def write_training_data(folder: Path, volumes: int = 4, images: int = 8, seed: int = 0) -> Path:
+def write_training_data(
+    folder: Path,
+    volumes: int = 4,
+    images: int = 8,
+    seed: int = 0,
+    group_names: tuple[str, str] = ("background", "target"),
+) -> Path:
     """NIfTI volumes (blobs in a body-like ellipsoid) and PNG images, scanned into ``folder/manifest.csv``.
 
-    Half of the images are in group ``background``, half in ``target`` (a bright spot), for SepCLR.
+    Half of the images are in group ``group_names[0]`` (background), half in ``group_names[1]`` (target, a bright
+    spot), for SepCLR.
     """
     rng = np.random.default_rng(seed)
     data = folder / "data"
@@ -41,7 +48,7 @@ def write_training_data(folder: Path, volumes: int = 4, images: int = 8, seed: i
             image += 80 * np.exp(-(((x - cx) / 4) ** 2 + ((y - cy) / 4) ** 2))
         name = f"img{i}.png"
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(data / name)
-        groups[name] = "target" if i % 2 else "background"
+        groups[name] = group_names[1] if i % 2 else group_names[0]
     rows = scan_folder(data, ScanOptions(salt="tests", progress=False, modality="MR")).rows
     rows = [type(r)(**{**r.__dict__, "group": groups.get(Path(r.path).name, "")}) for r in rows]
     manifest = folder / "manifest.csv"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medssl.data.cache import build_cache
@@ -49,10 +49,16 @@ class PreparedData:
     images: MultiCropSliceDataset | None
     stacks: TwoViewStackDataset | None
     sep: MultiCropSliceDataset | None
+    dropped: list[str] = field(default_factory=list)  # loss terms without data (``inter``, ``mask``: no volumes)
 
 
 def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True, progress: bool = True) -> PreparedData:
-    """Read the manifest, build missing cache entries (``build``; rank 0 only under DDP), open the datasets."""
+    """Read the manifest, build missing cache entries (``build``; rank 0 only under DDP), open the datasets.
+
+    An archive without 3D volumes leaves the 3D stream empty: its terms (L_inter, L_mask) are dropped and listed in
+    ``PreparedData.dropped`` when another active term has data (the joint method then trains its 2D part); a method
+    whose every active term reads volumes, or the staged schedule (its later stages are 3D), stops with an error.
+    """
     data = config.data
     path = Path(data.manifest)
     if not path.is_file():
@@ -69,6 +75,7 @@ def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True,
         raise ManifestError(f"data.manifest: {path}: no usable rows (splits {data.splits}) after preprocessing")
     seed = config.seed
     images = stacks = sep = None
+    dropped: list[str] = []
     if "images" in streams:
         # SimCLR reads the two global crops only: do not make local crops it would discard
         views = replace(data.views, n_local=0) if config.method.name == "simclr" else data.views
@@ -78,14 +85,20 @@ def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True,
     if "stacks" in streams:
         stacks = TwoViewStackDataset(items, data.stacks, seed=seed + 1)
         if len(stacks) == 0:
-            raise ManifestError(
-                f"data.manifest: {path}: no 3D volume for the 3D stream (L_inter, L_mask); "
-                "use a 2D method (method=swav2d) or add volumes"
-            )
+            objective = config.method.objective
+            if objective.stages is not None or streams == ["stacks"]:  # later stages, or every term, need volumes
+                staged = objective.stages is not None
+                needs = "the staged schedule's masked and 3D stages" if staged else "L_inter, L_mask"
+                raise ManifestError(
+                    f"data.manifest: {path}: no 3D volume for the 3D stream ({needs}); "
+                    "use a 2D method (method=swav2d) or add volumes"
+                )
+            dropped = [term for term in ("inter", "mask") if getattr(objective.weights, term) > 0]
+            stacks = None
     if "sep" in streams:
         views = replace(data.views, n_local=0)  # SepCLR uses two global views
         sep = MultiCropSliceDataset(items, views, data.slices, seed=seed + 2)
-    return PreparedData(manifest, items, images, stacks, sep)
+    return PreparedData(manifest, items, images, stacks, sep, dropped)
 
 
 def _check_divisible(name: str, batch: int, parts: int, balanced: bool) -> None:

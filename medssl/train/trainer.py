@@ -8,12 +8,15 @@ each process that ``torchrun`` starts (only rank 0 logs and writes checkpoints).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import itertools
 import json
 import logging
 import math
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +34,12 @@ from tqdm import tqdm
 from medssl.data.manifest import atomic_write_text
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
-from medssl.objectives.joint import JointObjective, SepBatch, StackBatch
+from medssl.objectives.joint import JointObjective, JointObjectiveConfig, SepBatch, StackBatch
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medssl.train.config import PretrainConfig, to_container
+from medssl.train.config import PretrainConfig, optimizer_settings, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
+from medssl.train.initialise import initialise_model
 from medssl.train.loaders import StepTimer, Stream, to_device
 from medssl.train.optim import build_optimizer, set_schedule_values
 from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data, streams_of
@@ -44,6 +48,12 @@ from medssl.train.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medssl-pretrain/1"
+# trainer.max_minutes: the run's length comes from the median seconds per step of a process's steps
+# CALIBRATION_SKIP + 1 .. CALIBRATION_STEPS (the first ones include the loader workers' start-up), planned to end at
+# BUDGET_MARGIN of the budget (checkpoints, logging and the final export need the rest).
+CALIBRATION_SKIP = 2
+CALIBRATION_STEPS = 8
+BUDGET_MARGIN = 0.92
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +86,8 @@ class RunState:
     step: int = 0
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    calibration: dict[str, Any] | None = None  # trainer.max_minutes: the calibrated length and scaled step counts
+    streams_dropped: list[str] = field(default_factory=list)  # loss terms without data (a 2D-only archive)
 
 
 class MetricWindow:
@@ -179,12 +191,15 @@ class _StopRequest:
 
 
 class Trainer:
-    """Runs ``config`` to ``trainer.max_steps`` (or until SIGTERM/SIGINT, after a checkpoint).
+    """Runs ``config`` to ``trainer.max_steps``, or to the length calibrated for ``trainer.max_minutes`` (or until
+    SIGTERM/SIGINT, after a checkpoint).
 
     Args:
         config: the typed pretraining configuration.
         project_dir: where relative paths, the default MLflow store and ``outputs/`` live.
         callbacks: ``fn(step, metrics)`` called after every optimiser step on every rank (tests, notebooks).
+        clock: seconds, for ``trainer.max_minutes`` (the calibration of the run's length and the wall-clock stop);
+            ``time.perf_counter`` unless a test gives a fake clock.
     """
 
     def __init__(
@@ -192,22 +207,32 @@ class Trainer:
         config: PretrainConfig,
         project_dir: str | Path | None = None,
         callbacks: list[Callable[[int, dict[str, float]], None]] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.project_dir = Path(project_dir or Path.cwd()).resolve()
         self.callbacks = list(callbacks or [])
+        self.clock = clock or time.perf_counter
 
     # ------------------------------------------------------------------ setup
     def _build_objective(self, data: PreparedData) -> nn.Module:
+        """The objective over a new model, with copies of the method's settings (the trainer adjusts those copies:
+        terms without data get weight 0, a ``trainer.max_minutes`` calibration scales their step counts)."""
         cfg = self.config
         try:
             model = JointModel(cfg.model)
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from None
         if cfg.method.name == "simclr":
-            return SimCLRObjective(model, cfg.method.simclr.temperature, cfg.method.simclr.hard_negative_mixing)
+            mixing = copy.deepcopy(cfg.method.simclr.hard_negative_mixing)
+            return SimCLRObjective(model, cfg.method.simclr.temperature, mixing)
         sizes = (len(data.images) if data.images is not None else 0, len(data.stacks) if data.stacks is not None else 0)
-        return JointObjective(model, cfg.method.objective, dataset_sizes=sizes)
+        objective_config: JointObjectiveConfig = copy.deepcopy(cfg.method.objective)
+        for term in data.dropped:  # no data for these terms (a 2D-only archive): train the others
+            setattr(objective_config.weights, term, 0.0)
+        if "inter" in data.dropped:  # no volumes: no DeepCluster-v2 memory bank of volume embeddings either
+            objective_config.inter_clustering = "swav"
+        return JointObjective(model, objective_config, dataset_sizes=sizes)
 
     def _paths(self, run_name: str) -> Path:
         out = Path(self.config.run.output_dir)
@@ -253,6 +278,19 @@ class Trainer:
         seed_everything(cfg.seed)
         objective = self._build_objective(data)
         model: JointModel = objective.model  # type: ignore[assignment]
+        dropped_note = _dropped_message(cfg, data.dropped) if data.dropped else None
+        if dropped_note is not None and ctx.is_main:
+            print(f"{run_name}: {dropped_note}", flush=True)
+        init_note = None
+        if tcfg.init_from and checkpoint is not None:
+            if ctx.is_main:
+                print(f"{run_name}: trainer.init_from={tcfg.init_from} ignored: resuming from {resume_path} (resume "
+                      "wins; set trainer.resume=null to start over from init_from)", flush=True)  # fmt: skip
+        elif tcfg.init_from:
+            init_report = initialise_model(model, tcfg.init_from)  # every rank reads the file
+            init_note = init_report.message()
+            if ctx.is_main:
+                print(f"{run_name}: {init_note}", flush=True)
         channels_last = tcfg.channels_last and device.type == "cuda"
         if ctx.enabled and device.type == "cuda" and tcfg.sync_batchnorm:
             objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
@@ -260,23 +298,31 @@ class Trainer:
         objective.to(device)
         if channels_last:
             model.encoder.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(objective, tcfg.optimizer)
+        opt = optimizer_settings(cfg)  # trainer.optimizer with the method's own weight decay
+        optimizer = build_optimizer(objective, opt)
         amp_dtype = resolve_precision(tcfg.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        batch_2d = tcfg.batch.images
-        base_lr = tcfg.optimizer.lr * (batch_2d / 256 if tcfg.optimizer.scale_lr_with_batch else 1.0)
-        opt = tcfg.optimizer
-        lr_schedule = warmup_cosine(
-            base_lr, opt.final_lr, tcfg.max_steps, min(opt.warmup_steps, tcfg.max_steps), opt.start_warmup_lr
-        )
-        wd_end = opt.weight_decay if opt.weight_decay_end is None else opt.weight_decay_end
-        wd_schedule = warmup_cosine(opt.weight_decay, wd_end, tcfg.max_steps)
+        lr_schedule, wd_schedule = _schedules(cfg, tcfg.max_steps, opt.warmup_steps)
 
-        state = RunState(run_name, run_dir, objective, optimizer, scaler, streams)
+        state = RunState(run_name, run_dir, objective, optimizer, scaler, streams, streams_dropped=list(data.dropped))
         if checkpoint is not None:
             self._restore(state, checkpoint)
             if ctx.is_main:
                 log.info("resuming %s from %s at step %d", run_name, resume_path, state.step)
+        # trainer.max_minutes: the run's length is calibrated after its first steps, or kept from the checkpoint.
+        max_steps, warmup_steps = tcfg.max_steps, opt.warmup_steps
+        if state.calibration is not None and tcfg.max_minutes is None:
+            if ctx.is_main:
+                print(f"{run_name}: trainer.max_minutes is null: the checkpoint's calibrated length "
+                      f"({state.calibration['max_steps']} steps) is dropped; running to trainer.max_steps={max_steps}",
+                      flush=True)  # fmt: skip
+            state.calibration = None
+        if state.calibration is not None:
+            lr_schedule, wd_schedule = self._apply_calibration(state.calibration, objective)
+            max_steps, warmup_steps = int(state.calibration["max_steps"]), int(state.calibration["warmup_steps"])
+            if ctx.is_main:
+                print(f"{run_name}: keeping the calibrated length of {max_steps} steps from the checkpoint", flush=True)
+        calibrating = tcfg.max_minutes is not None and state.calibration is None
         if tcfg.compile:
             model.encoder.compile()
 
@@ -302,7 +348,12 @@ class Trainer:
         )
         state.mlflow_run_id = tracker.run_id
         self._log_run_start(tracker, config_dict, data, resumed=checkpoint is not None)
-        frozen = frozen_prototypes_warning(_swav_streams(cfg), cfg.method.objective.freeze_prototypes_steps,
+        if dropped_note is not None:
+            tracker.set_tags({"medssl.streams_dropped": dropped_note})
+        if init_note is not None:
+            tracker.set_tags({"medssl.init_from": init_note})
+        swav_streams = [name for name in _swav_streams(cfg) if name not in data.dropped]
+        frozen = frozen_prototypes_warning(swav_streams, cfg.method.objective.freeze_prototypes_steps,
                                            tcfg.max_steps)  # fmt: skip
         if frozen is not None:
             if ctx.is_main:
@@ -312,10 +363,11 @@ class Trainer:
         batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
         window = MetricWindow()
         timer = window.timer
-        alarm = UniformPredictionAlarm(start_step=opt.warmup_steps)  # SwAV's trivial solution, warned about once
+        # SwAV's trivial solution, warned about once; not before warm-up and the prototype freeze are over
+        alarm = UniformPredictionAlarm(start_step=_alarm_start(warmup_steps, objective))
         last_metrics: dict[str, float] = {}
         bar = tqdm(
-            total=tcfg.max_steps,
+            total=max_steps,
             initial=state.step,
             disable=not (ctx.is_main and tcfg.progress),
             desc=run_name,
@@ -331,8 +383,9 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 objective.train()
-                loop_start = time.perf_counter()
-                while state.step < tcfg.max_steps:
+                loop_start = self.clock()
+                stamps = [loop_start]  # the clock after each step of this process, until the calibration
+                while state.step < max_steps or calibrating:
                     step = state.step
                     step_start = time.perf_counter()
                     if joint is not None:
@@ -340,7 +393,7 @@ class Trainer:
                             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + primary.epoch)
                             window.events.update({k: float(v) for k, v in joint.cluster(generator).items()})
                         joint.normalize_prototypes()
-                    set_schedule_values(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
+                    set_schedule_values(optimizer, _at(lr_schedule, step), _at(wd_schedule, step))
                     optimizer.zero_grad(set_to_none=True)
 
                     timer.start_data()
@@ -351,7 +404,9 @@ class Trainer:
                     step_metrics: dict[str, Tensor] = {}
                     for micro in range(tcfg.accumulate):
                         timer.start_data()
-                        inputs = self._inputs({k: v[micro] for k, v in fetched.items()}, device, channels_last)
+                        inputs = self._inputs(
+                            {k: v[micro] for k, v in fetched.items()}, device, channels_last, cfg.data.target
+                        )
                         if joint is None:
                             inputs.pop("crop_index", None)
                         timer.stop_data()
@@ -377,12 +432,22 @@ class Trainer:
                     state.step = step = step + 1
                     timer.total_seconds += time.perf_counter() - step_start
 
-                    host["lr"] = float(lr_schedule[step - 1])
+                    host["lr"] = _at(lr_schedule, step - 1)
                     window.add(host, sum(batch_sizes[name] for name in fetched))
                     for callback in self.callbacks:
                         callback(step, host)
                     bar.update(1)
-                    if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                    if calibrating:
+                        stamps.append(self.clock())
+                        if len(stamps) > CALIBRATION_STEPS:
+                            state.calibration = self._calibrate(stamps, step, ctx, tracker, bar, run_name)
+                            lr_schedule, wd_schedule = self._apply_calibration(state.calibration, objective)
+                            max_steps = int(state.calibration["max_steps"])
+                            alarm.start_step = _alarm_start(int(state.calibration["warmup_steps"]), objective)
+                            bar.total = max_steps
+                            bar.refresh()
+                            calibrating = False
+                    if step % tcfg.log_every == 0 or step == max_steps:
                         last_metrics = window.close(primary.epoch)
                         tracker.log_metrics(last_metrics, step)
                         for stream, warning in alarm.update(step, last_metrics):
@@ -397,15 +462,15 @@ class Trainer:
                             refresh=False,
                         )
                     pictures_every = cfg.logging.pictures.every
-                    if pictures_every and step % pictures_every == 0 and step < tcfg.max_steps and ctx.is_main:
+                    if pictures_every and step % pictures_every == 0 and step < max_steps and ctx.is_main:
                         self._log_pictures(tracker, model, data, state.history, device, step)
                     if _agreed(stop.signal is not None, ctx, device):
                         status = "interrupted"
                         break
-                    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+                    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < max_steps:
                         self._checkpoint(ctx, state, tracker, log_artifact=False)
-                    if tcfg.max_minutes is not None and step < tcfg.max_steps:
-                        spent = time.perf_counter() - loop_start >= tcfg.max_minutes * 60
+                    if tcfg.max_minutes is not None and (step < max_steps or calibrating):  # the safety stop
+                        spent = self.clock() - loop_start >= tcfg.max_minutes * 60
                         if _agreed(spent, ctx, device):
                             if ctx.is_main:
                                 bar.write(
@@ -444,8 +509,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _inputs(batches: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-        """Loader batches -> keyword arguments of the objective's forward."""
+    def _inputs(batches: dict[str, Any], device: torch.device, channels_last: bool, target: str) -> dict[str, Any]:
+        """Loader batches -> keyword arguments of the objective's forward.
+
+        ``target``: the manifest ``group`` of SepCLR's target samples (``data.target``); every other group of the
+        balanced ``sep`` batch (``data.background``) is background.
+        """
         inputs: dict[str, Any] = {}
         if "images" in batches:
             images = batches["images"]
@@ -462,8 +531,8 @@ class Trainer:
             )
         if "sep" in batches:
             sep = batches["sep"]
-            target = torch.tensor([g == "target" for g in sep["group"]], device=device)
-            inputs["sep"] = SepBatch(views=to_device(sep["views"][:2], device, channels_last), is_target=target)
+            is_target = torch.tensor([g == target for g in sep["group"]], dtype=torch.bool, device=device)
+            inputs["sep"] = SepBatch(views=to_device(sep["views"][:2], device, channels_last), is_target=is_target)
         return inputs
 
     def _log_run_start(self, tracker: Any, config_dict: dict[str, Any], data: PreparedData, resumed: bool) -> None:
@@ -500,6 +569,7 @@ class Trainer:
         state.step = int(checkpoint["step"])
         state.history = {k: [list(map(float, p)) for p in v] for k, v in checkpoint.get("history", {}).items()}
         state.mlflow_run_id = checkpoint.get("mlflow_run_id")
+        state.calibration = checkpoint.get("calibration")
 
     def _checkpoint(self, ctx: DistributedContext, state: RunState, tracker: Any, log_artifact: bool) -> Path | None:
         """Rank 0 writes ``checkpoints/step_<k>.pt`` atomically, points ``checkpoints/latest`` at it and prunes old
@@ -519,6 +589,8 @@ class Trainer:
                 "mlflow_run_id": state.mlflow_run_id,
                 "world_size": ctx.world_size,
                 "config": to_container(self.config),
+                "calibration": state.calibration,
+                "streams_dropped": list(state.streams_dropped),
             }
             directory = state.run_dir / "checkpoints"
             path = save_checkpoint(directory / f"step_{state.step:08d}.pt", content)
@@ -531,6 +603,59 @@ class Trainer:
         if ctx.enabled:
             dist.barrier()
         return path
+
+    def _calibrate(
+        self, stamps: list[float], step: int, ctx: DistributedContext, tracker: Any, bar: tqdm, run_name: str
+    ) -> dict[str, Any]:
+        """``trainer.max_minutes``: rank 0 sets the run's length from its timed steps, every rank gets it; printed
+        and logged (param ``trainer.calibrated_max_steps``, tag ``medssl.calibration``)."""
+        tcfg = self.config.trainer
+        assert tcfg.max_minutes is not None
+        calibration: dict[str, Any] | None = None
+        if ctx.is_main:
+            calibration = calibrate_schedule(self.config, stamps, step, tcfg.max_minutes)
+        calibration = broadcast_object(calibration)  # type: ignore[assignment]
+        assert calibration is not None
+        if ctx.is_main:
+            stages = f", stages {calibration['stages']}" if calibration["stages"] is not None else ""
+            note = (
+                f"trainer.max_minutes={tcfg.max_minutes:g}: {calibration['seconds_per_step']:.3g} s/step (median of "
+                f"steps {step - CALIBRATION_STEPS + CALIBRATION_SKIP + 1}-{step}): the run is "
+                f"{calibration['max_steps']} steps (trainer.max_steps={tcfg.max_steps} x {calibration['ratio']:.3g}; "
+                f"warm-up {calibration['warmup_steps']}, prototype freeze {calibration['freeze_prototypes_steps']}"
+                f"{stages})"
+            )
+            bar.write(f"{run_name}: {note}")
+            tracker.log_params(
+                {
+                    "trainer.calibrated_max_steps": str(calibration["max_steps"]),
+                    "trainer.calibrated_seconds_per_step": f"{calibration['seconds_per_step']:.4g}",
+                },
+                allow_changes=True,  # a run killed before its calibration calibrates again when resumed
+            )
+            tracker.set_tags({"medssl.calibration": note})
+        return calibration
+
+    def _apply_calibration(self, calibration: dict[str, Any], objective: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+        """Set the calibrated step counts on the objective; returns the learning-rate and weight-decay schedules
+        for the calibrated length.
+
+        Attributes set (the objective reads them each step): ``JointObjective.config.freeze_prototypes_steps``,
+        ``.config.queue_start_step``, ``.config.stages`` and ``.schedule.boundaries`` (staged preset);
+        ``SimCLRObjective.loss.hard_negative_mixing.start_step`` (MoCHi).
+        """
+        if isinstance(objective, JointObjective):
+            objective.config.freeze_prototypes_steps = int(calibration["freeze_prototypes_steps"])
+            objective.config.queue_start_step = int(calibration["queue_start_step"])
+            if calibration["stages"] is not None:
+                objective.config.stages = [int(v) for v in calibration["stages"]]
+                if objective.schedule is not None:
+                    objective.schedule.boundaries = [int(v) for v in calibration["stages"]]
+        mixing = getattr(getattr(objective, "loss", None), "hard_negative_mixing", None)
+        start = calibration.get("mixing_start_step")
+        if isinstance(objective, SimCLRObjective) and mixing is not None and start is not None:
+            mixing.start_step = int(start)
+        return _schedules(self.config, int(calibration["max_steps"]), int(calibration["warmup_steps"]))
 
     def _export_backbone(self, run_dir: Path, model: JointModel, tracker: Any, run_name: str) -> Path:
         """The encoder's MONAI ResNet weights (``backbone.pt``) and how to rebuild it (``backbone.json``)."""
@@ -611,6 +736,78 @@ class Trainer:
             print(f"resume with: medssl pretrain ... run.name={result.run_name} (trainer.resume=auto)")
 
 
+def calibrate_schedule(config: PretrainConfig, stamps: list[float], done: int, max_minutes: float) -> dict[str, Any]:
+    """The run's length for a wall-clock budget, and the schedule's step counts scaled to it.
+
+    Args:
+        config: the run's configuration; ``trainer.max_steps`` is the reference length of its step counts
+            (``trainer.optimizer.warmup_steps``, ``method.objective.freeze_prototypes_steps``, ``.queue_start_step``,
+            ``.stages``, ``method.simclr.hard_negative_mixing.start_step``).
+        stamps: the clock (seconds) when this process's loop started and after each of its steps.
+        done: the run's step count now (``len(stamps) - 1`` steps after the loop's start, more when resumed).
+        max_minutes: the budget, counted from the loop's start.
+    Returns:
+        plain data (kept in checkpoints): ``max_steps`` (the run ends after it: the steps done plus as many as the
+        rest of ``BUDGET_MARGIN`` of the budget holds at the median seconds per step of the steps after the first
+        ``CALIBRATION_SKIP``), ``ratio`` (``max_steps`` / ``trainer.max_steps``), ``seconds_per_step``, ``at_step``,
+        and the scaled ``warmup_steps``, ``freeze_prototypes_steps``, ``queue_start_step``, ``stages``,
+        ``mixing_start_step`` (None where not configured).
+    """
+    durations = [b - a for a, b in itertools.pairwise(stamps)][CALIBRATION_SKIP:] or [stamps[-1] - stamps[0]]
+    seconds = max(float(statistics.median(durations)), 1e-9)
+    left = max_minutes * 60 * BUDGET_MARGIN - (stamps[-1] - stamps[0])
+    total = max(done, done + int(max(left, 0.0) // seconds))
+    reference = config.trainer.max_steps
+    ratio = total / reference
+
+    def scaled(steps: int) -> int:
+        return round(steps * ratio)
+
+    objective = config.method.objective
+    mixing = config.method.simclr.hard_negative_mixing
+    return {
+        "max_steps": total,
+        "reference_max_steps": reference,
+        "ratio": ratio,
+        "seconds_per_step": seconds,
+        "at_step": done,
+        "warmup_steps": min(scaled(config.trainer.optimizer.warmup_steps), total),
+        "freeze_prototypes_steps": scaled(objective.freeze_prototypes_steps),
+        "queue_start_step": scaled(objective.queue_start_step),
+        "stages": [scaled(v) for v in objective.stages] if objective.stages is not None else None,
+        "mixing_start_step": scaled(mixing.start_step) if mixing is not None else None,
+    }
+
+
+def _schedules(config: PretrainConfig, total_steps: int, warmup_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step learning rate (linear warm-up, cosine to ``final_lr`` over ``total_steps``) and weight decay (the
+    method's own where it sets one)."""
+    opt = optimizer_settings(config)
+    base_lr = opt.lr * (config.trainer.batch.images / 256 if opt.scale_lr_with_batch else 1.0)
+    lr = warmup_cosine(base_lr, opt.final_lr, total_steps, min(warmup_steps, total_steps), opt.start_warmup_lr)
+    wd_end = opt.weight_decay if opt.weight_decay_end is None else opt.weight_decay_end
+    return lr, warmup_cosine(opt.weight_decay, wd_end, total_steps)
+
+
+def _at(schedule: np.ndarray, step: int) -> float:
+    """``schedule[step]``; its last value past its end (the steps that time a ``max_minutes`` run may outrun the
+    reference schedule)."""
+    return float(schedule[min(step, len(schedule) - 1)])
+
+
+def _dropped_message(config: PretrainConfig, dropped: list[str]) -> str:
+    """What a run on an archive without volumes trains, e.g. the joint method's 2D SwAV part."""
+    weights = config.method.objective.weights
+    kept = [term for term in ("intra", "sep") if getattr(weights, term) > 0]
+    names = {"swav": "SwAV", "deepcluster": "DeepCluster-v2", "simclr": "SimCLR"}
+    clustering = names.get(config.method.objective.intra_clustering, config.method.objective.intra_clustering)
+    kind = f"2D {clustering}" if kept == ["intra"] else "2D"
+    return (
+        f"no 3D volume in the manifest: {' and '.join(f'L_{t}' for t in dropped)} have nothing to read and are "
+        f"dropped; this run is {kind} ({', '.join(f'L_{t}' for t in kept)} only)"
+    )
+
+
 def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: DistributedContext) -> dict[str, float]:
     """The step's metrics averaged over processes, as floats (one synchronisation per step); raises
     :class:`NonFiniteLossError` on every rank when a loss is NaN or infinite on any. Only losses count: with fp16
@@ -645,8 +842,20 @@ def _swav_streams(config: PretrainConfig) -> list[str]:
     ]
 
 
+def _alarm_start(warmup_steps: int, objective: nn.Module) -> int:
+    """The first step the health alarm watches: after the warm-up and the prototype freeze (while frozen prototypes
+    cannot follow the embeddings, the loss stays near ln K by construction)."""
+    freeze = objective.config.freeze_prototypes_steps if isinstance(objective, JointObjective) else 0
+    return max(warmup_steps, freeze)
+
+
 def _trains_intra_prototypes(config: PretrainConfig) -> bool:
-    return config.method.name == "joint" and "images" in needed_streams(config)
+    """Whether the 2D prototypes learn in this run (their pictures would mislead otherwise)."""
+    return (
+        config.method.name == "joint"
+        and config.method.objective.intra_clustering != "simclr"
+        and "images" in needed_streams(config)
+    )
 
 
 def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
