@@ -224,8 +224,14 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
         return result.output_dir
     stamps: list[float] = []
     calibration = compose_pretrain_config(
-        [*base, f"run.name={name}-calibration", "trainer.max_steps=8", "logging=none", "trainer.checkpoint_every=0",
-         "method.objective.freeze_prototypes_steps=1"]
+        [
+            *base,
+            f"run.name={name}-calibration",
+            "trainer.max_steps=8",
+            "logging=none",
+            "trainer.checkpoint_every=0",
+            "method.objective.freeze_prototypes_steps=1",
+        ]
     )
     Trainer(calibration, callbacks=[lambda step, metrics: stamps.append(time.perf_counter())]).fit()
     seconds_per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps[2:]))  # after loader start
