@@ -347,3 +347,23 @@ def test_ratio_is_a_data_config_key():
     assert data_config(overrides=["views.ratio=[0.5,2.0]"]).views.ratio == [0.5, 2.0]
     with pytest.raises(ValueError, match=r"views\.ratio"):
         data_config(overrides=["views.ratio=[2.0,0.5]"])
+
+
+def test_stack_ratio_is_a_data_config_key_and_reaches_the_stack_views(monkeypatch):
+    assert data_config().stacks.ratio == [0.75, 1.3333333]
+    assert data_config(overrides=["stacks.ratio=[0.5,2.0]"]).stacks.ratio == [0.5, 2.0]
+    with pytest.raises(ValueError, match=r"stacks\.ratio"):
+        data_config(overrides=["stacks.ratio=[2.0,0.5]"])
+    from medssl.data import datasets
+
+    seen: list[tuple[float, ...]] = []
+    original = datasets.view_transform
+
+    def spy(size, scale, augment, ratio=DEFAULT_RATIO):
+        seen.append(tuple(ratio))
+        return original(size, scale, augment, ratio)
+
+    monkeypatch.setattr(datasets, "view_transform", spy)
+    dataset = datasets.TwoViewStackDataset([], StackConfig(ratio=[0.5, 2.0]), seed=0)
+    assert seen == [(0.5, 2.0)]
+    assert dataset.transform.transforms[0].ratio == (0.5, 2.0)

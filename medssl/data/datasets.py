@@ -26,7 +26,14 @@ from medssl.data.cache import CacheEntry, open_cache
 from medssl.data.geometry import PLANE_AXIS, slice_to_display
 from medssl.data.manifest import Manifest, ManifestRow
 from medssl.data.preprocess import PreprocessConfig
-from medssl.data.views import AugmentConfig, MultiCrop, MultiCropConfig, apply_seeded, view_transform
+from medssl.data.views import (
+    AugmentConfig,
+    MultiCrop,
+    MultiCropConfig,
+    apply_seeded,
+    check_ratio,
+    view_transform,
+)
 
 
 @dataclass
@@ -76,9 +83,11 @@ class StackConfig:
     min_foreground: float = 0.1
     size: int = 96
     scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # crop aspect (w / h), log-uniform
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        check_ratio(self.ratio, "stacks.ratio")
         if self.plane not in PLANE_AXIS:
             raise ValueError(f"stacks.plane must be one of {sorted(PLANE_AXIS)}, got {self.plane!r}")
         if self.n_slices < 1 or self.stride < 1:
@@ -205,7 +214,7 @@ class TwoViewStackDataset(_CachedDataset):
         super().__init__([it for it in items if it.row.dims == 3], seed)
         self.config = config or StackConfig()
         self.axis = PLANE_AXIS[self.config.plane]
-        self.transform = view_transform(self.config.size, self.config.scale, self.config.augment)
+        self.transform = view_transform(self.config.size, self.config.scale, self.config.augment, self.config.ratio)
 
     def __len__(self) -> int:
         return len(self.items)
