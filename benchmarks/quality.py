@@ -63,11 +63,22 @@ METHODS: dict[str, list[str]] = {  # name -> pretraining overrides (random init 
     "joint-no-mask": ["method=joint", "method.objective.weights.mask=0.0"],
     "joint-no-inter": ["method=joint", "method.objective.weights.inter=0.0"],
     "joint-full-attention": ["method=joint", "model.attention=full"],
+    # the joint method on top of SimCLR's InfoNCE instead of 2D SwAV (issue 14): its 2D-only counterpart is simclr
+    "joint-simclr": ["method=joint", "method.objective.intra_clustering=simclr", "data.views.n_local=0"],
 }
 TASK_METHODS = {
     "cxr": ["random", "simclr", "swav2d"],
     "mednist": ["random", "simclr", "swav2d"],
-    "hippocampus": ["random", "simclr", "swav2d", "joint", "joint-no-mask", "joint-no-inter", "joint-full-attention"],
+    "hippocampus": [
+        "random",
+        "simclr",
+        "swav2d",
+        "joint",
+        "joint-no-mask",
+        "joint-no-inter",
+        "joint-full-attention",
+        "joint-simclr",
+    ],
     "sepclr": ["random", "sepclr"],
 }
 QUICK_METHODS = {"cxr": ["random", "swav2d"], "mednist": ["random", "swav2d"], "hippocampus": ["random", "joint"],

@@ -91,3 +91,24 @@ def test_segmentation_defaults_match_medssl_finetune(tmp_path: Path) -> None:
 
     _, settings, _ = quality.parse(["--out", str(tmp_path)])
     assert settings.seg_encoder_lr_scale == SegmentationConfig().encoder_lr_scale == 1.0
+
+
+def test_fixed_step_budgets_replace_the_wall_clock_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medssl.train.config import compose_pretrain_config
+
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--steps", "simclr=880,swav2d=640,*=500"])
+    assert settings.steps == {"simclr": 880, "swav2d": 640, "*": 500}
+    assert quality.step_budget(settings, "swav2d") == 640 and quality.step_budget(settings, "joint") == 500
+    config = compose_pretrain_config(["method=joint", *quality.budget_overrides(settings, 640)])
+    assert config.trainer.max_steps == 640 and config.trainer.max_minutes is None  # no cap: a busy machine waits
+    assert config.trainer.optimizer.warmup_steps == 64
+    _, one, _ = quality.parse(["--out", str(tmp_path), "--steps", "300"])
+    assert quality.step_budget(one, "joint-simclr") == 300
+    _, none, _ = quality.parse(["--out", str(tmp_path)])
+    assert none.steps is None and quality.step_budget(none, "simclr") is None
+    _, only, _ = quality.parse(["--out", str(tmp_path), "--steps", "simclr=10"])
+    with pytest.raises(ValueError, match="no budget for method 'swav2d'"):
+        quality.step_budget(only, "swav2d")
+    with pytest.raises(SystemExit):
+        quality.parse(["--out", str(tmp_path), "--steps", "simclr=ten"])
+    assert "--steps" in capsys.readouterr().err
