@@ -112,3 +112,33 @@ def test_fixed_step_budgets_replace_the_wall_clock_cap(tmp_path: Path, capsys: p
     with pytest.raises(SystemExit):
         quality.parse(["--out", str(tmp_path), "--steps", "simclr=ten"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
+    import json
+    import math
+
+    import lever_table
+
+    from medssl.train.tracking import Tracker
+
+    study = tmp_path / "eps"
+    study.mkdir()
+    rows = [
+        {"backbone": b, "protocol": p, "label_fraction": 0.1, "accuracy": [acc, 0.01]}
+        for b, p, acc in (("swav2d", "knn", 0.93), ("random", "knn", 0.91), ("swav2d", "linear", 0.97),
+                          ("random", "linear", 0.96))
+    ]  # fmt: skip
+    (study / "quality.json").write_text(json.dumps({"tables": {"mednist": {"rows": rows}}}))
+    tracker = Tracker(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="mednist-swav2d")
+    tracker.log_params({"model.intra_prototypes": "[512]"})
+    for step, loss, spread, entropy in ((10, 6.4, -2.4, 0.95), (300, 5.0, -1.9, 0.80)):
+        tracker.log_metrics(
+            {"loss/intra": loss, "health/intra_uniformity": spread, "health/intra_prediction_entropy": entropy}, step
+        )
+    tracker.finish()
+    text = lever_table.table("mednist", "swav2d", [("eps 0.03", study)])
+    row = text.splitlines()[-1]
+    assert row.startswith("| eps 0.03 | 300 | 5.00 |")
+    assert f"| {math.log(512) - 5.0:.2f} |" in row and "-2.40 → -1.90" in row and "| 0.800 |" in row
+    assert "0.930 ± 0.010 / 0.910" in row and "0.970 ± 0.010 / 0.960" in row
