@@ -25,13 +25,16 @@ GAP_THRESHOLD = 0.5
 
 ADVICE = {
     "intra": (
-        "try a sharper Sinkhorn (method.objective.epsilon=0.03), more prototypes (model.intra_prototypes), a larger "
-        "batch (trainer.batch.images) or a queue (method.objective.queue_length); for a short CPU budget "
-        "method=simclr learns where SwAV has not started"
+        "try a queue so that queue + batch covers the prototypes (method.objective.queue_length, e.g. 480 for a batch "
+        "of 32 and 512 prototypes), a sharper Sinkhorn (method.objective.epsilon=0.03), a spreading term "
+        "(method.objective.koleo_weight=0.1) or a larger batch (trainer.batch.images); for a short CPU budget "
+        "method=simclr (or method.objective.intra_clustering=simclr under the 3D terms) learns where SwAV has not "
+        "started (BENCHMARKS.md, issue 14 levers)"
     ),
     "inter": (
-        "try a sharper Sinkhorn (method.objective.epsilon=0.03), another number of volume prototypes "
-        "(model.inter_prototypes) or more stacks per batch (trainer.batch.stacks)"
+        "try a queue of volume embeddings (method.objective.inter_queue_length), a sharper Sinkhorn "
+        "(method.objective.epsilon=0.03), fewer volume prototypes (model.inter_prototypes) or more stacks per batch "
+        "(trainer.batch.stacks)"
     ),
 }
 
