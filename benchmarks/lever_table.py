@@ -32,6 +32,24 @@ def probe(study: Path, task: str, backbone: str, protocol: str, fraction: float 
     return None
 
 
+def per_seed(study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1) -> list[float]:
+    """Accuracy of ``backbone`` minus random init's, seed by seed (``evaluation-<task>/results.json``)."""
+    path = study / f"evaluation-{task}" / "results.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text(encoding="utf-8"))["results"]
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {
+            int(r["seed"]): float(r["accuracy"])
+            for r in rows
+            if r["backbone"] == name and r["protocol"] == protocol and r["label_fraction"] == fraction
+        }
+
+    ours, random = by_seed(backbone), by_seed("random")
+    return [ours[seed] - random[seed] for seed in sorted(ours) if seed in random]
+
+
 def health(study: Path, run_name: str) -> dict[str, Any]:
     """First and last values of the pretraining run's curves, and its steps, from the study's MLflow store."""
     from mlflow.tracking import MlflowClient
@@ -55,8 +73,8 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
 def table(task: str, method: str, studies: list[tuple[str, Path]]) -> str:
     lines = [
         f"| lever | steps | L_intra end | ln K − L_intra | uniformity first → end | prediction entropy end | "
-        f"kNN acc @10% ({method} / random) | linear acc @10% ({method} / random) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"kNN acc @10% ({method} / random) | linear acc @10% ({method} / random) | kNN − random per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, study in studies:
         curves = health(study, f"{task}-{method}")
@@ -72,6 +90,8 @@ def table(task: str, method: str, studies: list[tuple[str, Path]]) -> str:
         for protocol in ("knn", "linear"):
             ours, random = probe(study, task, method, protocol), probe(study, task, "random", protocol)
             cells.append(f"{ours[0]:.3f} ± {ours[1]:.3f} / {random[0]:.3f}" if ours and random else "not finished")
+        differences = per_seed(study, task, method, "knn")
+        cells.append(", ".join(f"{d:+.3f}" for d in differences) if differences else "?")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

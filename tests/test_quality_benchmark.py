@@ -130,6 +130,12 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
                           ("random", "linear", 0.96))
     ]  # fmt: skip
     (study / "quality.json").write_text(json.dumps({"tables": {"mednist": {"rows": rows}}}))
+    (study / "evaluation-mednist").mkdir()
+    seeds = [
+        {"backbone": b, "protocol": "knn", "label_fraction": 0.1, "seed": seed, "accuracy": acc}
+        for b, seed, acc in (("swav2d", 0, 0.94), ("random", 0, 0.90), ("swav2d", 1, 0.92), ("random", 1, 0.93))
+    ]
+    (study / "evaluation-mednist" / "results.json").write_text(json.dumps({"results": seeds}))
     tracker = Tracker(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="mednist-swav2d")
     tracker.log_params({"model.intra_prototypes": "[512]"})
     for step, loss, spread, entropy in ((10, 6.4, -2.4, 0.95), (300, 5.0, -1.9, 0.80)):
@@ -142,3 +148,4 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
     assert row.startswith("| eps 0.03 | 300 | 5.00 |")
     assert f"| {math.log(512) - 5.0:.2f} |" in row and "-2.40 → -1.90" in row and "| 0.800 |" in row
     assert "0.930 ± 0.010 / 0.910" in row and "0.970 ± 0.010 / 0.960" in row
+    assert row.endswith("| +0.040, -0.010 |")
