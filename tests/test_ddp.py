@@ -19,7 +19,7 @@ import torch
 from training import tiny_overrides, write_training_data
 
 from medssl.models.joint import JointModel
-from medssl.train.checkpoint import load_checkpoint
+from medssl.runtime.checkpoints import load_checkpoint
 from medssl.train.config import compose_pretrain_config
 from medssl.train.trainer import Trainer
 
@@ -44,6 +44,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
         "trainer.batch.images=4",
         "trainer.batch.stacks=2",
         "logging=none",
+        # global crops of at least 60% of the tiny test images: a small RandomResizedCrop box can land on flat
+        # background, where GroupNorm's 1/sqrt(var + eps) turns the float rounding of a different reduction order
+        # into ~1% of the update (measured: the same run agrees to 1e-7 with these crops or with square boxes)
+        "data.views.global_scale=[0.6,1.0]",
     )
     single = Trainer(compose_pretrain_config([*overrides, "run.name=single"]), project_dir=tmp_path).fit()
 
