@@ -4,11 +4,17 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/lever_table.py --task mednist --method swav2d \\
         baseline=outputs/levers/s1-baseline eps0.03=outputs/levers/s1-eps003 ... [--update BENCHMARKS.md]
+    .venv/bin/python benchmarks/lever_table.py --task cxr --metric auroc \\
+        baseline=out/b-s0,out/b-s1,out/b-s2 koleo=out/k-s0,out/k-s1,out/k-s2     # one folder per pretraining seed
 
 For every study it reads ``quality.json`` (the probes of ``--method`` and of random init at 10% of the labels, mean
 over the evaluation seeds) and, from the study's MLflow store, the pretraining run's health curves: the L_intra loss
 and its gap to ``ln K`` at the end, the embedding uniformity at the first and the last logged step, the prediction
 entropy at the end. Nothing is typed in: every figure comes from the study's own files.
+
+A lever given several folders (``NAME=F1,F2,...``, one pretraining seed each) gets one row per folder and a line in
+a second table: per pretraining seed, ``--metric`` of ``--method`` minus random init's, averaged over the evaluation
+seeds, for kNN and the linear probe.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,17 +30,21 @@ from typing import Any
 from _report import update_section
 
 
-def probe(study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1) -> tuple[float, float] | None:
-    """(mean, std) accuracy of one probe row of the study's ``quality.json``, or None when absent."""
+def probe(
+    study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1, metric: str = "accuracy"
+) -> tuple[float, float] | None:
+    """(mean, std) of ``metric`` in one probe row of the study's ``quality.json``, or None when absent."""
     results = json.loads((study / "quality.json").read_text(encoding="utf-8"))
     for row in results["tables"].get(task, {}).get("rows", []):
         if row["backbone"] == backbone and row["protocol"] == protocol and row["label_fraction"] == fraction:
-            return float(row["accuracy"][0]), float(row["accuracy"][1])
+            return float(row[metric][0]), float(row[metric][1])
     return None
 
 
-def per_seed(study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1) -> list[float]:
-    """Accuracy of ``backbone`` minus random init's, seed by seed (``evaluation-<task>/results.json``)."""
+def per_seed(
+    study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1, metric: str = "accuracy"
+) -> list[float]:
+    """``metric`` of ``backbone`` minus random init's, evaluation seed by seed (``evaluation-<task>/results.json``)."""
     path = study / f"evaluation-{task}" / "results.json"
     if not path.is_file():
         return []
@@ -41,7 +52,7 @@ def per_seed(study: Path, task: str, backbone: str, protocol: str, fraction: flo
 
     def by_seed(name: str) -> dict[int, float]:
         return {
-            int(r["seed"]): float(r["accuracy"])
+            int(r["seed"]): float(r[metric])
             for r in rows
             if r["backbone"] == name and r["protocol"] == protocol and r["label_fraction"] == fraction
         }
@@ -62,7 +73,10 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
     if not runs:
         return {}
     run = runs[0]
-    out: dict[str, Any] = {"prototypes": run.data.params.get("model.intra_prototypes", "[512]")}
+    out: dict[str, Any] = {
+        "prototypes": run.data.params.get("model.intra_prototypes", "[512]"),
+        "seed": run.data.params.get("seed"),
+    }
     for key in ("loss/intra", "health/intra_uniformity", "health/intra_prediction_entropy"):
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         if history:
@@ -70,10 +84,11 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
     return out
 
 
-def table(task: str, method: str, studies: list[tuple[str, Path]]) -> str:
+def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str = "accuracy") -> str:
+    short = {"accuracy": "acc", "auroc": "AUROC"}.get(metric, metric)
     lines = [
         f"| lever | steps | L_intra end | ln K − L_intra | uniformity first → end | prediction entropy end | "
-        f"kNN acc @10% ({method} / random) | linear acc @10% ({method} / random) | kNN − random per seed |",
+        f"kNN {short} @10% ({method} / random) | linear {short} @10% ({method} / random) | kNN − random per seed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, study in studies:
@@ -88,29 +103,66 @@ def table(task: str, method: str, studies: list[tuple[str, Path]]) -> str:
         cells.append(f"{spread[0]:.2f} → {spread[1]:.2f}" if spread else "?")
         cells.append(f"{entropy[1]:.3f}" if entropy else "?")
         for protocol in ("knn", "linear"):
-            ours, random = probe(study, task, method, protocol), probe(study, task, "random", protocol)
+            ours = probe(study, task, method, protocol, metric=metric)
+            random = probe(study, task, "random", protocol, metric=metric)
             cells.append(f"{ours[0]:.3f} ± {ours[1]:.3f} / {random[0]:.3f}" if ours and random else "not finished")
-        differences = per_seed(study, task, method, "knn")
+        differences = per_seed(study, task, method, "knn", metric=metric)
         cells.append(", ".join(f"{d:+.3f}" for d in differences) if differences else "?")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(task: str, method: str, levers: list[tuple[str, list[Path]]], metric: str = "accuracy") -> str:
+    """Per lever, per pretraining seed (one folder each): ``metric`` minus random init's, mean over evaluation seeds."""
+    lines = [
+        f"| lever | pretraining seeds | kNN {metric} − random, per pretraining seed | mean | "
+        f"linear {metric} − random, per pretraining seed | mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, folders in levers:
+        cells = [name, str(len(folders))]
+        for protocol in ("knn", "linear"):
+            means = [statistics.fmean(d) for f in folders if (d := per_seed(f, task, method, protocol, metric=metric))]
+            cells.append(", ".join(f"{m:+.3f}" for m in means) if means else "?")
+            cells.append(f"{statistics.fmean(means):+.3f}" if means else "?")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("studies", nargs="+", metavar="NAME=FOLDER", help="a quality.py --out folder per lever")
+    parser.add_argument(
+        "studies",
+        nargs="+",
+        metavar="NAME=FOLDER[,FOLDER...]",
+        help="quality.py --out folders per lever (one per seed)",
+    )
+    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "auroc"))
     parser.add_argument("--task", default="mednist")
     parser.add_argument("--method", default="swav2d")
     parser.add_argument("--update", help="write the table into this Markdown file's --section")
     parser.add_argument("--section", default="levers-table")
     args = parser.parse_args(argv)
-    studies = []
+    levers: list[tuple[str, list[Path]]] = []
     for item in args.studies:
-        name, _, folder = item.partition("=")
-        if not folder or not (Path(folder) / "quality.json").is_file():
-            parser.error(f"{item!r}: expected NAME=FOLDER with FOLDER/quality.json")
-        studies.append((name, Path(folder)))
-    text = table(args.task, args.method, studies)
+        name, _, spec = item.partition("=")
+        folders = [Path(f) for f in spec.split(",") if f]
+        if not folders or not all((f / "quality.json").is_file() for f in folders):
+            parser.error(f"{item!r}: expected NAME=FOLDER[,FOLDER...] with FOLDER/quality.json")
+        levers.append((name, folders))
+    studies = [
+        (
+            name
+            if len(folders) == 1
+            else f"{name} (seed {health(folder, f'{args.task}-{args.method}').get('seed', i)})",
+            folder,
+        )
+        for name, folders in levers
+        for i, folder in enumerate(folders)
+    ]
+    text = table(args.task, args.method, studies, args.metric)
+    if any(len(folders) > 1 for _, folders in levers):
+        text += "\n\n" + seed_table(args.task, args.method, levers, args.metric)
     print(text)
     if args.update:
         update_section(Path(args.update), text + "\n", args.section)

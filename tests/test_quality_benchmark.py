@@ -120,7 +120,7 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
 
     import lever_table
 
-    from medssl.train.tracking import Tracker
+    from medssl.runtime.tracking import Tracker
 
     study = tmp_path / "eps"
     study.mkdir()
@@ -149,3 +149,27 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
     assert f"| {math.log(512) - 5.0:.2f} |" in row and "-2.40 → -1.90" in row and "| 0.800 |" in row
     assert "0.930 ± 0.010 / 0.910" in row and "0.970 ± 0.010 / 0.960" in row
     assert row.endswith("| +0.040, -0.010 |")
+
+
+def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seeds(tmp_path: Path) -> None:
+    import json
+
+    import lever_table
+
+    folders = []
+    for name, ours in (("s0", (0.90, 0.94)), ("s1", (0.80, 0.86))):
+        study = tmp_path / name
+        (study / "evaluation-cxr").mkdir(parents=True)
+        (study / "quality.json").write_text(json.dumps({"tables": {"cxr": {"rows": []}}}))
+        results = [
+            {"backbone": b, "protocol": p, "label_fraction": 0.1, "seed": seed, "auroc": value, "accuracy": 0.5}
+            for p in ("knn", "linear")
+            for seed, value, b in ((0, ours[0], "swav2d"), (1, ours[1], "swav2d"), (0, 0.85, "random"),
+                                   (1, 0.88, "random"))
+        ]  # fmt: skip
+        (study / "evaluation-cxr" / "results.json").write_text(json.dumps({"results": results}))
+        folders.append(study)
+    text = lever_table.seed_table("cxr", "swav2d", [("koleo", folders)], metric="auroc")
+    row = text.splitlines()[-1]
+    # seed 0: (0.90 - 0.85 + 0.94 - 0.88) / 2 = +0.055; seed 1: (0.80 - 0.85 + 0.86 - 0.88) / 2 = -0.035
+    assert row == "| koleo | 2 | +0.055, -0.035 | +0.010 | +0.055, -0.035 | +0.010 |"
