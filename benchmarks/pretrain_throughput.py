@@ -166,9 +166,9 @@ def phase_method(args: dict[str, Any], method: str) -> dict[str, Any]:
     import torch
 
     from medssl.models import joint as joint_module
-    from medssl.train.checkpoint import load_checkpoint
+    from medssl.runtime.checkpoints import load_checkpoint
+    from medssl.runtime.devices import resolve_device
     from medssl.train.config import compose_pretrain_config
-    from medssl.train.distributed import resolve_device
     from medssl.train.trainer import Trainer, resolve_precision
 
     if args["threads"]:

@@ -419,7 +419,7 @@ def summary_figure(results: dict[str, Any]) -> Any:
 
 def log_summary(settings: Settings, files: Sequence[Path]) -> str:
     """One ``quality-summary`` MLflow run (experiment medssl-quality) holding the tables, the JSON and the plot."""
-    from medssl.train.tracking import Tracker
+    from medssl.runtime.tracking import Tracker
 
     tracker = Tracker(settings.tracking_uri, "medssl-quality", run_name="quality-summary")
     tracker.log_params({"budget_minutes": str(settings.budget_minutes), "encoder": settings.encoder,

@@ -58,6 +58,8 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
 
 
 def measure(args: dict[str, Any]) -> dict[str, Any]:
+    from medssl.objectives.masked import masked_slice_loss
+
     torch, model, objective, crops, stacks = _setup(args)
     repeats = args["repeats"]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -107,7 +109,9 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 
         def masked() -> None:
             model.zero_grad(set_to_none=True)
-            losses = [model.masked(t, stacks.mask, model.transformer, stacks.positions)[0] for t in tokens]
+            losses = [
+                masked_slice_loss(model.masked(t, stacks.mask, model.transformer, stacks.positions))[0] for t in tokens
+            ]
             torch.stack(losses).mean().backward()
 
         def sgd() -> None:

@@ -10,10 +10,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from medssl.data import demo_data
 from medssl.data.cache import build_cache
 from medssl.data.datasets import MultiCropSliceDataset, StackConfig, TwoViewStackDataset, cached_items
-from medssl.data.demo_data import (
+from medssl.data.manifest import read_manifest, write_manifest
+from medssl.data.preprocess import PreprocessConfig
+from medssl.data.samplers import BalancedGroupBatchSampler
+from medssl.data.scan import ScanOptions, scan_folder
+from medssl.data.views import MultiCropConfig
+from medssl.demo import data as demo_data
+from medssl.demo.data import (
     DEMO_REQUIREMENTS,
     LABELS_NAME,
     README_NAME,
@@ -25,11 +30,6 @@ from medssl.data.demo_data import (
     scan_demo_data,
     xray_phantom,
 )
-from medssl.data.manifest import read_manifest, write_manifest
-from medssl.data.preprocess import PreprocessConfig
-from medssl.data.samplers import BalancedGroupBatchSampler
-from medssl.data.scan import ScanOptions, scan_folder
-from medssl.data.views import MultiCropConfig
 
 N_PHANTOMS = 2  # of each kind: 2 CT volumes, 2 MR volumes, 2 X-ray images
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None

@@ -1,4 +1,4 @@
-"""L_mask: masked slice-embedding prediction."""
+"""L_mask: masked slice-embedding prediction (the head in models/, the loss in objectives/)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.objectives.masked import MaskedSliceModeling, sample_slice_mask
+from medssl.models.masked import MaskedSliceHead, sample_slice_mask
+from medssl.objectives.masked import masked_slice_loss
 
 
 @dataclass
@@ -54,8 +55,8 @@ def test_loss_matches_a_plain_reference_and_ignores_unmasked_slices():
     tokens, valid = batch()
     masked = sample_slice_mask(valid, 0.3, torch.Generator().manual_seed(3))
     transformer = PositionwiseTransformer(6, 5)
-    module = MaskedSliceModeling(token_dim=6, model_dim=5, mask_ratio=0.3)
-    loss, metrics = module(tokens, valid, transformer, masked=masked)
+    module = MaskedSliceHead(token_dim=6, model_dim=5, mask_ratio=0.3)
+    loss, metrics = masked_slice_loss(module(tokens, valid, transformer, masked=masked))
 
     # plain reference: loop over masked slices
     total, count = 0.0, 0
@@ -71,7 +72,7 @@ def test_loss_matches_a_plain_reference_and_ignores_unmasked_slices():
 
     changed = tokens.clone()
     changed[~masked] = torch.randn_like(changed[~masked]) * 10
-    again, _ = module(changed, valid, transformer, masked=masked)
+    again, _ = masked_slice_loss(module(changed, valid, transformer, masked=masked))
     torch.testing.assert_close(again, loss)
 
 
@@ -79,8 +80,8 @@ def test_targets_are_stop_gradient_and_the_mask_token_learns():
     tokens, valid = batch()
     tokens.requires_grad_(True)
     masked = sample_slice_mask(valid, 0.3, torch.Generator().manual_seed(0))
-    module = MaskedSliceModeling(token_dim=6, model_dim=6, mask_ratio=0.3)
-    loss, _ = module(tokens, valid, PositionwiseTransformer(6, 6), masked=masked)
+    module = MaskedSliceHead(token_dim=6, model_dim=6, mask_ratio=0.3)
+    loss, _ = masked_slice_loss(module(tokens, valid, PositionwiseTransformer(6, 6), masked=masked))
     loss.backward()
     assert tokens.grad is not None
     assert torch.count_nonzero(tokens.grad[masked]) == 0, "masked slices are only targets (detached)"
@@ -89,8 +90,8 @@ def test_targets_are_stop_gradient_and_the_mask_token_learns():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mask_ratio"):
-        MaskedSliceModeling(4, 4, mask_ratio=0.0)
+        MaskedSliceHead(4, 4, mask_ratio=0.0)
     tokens, valid = batch()
-    module = MaskedSliceModeling(6, 6)
+    module = MaskedSliceHead(6, 6)
     with pytest.raises(ValueError, match="real slices"):
         module(tokens, valid, PositionwiseTransformer(6, 6), masked=~valid)

@@ -13,7 +13,7 @@ from labelled_data import hippocampus_manifest, write_segmentation_data
 from mlflow import MlflowClient
 
 from medssl.cli import main
-from medssl.downstream.common import load_backbone, structured_config
+from medssl.downstream.common import load_backbone
 from medssl.downstream.segmentation import (
     PretrainedUNet,
     SegmentationConfig,
@@ -23,6 +23,7 @@ from medssl.downstream.segmentation import (
 )
 from medssl.export.bundle import ExportedBackbone, write_bundle
 from medssl.models.encoders import create_encoder
+from medssl.runtime.configs import structured_config
 
 SMALL = ["model.encoder=resnet10", "decoder_channels=[32,32,16,16,8]", "data.workers=1", "log_every=0"]
 

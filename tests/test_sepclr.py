@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medssl.objectives.sepclr import SepCLRHeads, SepCLRLoss, align_loss, joint_entropy_loss, uniform_loss
+from medssl.models.heads import SepCLRHeads
+from medssl.objectives.sepclr import SepCLRLoss, align_loss, joint_entropy_loss, uniform_loss
 
 # ---- plainly written references (loops over rows and pairs) ----
 

@@ -23,7 +23,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from medssl.train.tracking import (
+from medssl.runtime.tracking import (
     TRUNCATION_MARKER,
     Tracker,
     default_tracking_uri,

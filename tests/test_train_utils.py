@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medssl.runtime.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.train.schedules import warmup_cosine
 
 

@@ -18,7 +18,7 @@ from training import tiny_overrides, write_training_data
 
 from medssl.data.errors import ManifestError
 from medssl.objectives.joint import JointObjective
-from medssl.train.checkpoint import load_checkpoint
+from medssl.runtime.checkpoints import load_checkpoint
 from medssl.train.config import compose_pretrain_config
 from medssl.train.trainer import NonFiniteLossError, Trainer
 

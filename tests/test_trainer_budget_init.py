@@ -17,7 +17,7 @@ from training import tiny_overrides, write_training_data
 
 from medssl.data.errors import ManifestError
 from medssl.objectives.joint import JointObjective
-from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+from medssl.runtime.checkpoints import load_checkpoint, save_checkpoint
 from medssl.train.config import compose_pretrain_config
 from medssl.train.schedules import warmup_cosine
 from medssl.train.trainer import BUDGET_MARGIN, Trainer, TrainResult, calibrate_schedule

@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
-from medssl.data.manifest import Manifest, ManifestRow, atomic_write_text, write_csv
+from medssl.data.manifest import Manifest, ManifestRow, write_csv
 from medssl.data.preprocess import PreprocessConfig, preprocess
 from medssl.data.readers import read_row
+from medssl.runtime.files import atomic_write_text, atomic_write_with
 
 CACHE_FORMAT_VERSION = 1
 
@@ -108,10 +109,7 @@ class FileDigests:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda handle: np.save(handle, array), durable=False)  # a cache: rebuilt if lost
 
 
 def build_entry(row: ManifestRow, path: Path, directory: Path, key: str, config: PreprocessConfig) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from medssl.data.datasets import SliceConfig, StackConfig
 from medssl.data.preprocess import PreprocessConfig
 from medssl.data.views import MultiCropConfig
+from medssl.runtime.configs import structured_config
 
 
 @dataclass
@@ -39,11 +39,4 @@ def data_config(values: DictConfig | dict[str, Any] | None = None, overrides: li
 
     A wrong key or value raises ``ValueError`` naming it as ``data.<key>``.
     """
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(DataConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
-        )
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ValueError(f"data.{key}: {str(exc).splitlines()[0]}") from None
+    return structured_config(DataConfig, values, overrides, prefix="data.")

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from medssl.data.errors import ManifestError
+from medssl.runtime.files import atomic_write_text
 
 MAGIC = "# medssl-manifest v1"
 COLUMNS: tuple[str, ...] = (
@@ -115,17 +116,6 @@ class Manifest:
             "splits": dict(Counter(r.split or "-" for r in self.rows)),
             "groups": dict(Counter(r.group or "-" for r in self.rows)),
         }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _relative_root(root: Path, manifest_path: Path) -> str:

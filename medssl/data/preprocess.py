@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from medssl.data.errors import DataError
 from medssl.data.readers import LoadedImage
+from medssl.runtime.configs import structured_config
 
 CT_MODALITIES = frozenset({"CT"})
 MR_MODALITIES = frozenset({"MR"})
@@ -66,12 +65,7 @@ class PreprocessConfig:
     @classmethod
     def from_overrides(cls, overrides: list[str], base: dict[str, Any] | None = None) -> PreprocessConfig:
         """Build from ``key=value`` strings (Hydra/OmegaConf syntax); unknown keys name themselves."""
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls), base or {}, OmegaConf.from_dotlist(overrides))
-            return OmegaConf.to_object(merged)  # type: ignore[return-value]
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise ValueError(f"preprocess.{key}: {str(exc).splitlines()[0]}") from None
+        return structured_config(cls, base, overrides, prefix="preprocess.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,6 @@ patient-disjoint splits, and the MLflow record of a fine-tuning run.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 from monai.networks.nets import ResNet
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from medssl.data.preprocess import PreprocessConfig
@@ -45,28 +43,6 @@ class LabelledDataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
-
-
-def structured_config(schema: type, values: Any = None, overrides: list[str] | None = None) -> Any:
-    """``schema`` (a dataclass) filled from a mapping and ``key=value`` overrides; errors name the key."""
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(schema), values or {}, OmegaConf.from_dotlist(list(overrides or []))
-        )
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ValueError):
-            raise ValueError(str(cause)) from None
-        raise ValueError(f"{getattr(exc, 'full_key', None) or '?'}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -257,7 +233,7 @@ def log_finetune_run(
 ) -> str:
     """One MLflow run in ``config.experiment``: flat params, ``medssl.pretrained_loaded`` tag, metrics,
     ``results.json`` and figures (name -> matplotlib figure). Returns the run id."""
-    from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
+    from medssl.runtime.tracking import Tracker, default_tracking_uri, flatten_config
 
     uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
     tracker = Tracker(uri, config.experiment, run_name=run_name)

@@ -42,8 +42,8 @@ from medssl.downstream.common import (
     labelled_train_test,
     load_backbone,
     log_finetune_run,
-    seed_everything,
 )
+from medssl.runtime.seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -530,7 +530,7 @@ def run_detection(config: DetectionConfig, project_dir: Path | None = None) -> d
         boxes came from), ``final_loss``, ``predictions`` (per test case id: detections kept) and ``run_id`` (MLflow,
         when ``mlflow``).
     """
-    from medssl.train.distributed import resolve_device
+    from medssl.runtime.devices import resolve_device
 
     seed_everything(config.seed)
     train, test, how = _load_detection_cases(config)
@@ -607,7 +607,7 @@ def run_detection(config: DetectionConfig, project_dir: Path | None = None) -> d
 def _tag_boxes(config: DetectionConfig, project_dir: Path | None, run_id: str, how: str) -> None:
     from mlflow import MlflowClient
 
-    from medssl.train.tracking import default_tracking_uri
+    from medssl.runtime.tracking import default_tracking_uri
 
     uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
     MlflowClient(tracking_uri=uri).set_tag(run_id, "medssl.boxes", how)

@@ -20,9 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from medssl.data.manifest import atomic_write_text
 from medssl.downstream.classifier import FinetuneSchedule
-from medssl.downstream.common import seed_everything
 from medssl.downstream.finetune import (
     PROTOCOLS,
     FinetuneDataConfig,
@@ -33,7 +31,9 @@ from medssl.downstream.finetune import (
     probe,
 )
 from medssl.downstream.spaces import SPACES
-from medssl.train.distributed import resolve_device
+from medssl.runtime.devices import resolve_device
+from medssl.runtime.files import atomic_write_text
+from medssl.runtime.seeding import seed_everything
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy")
 
@@ -76,8 +76,7 @@ class EvaluateConfig:
 
 
 def compose_evaluate_config(overrides: list[str] | None = None, path: str | Path | None = None) -> EvaluateConfig:
-    from medssl.downstream.finetune import structured_config
-    from medssl.train.config import config_dir
+    from medssl.runtime.configs import config_dir, structured_config
 
     source = Path(path) if path is not None else config_dir() / "evaluate" / "classification.yaml"
     if not source.is_file():
@@ -188,7 +187,7 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
     print(f"medssl evaluate: report {out / 'report.md'}")
     run_id = None
     if config.mlflow:
-        from medssl.train.tracking import Tracker, default_tracking_uri, flatten_config
+        from medssl.runtime.tracking import Tracker, default_tracking_uri, flatten_config
 
         uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
         tracker = Tracker(uri, config.experiment, run_name="classification")

@@ -28,8 +28,6 @@ from medssl.downstream.common import (
     FinetuneModelConfig,
     load_backbone,
     log_finetune_run,
-    seed_everything,
-    structured_config,
 )
 from medssl.downstream.probes import (
     LabelledImageDataset,
@@ -40,7 +38,9 @@ from medssl.downstream.probes import (
     linear_probe,
 )
 from medssl.downstream.spaces import SPACES, load_space_encoder
-from medssl.train.distributed import resolve_device
+from medssl.runtime.configs import structured_config
+from medssl.runtime.devices import resolve_device
+from medssl.runtime.seeding import seed_everything
 
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -115,7 +115,7 @@ def finetune_config(values: Any = None, overrides: list[str] | None = None, task
 def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> Any:
     """``configs/finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides, typed by
     the task's config dataclass (:data:`TASKS`)."""
-    from medssl.train.config import config_dir
+    from medssl.runtime.configs import config_dir
 
     folder = Path(directory) if directory is not None else config_dir() / "finetune"
     overrides = list(overrides or [])

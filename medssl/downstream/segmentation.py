@@ -35,8 +35,8 @@ from medssl.downstream.common import (
     load_backbone,
     log_finetune_run,
     resnet_stages,
-    seed_everything,
 )
+from medssl.runtime.seeding import seed_everything
 
 MODES = ("2d", "3d")
 MIN_ROI = 16  # medssl's default encoder strides 16 (stem 2 x stages 8); a max-pool stem is checked at run time
@@ -459,7 +459,7 @@ def run_segmentation(config: SegmentationConfig, project_dir: Path | None = None
         ``train_loss`` (mean of the last 10 steps), ``cases`` (per-case Dice), ``loaded`` (what loaded) and
         ``run_id`` (MLflow, None when ``mlflow=false``).
     """
-    from medssl.train.distributed import resolve_device
+    from medssl.runtime.devices import resolve_device
 
     seed_everything(config.seed)
     device = resolve_device(config.device)

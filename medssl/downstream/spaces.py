@@ -50,9 +50,8 @@ def load_space_encoder(pretrained: str, encoder: str, space: str) -> tuple[nn.Mo
             ``space``.
     """
     from medssl.models.joint import JointModelConfig
-    from medssl.train.checkpoint import load_checkpoint
+    from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint
     from medssl.train.config import pretrain_config
-    from medssl.train.trainer import latest_checkpoint
 
     if space not in ("common", "salient"):
         raise ValueError(f"model.space must be one of {SPACES}, got {space!r}")

@@ -26,8 +26,8 @@ import monai
 import numpy as np
 import torch
 
-from medssl.data.manifest import atomic_write_text
-from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from medssl.runtime.files import atomic_write_text
 
 BUNDLE_VERSION = "1.0.0"
 CHECKPOINT_PREFIX = "model.encoder.backbone."  # where the encoder's weights sit in a training checkpoint
@@ -116,7 +116,7 @@ def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
     meta_path, weights_path = run_dir / "backbone.json", run_dir / "backbone.pt"
     if meta_path.is_file() and weights_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        checkpoint = _latest(run_dir)
+        checkpoint = latest_checkpoint(run_dir)
         config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else {}
         return ExportedBackbone(
             network_kwargs=_plain_norm(meta["kwargs"]),
@@ -126,16 +126,10 @@ def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
             run_id=meta.get("run_id"),
             run_name=str(meta.get("run_name", run_dir.name)),
         )
-    checkpoint = _latest(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no backbone.pt/backbone.json and no checkpoints/latest")
     return backbone_from_checkpoint(checkpoint)
-
-
-def _latest(run_dir: Path) -> Path | None:
-    from medssl.train.trainer import latest_checkpoint
-
-    return latest_checkpoint(run_dir)
 
 
 def backbone_from_mlflow(run_id: str, tracking_uri: str) -> ExportedBackbone:
@@ -173,7 +167,7 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBack
     if path.is_file():
         return backbone_from_checkpoint(path)
     if len(source) == 32 and all(c in "0123456789abcdef" for c in source):
-        from medssl.train.tracking import default_tracking_uri
+        from medssl.runtime.tracking import default_tracking_uri
 
         return backbone_from_mlflow(source, tracking_uri or default_tracking_uri(Path.cwd()))
     raise FileNotFoundError(f"{source}: not a run folder, a checkpoint file or an MLflow run id")
@@ -349,7 +343,7 @@ def export_bundle(
         exported = inflate_to_3d(exported, depth_kernel)
     path = write_bundle(exported, Path(out))
     if log_to_mlflow and exported.run_id:
-        from medssl.train.tracking import Tracker, default_tracking_uri
+        from medssl.runtime.tracking import Tracker, default_tracking_uri
 
         uri = tracking_uri or default_tracking_uri(Path.cwd())
         try:

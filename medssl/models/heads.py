@@ -1,4 +1,5 @@
-"""Projection head and prototypes of SwAV / DeepCluster-v2 (Caron et al., 2020; ``facebookresearch/swav``)."""
+"""Heads on the encoder: SwAV / DeepCluster-v2 projector and prototypes (Caron et al., 2020; ``facebookresearch/swav``)
+and SepCLR's common and salient projectors (Louiset et al., ICLR 2024)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ProjectionHead", "Prototypes"]
+__all__ = ["ProjectionHead", "Prototypes", "SepCLRHeads"]
 
 
 class ProjectionHead(nn.Module):
@@ -117,3 +118,65 @@ class Prototypes(nn.Module):
         """Drop the gradients of all prototypes (``.grad = None``) so the optimiser step leaves them unchanged."""
         for p in self.parameters():
             p.grad = None
+
+
+def _projector(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
+    norm: nn.Module = nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class SepCLRHeads(nn.Module):
+    """The two SepCLR projectors: ``Linear -> BatchNorm1d -> ReLU -> Linear`` each (Louiset et al., ICLR 2024).
+
+    The common head's output is L2-normalised (sphere); the salient head's output is left as is (Euclidean, so that
+    background samples can sit on the null vector ``s' = 0``).
+
+    One trunk with two heads: call ``heads(features)``; both heads read the same ``[B, in_dim]`` features.
+    Two encoders (the paper's variant): call ``heads(common_features, salient_features)``; each head reads its own
+    encoder's features. The caller (model/trainer) decides which variant it builds.
+
+    Args:
+        in_dim: feature dimension read by the common head (and by the salient head unless ``salient_in_dim``).
+        common_dim: dimension of ``c``.
+        salient_dim: dimension of ``s``.
+        hidden_dim: hidden width of both projectors (paper: 128).
+        salient_in_dim: feature dimension of the salient encoder, when it differs from ``in_dim``.
+        batch_norm: BatchNorm1d after the hidden Linear (off for batch-independent models, ``model.norm`` != batch).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        common_dim: int = 32,
+        salient_dim: int = 32,
+        hidden_dim: int = 128,
+        salient_in_dim: int | None = None,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_dim", in_dim),
+            ("common_dim", common_dim),
+            ("salient_dim", salient_dim),
+            ("hidden_dim", hidden_dim),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if salient_in_dim is not None and salient_in_dim < 1:
+            raise ValueError(f"salient_in_dim must be >= 1 or None, got {salient_in_dim}")
+        self.common_head = _projector(in_dim, hidden_dim, common_dim, batch_norm)
+        self.salient_head = _projector(salient_in_dim or in_dim, hidden_dim, salient_dim, batch_norm)
+
+    def forward(self, features: Tensor, salient_features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Project features to the two spaces.
+
+        Args:
+            features: ``[B, in_dim]``; the common head's input (and the salient head's, if ``salient_features``
+                is None).
+            salient_features: ``[B, salient_in_dim]`` from a separate salient encoder, or None.
+        Returns:
+            ``(c, s)``: ``c`` ``[B, common_dim]`` unit-norm rows, ``s`` ``[B, salient_dim]`` unnormalised.
+        """
+        c = F.normalize(self.common_head(features), dim=1)
+        s = self.salient_head(features if salient_features is None else salient_features)
+        return c, s

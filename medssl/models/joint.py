@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from medssl.models.encoders import create_encoder
-from medssl.models.heads import ProjectionHead, Prototypes
+from medssl.models.heads import ProjectionHead, Prototypes, SepCLRHeads
+from medssl.models.masked import MaskedSliceHead
 from medssl.models.slice_transformer import SliceTransformer
-from medssl.objectives.masked import MaskedSliceModeling
-from medssl.objectives.sepclr import SepCLRHeads
 
 
 @dataclass
@@ -95,7 +94,7 @@ class JointModel(nn.Module):
             attention=cfg.attention,  # type: ignore[arg-type]
         )
         self.inter_prototypes = Prototypes(cfg.transformer_dim, cfg.inter_prototypes)
-        self.masked = MaskedSliceModeling(dim, cfg.transformer_dim, cfg.mask_ratio)
+        self.masked = MaskedSliceHead(dim, cfg.transformer_dim, cfg.mask_ratio)
         self.sep_heads = SepCLRHeads(
             dim, cfg.sep_common_dim, cfg.sep_salient_dim, cfg.sep_hidden, batch_norm=batch_norm
         )

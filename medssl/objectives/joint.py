@@ -28,6 +28,7 @@ from medssl.models.joint import JointModel
 from medssl.objectives.deepcluster import DeepClusterHead
 from medssl.objectives.distributed import world_size
 from medssl.objectives.health import alignment, per_dimension_std, uniformity
+from medssl.objectives.masked import masked_slice_loss
 from medssl.objectives.numerics import at_least_float32
 from medssl.objectives.sepclr import SepCLRLoss
 from medssl.objectives.simclr import InfoNCELoss
@@ -420,8 +421,10 @@ class JointObjective(nn.Module):
             if w.mask > 0:
                 noise = stacks.mask_noise  # type: ignore[union-attr]
                 losses = [
-                    self.model.masked(
-                        t, mask, self.model.transformer, positions, noise=None if noise is None else noise[:, v]
+                    masked_slice_loss(
+                        self.model.masked(
+                            t, mask, self.model.transformer, positions, noise=None if noise is None else noise[:, v]
+                        )
                     )[0]
                     for v, t in enumerate(tokens)
                 ]

@@ -1,134 +1,35 @@
 """L_mask: masked slice-embedding prediction (Nguyen et al., AAAI 2023; BERT/MAE-style).
 
-A fraction of each volume's real slice tokens is replaced by a learned mask token, the slice
-transformer runs on the corrupted sequence, and a light decoder predicts the original slice
-embeddings at the masked positions. Targets are detached (stop-gradient) and, by default,
-layer-normalised without affine parameters (as MAE's normalised-pixel targets), so the loss
-cannot be lowered by shrinking the embeddings. The loss is the mean squared error over masked
-positions only (the released code averaged over all positions; see reference/methods.md §1.4).
+The loss is the mean squared error between the decoded and the original slice embeddings over the masked positions
+only (the released code averaged over all positions; see reference/methods.md §1.4). The head that masks and decodes
+is :class:`medssl.models.masked.MaskedSliceHead`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from medssl.models.masked import MaskedPrediction
 
 
-class _TransformerOutput(Protocol):
-    tokens: torch.Tensor
-    volume: torch.Tensor
-
-
-class SliceSequenceModel(Protocol):
-    def __call__(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
-    ) -> _TransformerOutput: ...
-
-
-def sample_slice_mask(
-    valid: torch.Tensor,
-    ratio: float,
-    generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Choose ``ceil(ratio * L)`` real slices of each volume (at least one, at most ``L - 1``).
+def masked_slice_loss(prediction: MaskedPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean squared error over the masked slices (float32).
 
     Args:
-        valid: ``[B, N]`` bool, True for real slices (padding at the end).
-        noise: ``[B, N]`` uniform [0, 1) scores (the lowest are masked); drawn from ``generator`` when None. The
-            trainer passes per-sample noise from the data loader, so that a sample's mask does not depend on which
-            process or batch it lands in.
+        prediction: ``predictions`` and ``targets`` ``[B, N, D]``, ``masked`` and ``valid`` ``[B, N]``.
     Returns:
-        ``[B, N]`` bool, True for the slices to mask; never a padded slice.
+        ``(loss, metrics)``; metrics: ``masked_fraction`` (masked over real slices) and ``target_cosine`` (cosine
+        between predictions and targets on the masked slices, a readable progress signal). With no masked slice the
+        loss is a zero that keeps the graph.
     """
-    lengths = valid.sum(dim=1)
-    counts = torch.clamp(torch.ceil(lengths.float() * ratio).long(), min=1)
-    counts = torch.minimum(counts, torch.clamp(lengths - 1, min=0))
-    if noise is None:
-        noise = torch.rand(valid.shape, generator=generator, device=valid.device)
-    elif noise.shape != valid.shape:
-        raise ValueError(f"noise must have the shape of valid {tuple(valid.shape)}, got {tuple(noise.shape)}")
-    noise = noise.masked_fill(~valid, 2.0)  # padded slices sort last
-    ranks = noise.argsort(dim=1).argsort(dim=1)
-    return ranks < counts[:, None]
-
-
-class MaskedSliceModeling(nn.Module):
-    """Masked slice-embedding prediction head and loss.
-
-    Args:
-        token_dim: dimension D of the slice embeddings fed to the transformer ``[B, N, D]``.
-        model_dim: output dimension of the transformer's per-slice tokens.
-        mask_ratio: fraction of real slices masked per volume (paper code: 0.1; 0.1–0.15 typical).
-        decoder_hidden: 0 for a linear decoder (as released), else a one-hidden-layer MLP.
-        normalize_targets: layer-normalise targets (no affine) before the MSE.
-    """
-
-    def __init__(
-        self,
-        token_dim: int,
-        model_dim: int,
-        mask_ratio: float = 0.15,
-        decoder_hidden: int = 0,
-        normalize_targets: bool = True,
-    ) -> None:
-        super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if token_dim < 1 or model_dim < 1 or decoder_hidden < 0:
-            raise ValueError(f"token_dim/model_dim must be >= 1 and decoder_hidden >= 0, got {token_dim, model_dim}")
-        self.mask_ratio = mask_ratio
-        self.normalize_targets = normalize_targets
-        self.mask_token = nn.Parameter(torch.randn(token_dim) * 0.02)
-        if decoder_hidden:
-            self.decoder: nn.Module = nn.Sequential(
-                nn.Linear(model_dim, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, token_dim)
-            )
-        else:
-            self.decoder = nn.Linear(model_dim, token_dim)
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        valid: torch.Tensor,
-        transformer: SliceSequenceModel,
-        positions: torch.Tensor | None = None,
-        masked: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for one batch of slice embeddings.
-
-        Args:
-            tokens: ``[B, N, D]`` slice embeddings from the encoder (targets are taken detached).
-            valid: ``[B, N]`` bool, True for real slices.
-            transformer: the slice transformer (called on the corrupted tokens).
-            positions: ``[B, N]`` slice positions in mm (passed to the transformer).
-            masked: ``[B, N]`` bool slices to mask; drawn with ``mask_ratio`` when None.
-        noise: ``[B, N]`` uniform scores used to draw ``masked`` (see :func:`sample_slice_mask`).
-        Returns:
-            ``(loss, metrics)``; metrics: ``masked_fraction`` and ``target_cosine`` (cosine between
-            predictions and targets on masked slices, a readable progress signal).
-        """
-        if masked is None:
-            masked = sample_slice_mask(valid, self.mask_ratio, generator, noise)
-        if bool((masked & ~valid).any()):
-            raise ValueError("masked slices must be real slices (valid)")
-        targets = tokens.detach()
-        if self.normalize_targets:
-            targets = F.layer_norm(targets, targets.shape[-1:])
-        corrupted = torch.where(masked[..., None], self.mask_token.to(tokens.dtype), tokens)
-        output = transformer(corrupted, valid, positions)
-        predictions = self.decoder(output.tokens)
-        picked_pred, picked_target = predictions[masked].float(), targets[masked].float()
-        if picked_pred.shape[0] == 0:
-            loss = predictions.sum() * 0.0
-            cosine = torch.zeros((), device=tokens.device)
-        else:
-            loss = F.mse_loss(picked_pred, picked_target)
-            cosine = F.cosine_similarity(picked_pred.detach(), picked_target, dim=-1).mean()
-        fraction = masked.sum() / valid.sum().clamp(min=1)
-        return loss, {"masked_fraction": fraction.detach().float(), "target_cosine": cosine}
+    masked = prediction.masked
+    picked_pred, picked_target = prediction.predictions[masked].float(), prediction.targets[masked].float()
+    if picked_pred.shape[0] == 0:
+        loss = prediction.predictions.sum() * 0.0
+        cosine = torch.zeros((), device=prediction.predictions.device)
+    else:
+        loss = F.mse_loss(picked_pred, picked_target)
+        cosine = F.cosine_similarity(picked_pred.detach(), picked_target, dim=-1).mean()
+    fraction = masked.sum() / prediction.valid.sum().clamp(min=1)
+    return loss, {"masked_fraction": fraction.detach().float(), "target_cosine": cosine}

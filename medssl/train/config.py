@@ -7,7 +7,6 @@ starts, with a message naming the key (``trainer.optimizer.lr: ...``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from medssl.data.config import DataConfig
 from medssl.models.joint import JointModelConfig
 from medssl.objectives.joint import JointObjectiveConfig
 from medssl.objectives.simclr import MoCHiConfig
+from medssl.runtime.configs import config_dir, structured_config
 
 METHODS = ("joint", "simclr")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -218,40 +218,12 @@ def pretrain_config(
     Raises:
         ValueError: naming the key, for unknown keys, wrong types and out-of-range values.
     """
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(PretrainConfig), values or {}, OmegaConf.from_dotlist(list(overrides or []))
-        )
-        config: PretrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
-        if cause is not None:  # a dataclass __post_init__ check, wrapped by OmegaConf
-            section = _section_of(cause)
-            raise ValueError(f"{section + ': ' if section else ''}{cause}") from None
-        raise ValueError(f"{key}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        section = _section_of(exc)
-        raise ValueError(f"{section + ': ' if section else ''}{exc}") from None
-    return config
+    return structured_config(PretrainConfig, values, overrides, section_of=_section_of)
 
 
 def to_container(config: PretrainConfig) -> dict[str, Any]:
     """The resolved configuration as plain nested dicts/lists (for YAML, MLflow params and checkpoints)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
-
-
-def config_dir() -> Path:
-    """The folder with ``pretrain.yaml``: ``$MEDSSL_CONFIG_DIR``, else ``configs/`` of the source checkout."""
-    env = os.environ.get("MEDSSL_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
-    for candidate in candidates:
-        if (candidate / "pretrain.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no pretrain.yaml in {', '.join(map(str, candidates))}; set MEDSSL_CONFIG_DIR to the repository's configs/"
-    )
 
 
 def compose_pretrain_config(

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from medssl.runtime.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -30,17 +32,6 @@ class DistributedContext:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's CUDA device when there is one, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
-    index = local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
 
 
 def setup_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: int = 30) -> DistributedContext:

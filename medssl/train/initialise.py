@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from medssl.train.checkpoint import load_checkpoint
+from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
 ENCODER = "encoder"
 # The model's modules that each loss term trains (besides the encoder).
@@ -79,8 +79,6 @@ class InitReport:
 def find_init_source(source: str | Path) -> Path:
     """The file ``trainer.init_from`` names: a run folder's latest checkpoint (else its ``backbone.pt``), a bundle's
     ``models/model.pt``, or the file itself."""
-    from medssl.train.trainer import latest_checkpoint  # the trainer imports this module
-
     path = Path(source)
     if path.is_file():
         return path

@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import math
-import random
 import signal
 import statistics
 import time
@@ -31,12 +30,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medssl.data.manifest import atomic_write_text
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
 from medssl.objectives.joint import JointObjective, JointObjectiveConfig, SepBatch, StackBatch
+from medssl.runtime.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from medssl.runtime.files import atomic_write_text
+from medssl.runtime.seeding import seed_everything
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
-from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.train.config import PretrainConfig, optimizer_settings, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
 from medssl.train.initialise import initialise_model
@@ -129,23 +135,8 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def default_run_name(config: PretrainConfig) -> str:
     return f"{config.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint named by ``<run_dir>/checkpoints/latest``, if any."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-    return path if path.is_file() else None
 
 
 def find_resume_checkpoint(config: PretrainConfig, run_dir: Path | None) -> Path | None:
@@ -249,7 +240,7 @@ class Trainer:
             teardown_distributed()
 
     def _fit(self, ctx: DistributedContext) -> TrainResult:
-        from medssl.train import tracking  # mlflow import is slow; only the trainer needs it
+        from medssl.runtime import tracking  # mlflow import is slow; only the trainer needs it
 
         cfg = self.config
         tcfg = cfg.trainer
@@ -536,7 +527,7 @@ class Trainer:
         return inputs
 
     def _log_run_start(self, tracker: Any, config_dict: dict[str, Any], data: PreparedData, resumed: bool) -> None:
-        from medssl.train import tracking
+        from medssl.runtime import tracking
 
         summary = data.manifest.summary()
         fingerprint = tracking.manifest_fingerprint(Path(self.config.data.manifest))
@@ -721,7 +712,7 @@ class Trainer:
 
     @staticmethod
     def _summary(result: TrainResult, tracker: Any) -> None:
-        from medssl.train import tracking
+        from medssl.runtime import tracking
 
         loss = result.metrics.get("loss/total", math.nan)
         where = result.artifact_uri or str(result.output_dir)
