@@ -6,8 +6,6 @@ gathered across ranks), optionally with MoCHi hard negative mixing (Kalantidis e
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from medssl.models.joint import JointModel
@@ -26,13 +24,13 @@ class SimCLRObjective(nn.Module):
         self.model = model
         self.loss = InfoNCELoss(temperature, gather_distributed=True, hard_negative_mixing=hard_negative_mixing)
 
-    def forward(self, crops: list[Tensor], step: int = 0) -> tuple[Tensor, dict[str, Any]]:
+    def forward(self, crops: list[Tensor], step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         if len(crops) < 2:
             raise ValueError(f"SimCLR needs two views, got {len(crops)}")
         f1, f2 = self.model.encode(crops[:2])
         z1, z2 = self.model.projector(f1), self.model.projector(f2)
         loss, m = self.loss(z1, z2, step=step)
-        metrics: dict[str, Any] = {"stage": "simclr", "loss/simclr": loss.detach(), "loss/total": loss.detach()}
+        metrics: dict[str, Tensor] = {"loss/simclr": loss.detach(), "loss/total": loss.detach()}
         metrics.update({f"health/{k}": v for k, v in m.items()})
         if z1.shape[0] > 1:
             metrics["health/uniformity"] = uniformity(z1.detach())

@@ -18,7 +18,6 @@ masked objective with the encoder frozen, then 3D cluster agreement end to end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -299,7 +298,7 @@ class JointObjective(nn.Module):
                 metrics = m
         return torch.stack(losses).mean(), metrics
 
-    def _intra_loss(self, z: list[Tensor], step: int, crop_index: Tensor | None, metrics: dict[str, Any]) -> Tensor:
+    def _intra_loss(self, z: list[Tensor], step: int, crop_index: Tensor | None, metrics: dict[str, Tensor]) -> Tensor:
         """L_intra on the unit 2D embeddings ``z`` (V × ``[B, d]``, globals first); adds its health to ``metrics``."""
         if self.infonce is not None:
             loss, m = self.infonce(z[0], z[1], step=step)
@@ -318,7 +317,7 @@ class JointObjective(nn.Module):
             metrics["health/intra_std_mean"] = per_dimension_std(z[0]).mean()
         return loss
 
-    def _spreading(self, z: list[Tensor], metrics: dict[str, Any]) -> Tensor:
+    def _spreading(self, z: list[Tensor], metrics: dict[str, Tensor]) -> Tensor:
         """The weighted spreading terms on the global crops' embeddings ``z`` (2 × ``[B, d]``); 0 when off."""
         cfg = self.config
         total = z[0].new_zeros(())
@@ -341,7 +340,7 @@ class JointObjective(nn.Module):
         sep: SepBatch | None = None,
         step: int = 0,
         crop_index: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Any]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss.
 
         Args:
@@ -351,7 +350,8 @@ class JointObjective(nn.Module):
             step: global step (staged schedule, prototype freezing).
             crop_index: ``[B]`` dataset indices of the 2D samples (DeepCluster-v2 only).
         Returns:
-            ``(loss, metrics)``: metrics are detached scalars (``loss/*``, ``health/*``) and ``stage``.
+            ``(loss, metrics)``: metrics are 0-d tensors (``loss/*``, ``health/*``); the trainer refuses any other
+            value, so that nothing computed here is dropped. The stage of ``step`` is ``self.plan(step).name``.
         """
         plan = self.plan(step)
         w = plan.weights
@@ -380,7 +380,7 @@ class JointObjective(nn.Module):
             features = self.model.encode(images)
 
         total = torch.zeros((), device=images[0].device)
-        metrics: dict[str, Any] = {"stage": plan.name}
+        metrics: dict[str, Tensor] = {}
         cursor = 0
         if want_intra:
             assert crops is not None
@@ -444,7 +444,7 @@ class JointObjective(nn.Module):
         return total, metrics
 
 
-def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Any]) -> None:
+def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
     """Copy a clustering loss's health metrics under ``health/<stream>_*``: effective prototypes (of the predictions
     for SwAV, of the batch's k-means labels for DeepCluster-v2), and for SwAV the prediction entropy and the gap between
     ``ln K`` and the loss."""

@@ -20,7 +20,6 @@ from medssl.objectives.joint import JointObjectiveConfig
 from medssl.objectives.simclr import MoCHiConfig
 from medssl.runtime.configs import config_dir, structured_config
 
-METHODS = ("joint", "simclr")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,16 +33,21 @@ class SimCLRConfig:
 
 @dataclass
 class MethodConfig:
-    """``name``: ``joint`` (any weighting of L_intra, L_inter, L_mask, L_sep) or ``simclr`` (the baseline)."""
+    """``name``: a registered method (:data:`medssl.train.methods.METHODS`: the joint family ``joint``, ``swav2d``,
+    ``dcv2_2d``, ``staged``, ``sepclr``; ``simclr``; ``barlow``); ``objective`` configures the joint family,
+    ``simclr`` SimCLR, ``options`` any other method's own settings (typed by the method)."""
 
     name: str = "joint"
     objective: JointObjectiveConfig = field(default_factory=JointObjectiveConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    options: dict[str, Any] = field(default_factory=dict)
     weight_decay: float | None = None  # the method's own weight decay (start and end); null: trainer.optimizer's
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"name must be one of {METHODS}, got {self.name!r}")
+        from medssl.train.methods import method_named  # the methods read this module's types
+        from medssl.train.methods.base import check_options
+
+        check_options(method_named(self.name), dict(self.options))
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0 or null, got {self.weight_decay}")
 

@@ -25,16 +25,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint
+from medssl.train.methods import method_named
 
 ENCODER = "encoder"
-# The model's modules that each loss term trains (besides the encoder).
-TERM_MODULES: dict[str, tuple[str, ...]] = {
-    "intra": ("projector", "intra_prototypes"),
-    "inter": ("transformer", "inter_prototypes"),
-    "mask": ("transformer", "masked"),
-    "sep": ("sep_heads",),
-    "simclr": ("projector",),
-}
 
 
 @dataclass
@@ -93,30 +86,10 @@ def find_init_source(source: str | Path) -> Path:
 
 
 def _trained_modules(state: Mapping[str, Any]) -> tuple[str, ...]:
-    """The model's modules a pretraining checkpoint's run trained, from its config and step."""
-    method = state.get("config", {}).get("method", {})
-    if method.get("name") == "simclr":
-        terms = ["simclr"]
-    else:
-        objective = method.get("objective", {})
-        weights = objective.get("weights", {})
-        terms = [t for t in ("intra", "inter", "mask", "sep") if float(weights.get(t, 0) or 0) > 0]
-        stages = objective.get("stages")
-        calibration = state.get("calibration") or {}  # a trainer.max_minutes run scaled its stages
-        stages = calibration.get("stages", stages) if stages is not None else None
-        if stages is not None:  # 2D until stages[0], L_mask until stages[1], then the configured terms
-            step = int(state.get("step", 0))
-            first, second = int(stages[0]), int(stages[1])
-            staged = ["intra"] if step > 0 and first > 0 else []
-            staged += ["mask"] if step > first and second > first else []
-            staged += terms if step > second else []
-            terms = staged
-        dropped = set(state.get("streams_dropped", []))  # no volumes in the source's archive: never trained
-        terms = [t for t in terms if t not in dropped]
-    modules = [ENCODER]
-    for term in terms:
-        modules += [m for m in TERM_MODULES[term] if m not in modules]
-    return tuple(modules)
+    """The model's modules a pretraining checkpoint's run trained (its method says which, from its config and
+    step)."""
+    name = str(state.get("config", {}).get("method", {}).get("name", "joint"))
+    return (ENCODER, *method_named(name).trained_modules(dict(state)))
 
 
 def read_init_source(source: str | Path) -> InitSource:

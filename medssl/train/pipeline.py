@@ -11,35 +11,17 @@ from medssl.data.datasets import CachedItem, MultiCropSliceDataset, TwoViewStack
 from medssl.data.errors import ManifestError
 from medssl.data.manifest import Manifest, read_manifest
 from medssl.data.samplers import BalancedGroupBatchSampler
-from medssl.objectives.joint import LossWeights
 from medssl.train.config import PretrainConfig
 from medssl.train.distributed import DistributedContext
 from medssl.train.loaders import ShardedBatchSampler, Stream, balanced_batches, shuffled_batches
+from medssl.train.methods import method_named
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("images", "stacks", "sep")
-
-
-def streams_of(weights: LossWeights) -> list[str]:
-    """The streams that losses with these weights read: ``images`` (L_intra), ``stacks`` (L_inter, L_mask),
-    ``sep`` (L_sep)."""
-    active = {"images": weights.intra > 0, "stacks": weights.inter > 0 or weights.mask > 0, "sep": weights.sep > 0}
-    return [name for name in STREAMS if active[name]]
-
 
 def needed_streams(config: PretrainConfig) -> list[str]:
-    """The streams whose losses can be active at some step (the staged schedule uses 2D and 3D in turn)."""
-    method = config.method
-    if method.name == "simclr":
-        return ["images"]
-    objective = method.objective
-    streams = streams_of(objective.weights)
-    if objective.stages is not None:
-        streams = [name for name in STREAMS if name in streams or name in ("images", "stacks")]
-    if not streams:
-        raise ValueError("method.objective.weights: every loss weight is 0; nothing to train")
-    return streams
+    """The streams the configured method reads at some step."""
+    return method_named(config.method.name).streams(config)
 
 
 @dataclass
@@ -55,9 +37,8 @@ class PreparedData:
 def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True, progress: bool = True) -> PreparedData:
     """Read the manifest, build missing cache entries (``build``; rank 0 only under DDP), open the datasets.
 
-    An archive without 3D volumes leaves the 3D stream empty: its terms (L_inter, L_mask) are dropped and listed in
-    ``PreparedData.dropped`` when another active term has data (the joint method then trains its 2D part); a method
-    whose every active term reads volumes, or the staged schedule (its later stages are 3D), stops with an error.
+    An archive without 3D volumes leaves the 3D stream empty: the method says which terms to drop (listed in
+    ``PreparedData.dropped``; the joint method then trains its 2D part) or stops with an error.
     """
     data = config.data
     path = Path(data.manifest)
@@ -74,26 +55,17 @@ def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True,
     if not items:
         raise ManifestError(f"data.manifest: {path}: no usable rows (splits {data.splits}) after preprocessing")
     seed = config.seed
+    method = method_named(config.method.name)
     images = stacks = sep = None
     dropped: list[str] = []
     if "images" in streams:
-        # SimCLR reads the two global crops only: do not make local crops it would discard
-        views = replace(data.views, n_local=0) if config.method.name == "simclr" else data.views
-        images = MultiCropSliceDataset(items, views, data.slices, seed=seed)
+        images = MultiCropSliceDataset(items, method.image_views(config), data.slices, seed=seed)
         if len(images) == 0:
             raise ManifestError(f"data.manifest: {path}: no 2D image or foreground slice for the 2D stream")
     if "stacks" in streams:
         stacks = TwoViewStackDataset(items, data.stacks, seed=seed + 1)
         if len(stacks) == 0:
-            objective = config.method.objective
-            if objective.stages is not None or streams == ["stacks"]:  # later stages, or every term, need volumes
-                staged = objective.stages is not None
-                needs = "the staged schedule's masked and 3D stages" if staged else "L_inter, L_mask"
-                raise ManifestError(
-                    f"data.manifest: {path}: no 3D volume for the 3D stream ({needs}); "
-                    "use a 2D method (method=swav2d) or add volumes"
-                )
-            dropped = [term for term in ("inter", "mask") if getattr(objective.weights, term) > 0]
+            dropped = method.terms_without_volumes(config, path)  # raises when the method cannot do without
             stacks = None
     if "sep" in streams:
         views = replace(data.views, n_local=0)  # SepCLR uses two global views

@@ -8,7 +8,6 @@ each process that ``torchrun`` starts (only rank 0 logs and writes checkpoints).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import itertools
 import json
@@ -31,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medssl.models.joint import JointModel
-from medssl.objectives.baseline import SimCLRObjective
-from medssl.objectives.joint import JointObjective, JointObjectiveConfig, SepBatch, StackBatch
+from medssl.objectives.joint import SepBatch, StackBatch
 from medssl.runtime.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -47,8 +45,9 @@ from medssl.train.config import PretrainConfig, optimizer_settings, to_container
 from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
 from medssl.train.initialise import initialise_model
 from medssl.train.loaders import StepTimer, Stream, to_device
+from medssl.train.methods import method_named
 from medssl.train.optim import build_optimizer, set_schedule_values
-from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data, streams_of
+from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data
 from medssl.train.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -204,26 +203,16 @@ class Trainer:
         self.project_dir = Path(project_dir or Path.cwd()).resolve()
         self.callbacks = list(callbacks or [])
         self.clock = clock or time.perf_counter
+        self.method = method_named(config.method.name)
 
     # ------------------------------------------------------------------ setup
     def _build_objective(self, data: PreparedData) -> nn.Module:
-        """The objective over a new model, with copies of the method's settings (the trainer adjusts those copies:
-        terms without data get weight 0, a ``trainer.max_minutes`` calibration scales their step counts)."""
-        cfg = self.config
+        """The method's objective over a new model."""
         try:
-            model = JointModel(cfg.model)
+            model = JointModel(self.config.model)
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from None
-        if cfg.method.name == "simclr":
-            mixing = copy.deepcopy(cfg.method.simclr.hard_negative_mixing)
-            return SimCLRObjective(model, cfg.method.simclr.temperature, mixing)
-        sizes = (len(data.images) if data.images is not None else 0, len(data.stacks) if data.stacks is not None else 0)
-        objective_config: JointObjectiveConfig = copy.deepcopy(cfg.method.objective)
-        for term in data.dropped:  # no data for these terms (a 2D-only archive): train the others
-            setattr(objective_config.weights, term, 0.0)
-        if "inter" in data.dropped:  # no volumes: no DeepCluster-v2 memory bank of volume embeddings either
-            objective_config.inter_clustering = "swav"
-        return JointObjective(model, objective_config, dataset_sizes=sizes)
+        return self.method.build(model, self.config, data)
 
     def _paths(self, run_name: str) -> Path:
         out = Path(self.config.run.output_dir)
@@ -269,7 +258,7 @@ class Trainer:
         seed_everything(cfg.seed)
         objective = self._build_objective(data)
         model: JointModel = objective.model  # type: ignore[assignment]
-        dropped_note = _dropped_message(cfg, data.dropped) if data.dropped else None
+        dropped_note = self.method.without_volumes_message(cfg, data.dropped) if data.dropped else None
         if dropped_note is not None and ctx.is_main:
             print(f"{run_name}: {dropped_note}", flush=True)
         init_note = None
@@ -343,7 +332,7 @@ class Trainer:
             tracker.set_tags({"medssl.streams_dropped": dropped_note})
         if init_note is not None:
             tracker.set_tags({"medssl.init_from": init_note})
-        swav_streams = [name for name in _swav_streams(cfg) if name not in data.dropped]
+        swav_streams = self.method.prototype_streams(cfg, data.dropped)
         frozen = frozen_prototypes_warning(swav_streams, cfg.method.objective.freeze_prototypes_steps,
                                            tcfg.max_steps)  # fmt: skip
         if frozen is not None:
@@ -355,7 +344,7 @@ class Trainer:
         window = MetricWindow()
         timer = window.timer
         # SwAV's trivial solution, warned about once; not before warm-up and the prototype freeze are over
-        alarm = UniformPredictionAlarm(start_step=_alarm_start(warmup_steps, objective))
+        alarm = UniformPredictionAlarm(start_step=max(warmup_steps, self.method.quiet_steps(objective)))
         last_metrics: dict[str, float] = {}
         bar = tqdm(
             total=max_steps,
@@ -367,7 +356,7 @@ class Trainer:
         )
         status = "finished"
         primary = streams.get("images") or next(iter(streams.values()))
-        joint = objective if isinstance(objective, JointObjective) else None
+        method = self.method
         autocast = functools.partial(
             torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         )
@@ -379,27 +368,21 @@ class Trainer:
                 while state.step < max_steps or calibrating:
                     step = state.step
                     step_start = time.perf_counter()
-                    if joint is not None:
-                        if primary.at_epoch_start:  # DeepCluster-v2: k-means on the memory banks (no-op for SwAV)
-                            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + primary.epoch)
-                            window.events.update({k: float(v) for k, v in joint.cluster(generator).items()})
-                        joint.normalize_prototypes()
+                    seed = cfg.seed * 1_000_003 + primary.epoch
+                    window.events.update(method.before_step(objective, step, primary.at_epoch_start, seed))
                     set_schedule_values(optimizer, _at(lr_schedule, step), _at(wd_schedule, step))
                     optimizer.zero_grad(set_to_none=True)
 
                     timer.start_data()
-                    plan = joint.plan(step) if joint is not None else None
-                    fetched = {name: s.next_step() for name, s in streams.items() if _stream_active(name, plan)}
+                    active = method.active_streams(objective, step)
+                    fetched = {name: s.next_step() for name, s in streams.items() if active is None or name in active}
                     timer.stop_data()
 
                     step_metrics: dict[str, Tensor] = {}
                     for micro in range(tcfg.accumulate):
                         timer.start_data()
-                        inputs = self._inputs(
-                            {k: v[micro] for k, v in fetched.items()}, device, channels_last, cfg.data.target
-                        )
-                        if joint is None:
-                            inputs.pop("crop_index", None)
+                        batch = {k: v[micro] for k, v in fetched.items()}
+                        inputs = method.inputs(self._inputs(batch, device, channels_last, cfg.data.target))
                         timer.stop_data()
                         # gradients are all-reduced once per optimiser step, on the last accumulation step
                         sync = micro == tcfg.accumulate - 1 or not ctx.enabled
@@ -408,10 +391,8 @@ class Trainer:
                             loss, metrics = wrapped(step=step, **inputs)
                         scaler.scale(loss / tcfg.accumulate).backward()
                         for k, v in metrics.items():
-                            if isinstance(v, Tensor):
-                                step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / tcfg.accumulate
-                    if joint is not None:
-                        joint.after_backward(step)
+                            step_metrics[k] = step_metrics.get(k, 0) + _scalar(k, v).float() / tcfg.accumulate
+                    method.after_backward(objective, step)
                     if opt.clip_grad > 0:
                         scaler.unscale_(optimizer)
                         grad_norm = nn.utils.clip_grad_norm_(objective.parameters(), opt.clip_grad)
@@ -434,7 +415,8 @@ class Trainer:
                             state.calibration = self._calibrate(stamps, step, ctx, tracker, bar, run_name)
                             lr_schedule, wd_schedule = self._apply_calibration(state.calibration, objective)
                             max_steps = int(state.calibration["max_steps"])
-                            alarm.start_step = _alarm_start(int(state.calibration["warmup_steps"]), objective)
+                            warmup = int(state.calibration["warmup_steps"])
+                            alarm.start_step = max(warmup, method.quiet_steps(objective))
                             bar.total = max_steps
                             bar.refresh()
                             calibrating = False
@@ -608,13 +590,16 @@ class Trainer:
         calibration = broadcast_object(calibration)  # type: ignore[assignment]
         assert calibration is not None
         if ctx.is_main:
-            stages = f", stages {calibration['stages']}" if calibration["stages"] is not None else ""
+            counts = "".join(
+                f", {key.replace('_', ' ')} {calibration[key]}"
+                for key in self.method.step_counts(self.config)
+                if calibration.get(key) is not None
+            )
             note = (
                 f"trainer.max_minutes={tcfg.max_minutes:g}: {calibration['seconds_per_step']:.3g} s/step (median of "
                 f"steps {step - CALIBRATION_STEPS + CALIBRATION_SKIP + 1}-{step}): the run is "
                 f"{calibration['max_steps']} steps (trainer.max_steps={tcfg.max_steps} x {calibration['ratio']:.3g}; "
-                f"warm-up {calibration['warmup_steps']}, prototype freeze {calibration['freeze_prototypes_steps']}"
-                f"{stages})"
+                f"warm-up {calibration['warmup_steps']}{counts})"
             )
             bar.write(f"{run_name}: {note}")
             tracker.log_params(
@@ -628,24 +613,9 @@ class Trainer:
         return calibration
 
     def _apply_calibration(self, calibration: dict[str, Any], objective: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-        """Set the calibrated step counts on the objective; returns the learning-rate and weight-decay schedules
-        for the calibrated length.
-
-        Attributes set (the objective reads them each step): ``JointObjective.config.freeze_prototypes_steps``,
-        ``.config.queue_start_step``, ``.config.stages`` and ``.schedule.boundaries`` (staged preset);
-        ``SimCLRObjective.loss.hard_negative_mixing.start_step`` (MoCHi).
-        """
-        if isinstance(objective, JointObjective):
-            objective.config.freeze_prototypes_steps = int(calibration["freeze_prototypes_steps"])
-            objective.config.queue_start_step = int(calibration["queue_start_step"])
-            if calibration["stages"] is not None:
-                objective.config.stages = [int(v) for v in calibration["stages"]]
-                if objective.schedule is not None:
-                    objective.schedule.boundaries = [int(v) for v in calibration["stages"]]
-        mixing = getattr(getattr(objective, "loss", None), "hard_negative_mixing", None)
-        start = calibration.get("mixing_start_step")
-        if isinstance(objective, SimCLRObjective) and mixing is not None and start is not None:
-            mixing.start_step = int(start)
+        """Set the calibrated step counts on the objective (the method's hook); returns the learning-rate and
+        weight-decay schedules for the calibrated length."""
+        self.method.set_step_counts(objective, calibration)
         return _schedules(self.config, int(calibration["max_steps"]), int(calibration["warmup_steps"]))
 
     def _export_backbone(self, run_dir: Path, model: JointModel, tracker: Any, run_name: str) -> Path:
@@ -704,7 +674,7 @@ class Trainer:
         )
         figures = pictures.snapshot_figures(snapshot, f"encoder features, step {step}")
         for name, figure in figures.items():
-            if name.startswith("prototype") and not _trains_intra_prototypes(self.config):
+            if name.startswith("prototype") and not self.method.trains_intra_prototypes(self.config):
                 continue  # untrained prototypes: their gallery would mislead
             if name == "prototype_gallery.png" and not pcfg.gallery:
                 continue
@@ -732,8 +702,8 @@ def calibrate_schedule(config: PretrainConfig, stamps: list[float], done: int, m
 
     Args:
         config: the run's configuration; ``trainer.max_steps`` is the reference length of its step counts
-            (``trainer.optimizer.warmup_steps``, ``method.objective.freeze_prototypes_steps``, ``.queue_start_step``,
-            ``.stages``, ``method.simclr.hard_negative_mixing.start_step``).
+            (``trainer.optimizer.warmup_steps`` and the method's :meth:`~medssl.train.methods.base.Method.step_counts`,
+            e.g. the joint family's prototype freeze, queue start and stages, SimCLR's MoCHi start).
         stamps: the clock (seconds) when this process's loop started and after each of its steps.
         done: the run's step count now (``len(stamps) - 1`` steps after the loop's start, more when resumed).
         max_minutes: the budget, counted from the loop's start.
@@ -741,8 +711,9 @@ def calibrate_schedule(config: PretrainConfig, stamps: list[float], done: int, m
         plain data (kept in checkpoints): ``max_steps`` (the run ends after it: the steps done plus as many as the
         rest of ``BUDGET_MARGIN`` of the budget holds at the median seconds per step of the steps after the first
         ``CALIBRATION_SKIP``), ``ratio`` (``max_steps`` / ``trainer.max_steps``), ``seconds_per_step``, ``at_step``,
-        and the scaled ``warmup_steps``, ``freeze_prototypes_steps``, ``queue_start_step``, ``stages``,
-        ``mixing_start_step`` (None where not configured).
+        the scaled ``warmup_steps`` and the method's scaled step counts (``freeze_prototypes_steps``,
+        ``queue_start_step``, ``stages``; ``mixing_start_step``: None where not configured); ``stages`` is None for a
+        method without stages.
     """
     durations = [b - a for a, b in itertools.pairwise(stamps)][CALIBRATION_SKIP:] or [stamps[-1] - stamps[0]]
     seconds = max(float(statistics.median(durations)), 1e-9)
@@ -751,23 +722,33 @@ def calibrate_schedule(config: PretrainConfig, stamps: list[float], done: int, m
     reference = config.trainer.max_steps
     ratio = total / reference
 
-    def scaled(steps: int) -> int:
-        return round(steps * ratio)
-
-    objective = config.method.objective
-    mixing = config.method.simclr.hard_negative_mixing
+    counts = method_named(config.method.name).step_counts(config)
     return {
         "max_steps": total,
         "reference_max_steps": reference,
         "ratio": ratio,
         "seconds_per_step": seconds,
         "at_step": done,
-        "warmup_steps": min(scaled(config.trainer.optimizer.warmup_steps), total),
-        "freeze_prototypes_steps": scaled(objective.freeze_prototypes_steps),
-        "queue_start_step": scaled(objective.queue_start_step),
-        "stages": [scaled(v) for v in objective.stages] if objective.stages is not None else None,
-        "mixing_start_step": scaled(mixing.start_step) if mixing is not None else None,
+        "warmup_steps": min(round(config.trainer.optimizer.warmup_steps * ratio), total),
+        "stages": None,  # a method with stages sets them below
+        **{key: _scaled(value, ratio) for key, value in counts.items()},
     }
+
+
+def _scaled(value: int | list[int] | None, ratio: float) -> int | list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [round(v * ratio) for v in value]
+    return round(value * ratio)
+
+
+def _scalar(key: str, value: object) -> Tensor:
+    """An objective's metric, detached; anything but a 0-d tensor is an error (it used to be dropped silently)."""
+    if not isinstance(value, Tensor) or value.ndim != 0:
+        shape = f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else ""
+        raise TypeError(f"objective metric {key!r} is a {type(value).__name__}{shape}; metrics must be 0-d tensors")
+    return value.detach()
 
 
 def _schedules(config: PretrainConfig, total_steps: int, warmup_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -784,19 +765,6 @@ def _at(schedule: np.ndarray, step: int) -> float:
     """``schedule[step]``; its last value past its end (the steps that time a ``max_minutes`` run may outrun the
     reference schedule)."""
     return float(schedule[min(step, len(schedule) - 1)])
-
-
-def _dropped_message(config: PretrainConfig, dropped: list[str]) -> str:
-    """What a run on an archive without volumes trains, e.g. the joint method's 2D SwAV part."""
-    weights = config.method.objective.weights
-    kept = [term for term in ("intra", "sep") if getattr(weights, term) > 0]
-    names = {"swav": "SwAV", "deepcluster": "DeepCluster-v2", "simclr": "SimCLR"}
-    clustering = names.get(config.method.objective.intra_clustering, config.method.objective.intra_clustering)
-    kind = f"2D {clustering}" if kept == ["intra"] else "2D"
-    return (
-        f"no 3D volume in the manifest: {' and '.join(f'L_{t}' for t in dropped)} have nothing to read and are "
-        f"dropped; this run is {kind} ({', '.join(f'L_{t}' for t in kept)} only)"
-    )
 
 
 def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: DistributedContext) -> dict[str, float]:
@@ -821,34 +789,6 @@ def _reduce_and_check(step_metrics: dict[str, Tensor], step: int, ctx: Distribut
     return host
 
 
-def _swav_streams(config: PretrainConfig) -> list[str]:
-    """The streams of this run clustered by SwAV prototypes (weight > 0; DeepCluster-v2's are set by k-means)."""
-    if config.method.name != "joint":
-        return []
-    objective = config.method.objective
-    return [
-        stream
-        for stream in ("intra", "inter")
-        if getattr(objective.weights, stream) > 0 and getattr(objective, f"{stream}_clustering") == "swav"
-    ]
-
-
-def _alarm_start(warmup_steps: int, objective: nn.Module) -> int:
-    """The first step the health alarm watches: after the warm-up and the prototype freeze (while frozen prototypes
-    cannot follow the embeddings, the loss stays near ln K by construction)."""
-    freeze = objective.config.freeze_prototypes_steps if isinstance(objective, JointObjective) else 0
-    return max(warmup_steps, freeze)
-
-
-def _trains_intra_prototypes(config: PretrainConfig) -> bool:
-    """Whether the 2D prototypes learn in this run (their pictures would mislead otherwise)."""
-    return (
-        config.method.name == "joint"
-        and config.method.objective.intra_clustering != "simclr"
-        and "images" in needed_streams(config)
-    )
-
-
 def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any (a signal may reach the processes at different steps)."""
     if not ctx.enabled:
@@ -856,8 +796,3 @@ def _agreed(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
-
-
-def _stream_active(name: str, plan: Any) -> bool:
-    """Whether this step's stage reads the stream (all streams for methods without stages)."""
-    return plan is None or name in streams_of(plan.weights)
