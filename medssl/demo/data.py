@@ -57,6 +57,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from medssl.data.cache import process_alive
 from medssl.data.dicom import read_header
 from medssl.data.scan import ScanOptions, ScanResult, join_labels, scan_folder
+from medssl.runtime.checks import at_least
 from medssl.runtime.files import atomic_write_text
 
 LABELS_NAME = "labels.csv"
@@ -847,8 +848,7 @@ def assemble_demo_data(
     longer wanted (fewer phantoms, a package removed) is deleted. Every file and series folder is
     written under a hidden temporary name and renamed, so an interrupted run leaves no partial item.
     """
-    if n_phantoms < 0:
-        raise ValueError(f"n_phantoms must be >= 0, got {n_phantoms}")
+    at_least(0, n_phantoms=n_phantoms)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from medssl.data.datasets import CachedItem
 from medssl.data.geometry import slice_to_display
 from medssl.data.manifest import ManifestRow
 from medssl.downstream.common import check_disjoint
+from medssl.runtime.checks import at_least
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 """Grid of L2 penalties searched by :func:`linear_probe` (on standardised features)."""
@@ -50,8 +51,7 @@ class LabelledImageDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[CachedItem], size: int) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+        at_least(1, size=size)
         self.size = int(size)
         self.items = [item for item in items if item.row.label]
         self.skipped_unlabelled = len(items) - len(self.items)
@@ -293,8 +293,7 @@ def linear_probe(
                     losses[wd] = float(F.cross_entropy(model(xt[val]), yt[val]))
             best = min(losses.values())
             weight_decay = max(wd for wd, loss in losses.items() if loss <= best + 1e-12)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    at_least(0, weight_decay=weight_decay)
 
     model = _fit_logistic(xt, yt, k, float(weight_decay), max_iter)
     with torch.no_grad():

@@ -17,6 +17,8 @@ from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
+from medssl.runtime.checks import at_least
+
 __all__ = ["ResNetEncoder", "available_encoders", "create_encoder", "register_encoder"]
 
 _ModuleFactory = TypeVar("_ModuleFactory", bound=Callable[..., nn.Module])
@@ -154,12 +156,7 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
         if depth not in _RESNET_SPECS:
             raise ValueError(f"depth must be one of {sorted(_RESNET_SPECS)}, got {depth!r}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if stem_kernel < 1:
-            raise ValueError(f"stem_kernel must be >= 1, got {stem_kernel}")
-        if stem_stride < 1:
-            raise ValueError(f"stem_stride must be >= 1, got {stem_stride}")
+        at_least(1, in_channels=in_channels, stem_kernel=stem_kernel, stem_stride=stem_stride)
         if out_dim is not None and out_dim < 1:
             raise ValueError(f"out_dim must be >= 1 or None, got {out_dim}")
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medssl.runtime.checks import at_least
+
 __all__ = ["ProjectionHead", "Prototypes", "SepCLRHeads"]
 
 
@@ -32,12 +34,9 @@ class ProjectionHead(nn.Module):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        if in_dim < 1:
-            raise ValueError(f"in_dim must be >= 1, got {in_dim}")
-        if hidden_dim < 0:
-            raise ValueError(f"hidden_dim must be >= 0, got {hidden_dim}")
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+        at_least(1, in_dim=in_dim)
+        at_least(0, hidden_dim=hidden_dim)
+        at_least(1, out_dim=out_dim)
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.normalize = normalize
@@ -82,8 +81,7 @@ class Prototypes(nn.Module):
 
     def __init__(self, dim: int, n_prototypes: int | Sequence[int]) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        at_least(1, dim=dim)
         counts = [n_prototypes] if isinstance(n_prototypes, int) else list(n_prototypes)
         if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
             raise ValueError(f"n_prototypes must be a positive int or a non-empty list of them, got {n_prototypes!r}")
@@ -154,14 +152,7 @@ class SepCLRHeads(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_dim", in_dim),
-            ("common_dim", common_dim),
-            ("salient_dim", salient_dim),
-            ("hidden_dim", hidden_dim),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        at_least(1, in_dim=in_dim, common_dim=common_dim, salient_dim=salient_dim, hidden_dim=hidden_dim)
         if salient_in_dim is not None and salient_in_dim < 1:
             raise ValueError(f"salient_in_dim must be >= 1 or None, got {salient_in_dim}")
         self.common_head = _projector(in_dim, hidden_dim, common_dim, batch_norm)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medssl.runtime.checks import at_least
+
 __all__ = ["ContinuousPositionBias", "DeformableSliceAttention", "FullSliceAttention", "signed_log"]
 
 
@@ -44,8 +46,7 @@ class ContinuousPositionBias(nn.Module):
 
     def __init__(self, heads: int, hidden: int = 64) -> None:
         super().__init__()
-        if heads < 1:
-            raise ValueError(f"heads must be >= 1, got {heads}")
+        at_least(1, heads=heads)
         if hidden < 1:
             raise ValueError(f"bias_hidden must be >= 1, got {hidden}")
         self.heads = heads
@@ -78,14 +79,10 @@ class ContinuousPositionBias(nn.Module):
 
 
 def _check_common(dim: int, heads: int, bias_hidden: int, dropout: float) -> None:
-    if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
-    if heads < 1:
-        raise ValueError(f"heads must be >= 1, got {heads}")
+    at_least(1, dim=dim, heads=heads)
     if dim % heads != 0:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-    if bias_hidden < 1:
-        raise ValueError(f"bias_hidden must be >= 1, got {bias_hidden}")
+    at_least(1, bias_hidden=bias_hidden)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -174,8 +171,7 @@ class DeformableSliceAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_common(dim, heads, bias_hidden, dropout)
-        if reference_stride < 1:
-            raise ValueError(f"reference_stride must be >= 1, got {reference_stride}")
+        at_least(1, reference_stride=reference_stride)
         if not (math.isfinite(max_offset) and max_offset >= 0.0):
             raise ValueError(f"max_offset must be finite and >= 0, got {max_offset}")
         self.dim = dim

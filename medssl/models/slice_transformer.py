@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medssl.models.slice_attention import DeformableSliceAttention, FullSliceAttention
+from medssl.runtime.checks import at_least
 
 __all__ = ["SliceTransformer", "SliceTransformerLayer", "SliceTransformerOutput", "masked_mean"]
 
@@ -105,12 +106,7 @@ class SliceTransformer(nn.Module):
         bias_hidden: int = 64,
     ) -> None:
         super().__init__()
-        if in_dim < 1:
-            raise ValueError(f"in_dim must be >= 1, got {in_dim}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        at_least(1, in_dim=in_dim, dim=dim, depth=depth)
         if not (math.isfinite(mlp_ratio) and mlp_ratio > 0.0) or round(dim * mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio must be > 0 with round(dim * mlp_ratio) >= 1, got {mlp_ratio}")
         if attention not in ("deformable", "full"):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from medssl.objectives.distributed import all_reduce_max, all_reduce_sum, is_distributed, rank, world_size
 from medssl.objectives.numerics import at_least_float32, perplexity
+from medssl.runtime.checks import at_least
 
 __all__ = ["IGNORE_INDEX", "DeepClusterV2", "MemoryBank", "spherical_kmeans"]
 
@@ -71,10 +72,8 @@ def spherical_kmeans(
     """
     if x.dim() != 2 or x.shape[1] < 1:
         raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    at_least(1, k=k)
+    at_least(0, iterations=iterations)
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     n_init = x.shape[0]
     if is_distributed():  # the initial centroids come from rank 0: every rank checks rank 0's N
@@ -129,12 +128,7 @@ class MemoryBank(nn.Module):
 
     def __init__(self, size: int, dim: int, n_views: int = 2) -> None:
         super().__init__()
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if n_views < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        at_least(1, size=size, dim=dim, n_views=n_views)
         self.size = int(size)
         self.dim = int(dim)
         self.n_views = int(n_views)
@@ -233,8 +227,7 @@ class DeepClusterV2(nn.Module):
             raise ValueError(f"n_prototypes must be a non-empty list of positive ints, got {n_prototypes}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if kmeans_iterations < 0:
-            raise ValueError(f"kmeans_iterations must be >= 0, got {kmeans_iterations}")
+        at_least(0, kmeans_iterations=kmeans_iterations)
         self.n_prototypes = heads
         self.temperature = float(temperature)
         self.kmeans_iterations = int(kmeans_iterations)

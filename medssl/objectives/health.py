@@ -23,6 +23,7 @@ from torch import Tensor
 
 from medssl.objectives.numerics import perplexity
 from medssl.objectives.sepclr import align_loss, uniform_loss
+from medssl.runtime.checks import at_least
 
 __all__ = [
     "alignment",
@@ -155,8 +156,7 @@ def similarity_histograms(z1: Tensor, z2: Tensor, bins: int = 20) -> tuple[Tenso
         ``(positive, negative)``: two ``[bins]`` float32 tensors of fractions (each sums to 1, or is all 0 when it has
         no pair).
     """
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+    at_least(1, bins=bins)
     z1, z2 = _as_matrix(z1, "z1"), _as_matrix(z2, "z2")
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from medssl.objectives.distributed import all_reduce_max, all_reduce_sum, is_distributed
+from medssl.runtime.checks import at_least
 
 __all__ = ["sinkhorn_knopp"]
 
@@ -63,8 +64,7 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
     """
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    at_least(1, iterations=iterations)
     if scores.dim() != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
         raise ValueError(f"scores must be a non-empty [B, K] tensor, got shape {tuple(scores.shape)}")
     dtype = torch.promote_types(scores.dtype, torch.float32)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from medssl.objectives.numerics import at_least_float32, entropy, perplexity
 from medssl.objectives.sinkhorn import sinkhorn_knopp
+from medssl.runtime.checks import at_least
 
 __all__ = ["EmbeddingQueue", "SwAVLoss"]
 
@@ -61,8 +62,7 @@ class SwAVLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        if sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
+        at_least(1, sinkhorn_iterations=sinkhorn_iterations)
         crops = tuple(int(a) for a in crops_for_assign)
         if not crops or min(crops) < 0 or len(set(crops)) != len(crops):
             raise ValueError(f"crops_for_assign must be distinct non-negative crop indices, got {crops_for_assign}")
@@ -180,12 +180,7 @@ class EmbeddingQueue(nn.Module):
 
     def __init__(self, length: int, dim: int, n_assign: int = 2) -> None:
         super().__init__()
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if n_assign < 1:
-            raise ValueError(f"n_assign must be >= 1, got {n_assign}")
+        at_least(1, length=length, dim=dim, n_assign=n_assign)
         self.length = int(length)
         self.dim = int(dim)
         self.n_assign = int(n_assign)

@@ -23,6 +23,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medssl.runtime.checks import at_least
+
 __all__ = [
     "MAX_CATEGORIES",
     "Snapshot",
@@ -320,8 +322,7 @@ def prototype_usage_figure(assignments: np.ndarray, n_prototypes_total: int) -> 
         a one-axes figure; the title gives the used count and the effective number
         ``exp(entropy)`` of the usage distribution.
     """
-    if n_prototypes_total < 1:
-        raise ValueError(f"n_prototypes_total must be >= 1, got {n_prototypes_total}")
+    at_least(1, n_prototypes_total=n_prototypes_total)
     a = _check_assignments(assignments, n_prototypes_total)
     counts = np.bincount(a, minlength=n_prototypes_total).astype(np.float64)
     ranked = np.sort(counts)[::-1]

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from medssl.runtime.checks import at_least
+
 
 def warmup_cosine(
     base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup: float = 0.0
@@ -16,8 +18,7 @@ def warmup_cosine(
         ``[total_steps]`` float64 values; ``values[k]`` is the value at step ``k``
         (``final + (base - final) (1 + cos(pi t / T)) / 2`` after the warm-up, SwAV/DINO).
     """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    at_least(1, total_steps=total_steps)
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     warmup = np.linspace(start_warmup, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
