@@ -123,6 +123,49 @@ class MetricWindow:
         return metrics
 
 
+@dataclass
+class _Run:
+    """What a running loop holds fixed: process group, objective (and its DDP wrapper), optimiser, streams, tracking."""
+
+    ctx: DistributedContext
+    objective: nn.Module
+    wrapped: nn.Module
+    model: JointModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    streams: dict[str, Stream]
+    data: PreparedData
+    tracker: Any
+    channels_last: bool
+    autocast: Callable[[], Any]
+    alarm: UniformPredictionAlarm
+    bar: tqdm
+    clip_grad: float = 0.0
+    stop: _StopRequest | None = None
+
+    @property
+    def primary(self) -> Stream:
+        """The stream whose epochs count (the 2D images when there are any)."""
+        return self.streams.get("images") or next(iter(self.streams.values()))
+
+
+@dataclass
+class _Loop:
+    """What changes as the loop runs: the run state, its length and schedules (a calibration resets them), the
+    metric window, the clock stamps of the calibration, how the run ended."""
+
+    state: RunState
+    max_steps: int
+    lr_schedule: np.ndarray
+    wd_schedule: np.ndarray
+    calibrating: bool
+    start: float = 0.0
+    stamps: list[float] = field(default_factory=list)
+    window: MetricWindow = field(default_factory=lambda: MetricWindow())
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "finished"
+
+
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """``None`` for fp32; bf16 where the GPU supports it, fp16 (with loss scaling) on older GPUs."""
     if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
@@ -340,120 +383,55 @@ class Trainer:
                 print(f"{run_name}: {frozen}", flush=True)
             tracker.set_tags({"health_warning_prototypes": frozen})
 
-        batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
-        window = MetricWindow()
-        timer = window.timer
-        # SwAV's trivial solution, warned about once; not before warm-up and the prototype freeze are over
-        alarm = UniformPredictionAlarm(start_step=max(warmup_steps, self.method.quiet_steps(objective)))
-        last_metrics: dict[str, float] = {}
-        bar = tqdm(
-            total=max_steps,
-            initial=state.step,
-            disable=not (ctx.is_main and tcfg.progress),
-            desc=run_name,
-            unit="step",
-            dynamic_ncols=True,
+        run = _Run(
+            ctx=ctx,
+            objective=objective,
+            wrapped=wrapped,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            streams=streams,
+            data=data,
+            tracker=tracker,
+            channels_last=channels_last,
+            clip_grad=opt.clip_grad,
+            autocast=functools.partial(
+                torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ),
+            # SwAV's trivial solution, warned about once; not before warm-up and the prototype freeze are over
+            alarm=UniformPredictionAlarm(start_step=max(warmup_steps, self.method.quiet_steps(objective))),
+            bar=tqdm(
+                total=max_steps,
+                initial=state.step,
+                disable=not (ctx.is_main and tcfg.progress),
+                desc=run_name,
+                unit="step",
+                dynamic_ncols=True,
+            ),
         )
-        status = "finished"
-        primary = streams.get("images") or next(iter(streams.values()))
-        method = self.method
-        autocast = functools.partial(
-            torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        )
+        loop = _Loop(state, max_steps, lr_schedule, wd_schedule, calibrating)
+        between_steps = [
+            self._calibrate_once,
+            self._log_window,
+            self._pictures_every,
+            self._stop_on_signal,
+            self._checkpoint_every,
+            self._stop_on_budget,
+        ]
         try:
-            with _StopRequest() as stop:
+            with _StopRequest() as run.stop:
                 objective.train()
-                loop_start = self.clock()
-                stamps = [loop_start]  # the clock after each step of this process, until the calibration
-                while state.step < max_steps or calibrating:
-                    step = state.step
-                    step_start = time.perf_counter()
-                    seed = cfg.seed * 1_000_003 + primary.epoch
-                    window.events.update(method.before_step(objective, step, primary.at_epoch_start, seed))
-                    set_schedule_values(optimizer, _at(lr_schedule, step), _at(wd_schedule, step))
-                    optimizer.zero_grad(set_to_none=True)
-
-                    timer.start_data()
-                    active = method.active_streams(objective, step)
-                    fetched = {name: s.next_step() for name, s in streams.items() if active is None or name in active}
-                    timer.stop_data()
-
-                    step_metrics: dict[str, Tensor] = {}
-                    for micro in range(tcfg.accumulate):
-                        timer.start_data()
-                        batch = {k: v[micro] for k, v in fetched.items()}
-                        inputs = method.inputs(self._inputs(batch, device, channels_last, cfg.data.target))
-                        timer.stop_data()
-                        # gradients are all-reduced once per optimiser step, on the last accumulation step
-                        sync = micro == tcfg.accumulate - 1 or not ctx.enabled
-                        no_sync = contextlib.nullcontext() if sync else wrapped.no_sync()  # type: ignore[operator]
-                        with no_sync, autocast():
-                            loss, metrics = wrapped(step=step, **inputs)
-                        scaler.scale(loss / tcfg.accumulate).backward()
-                        for k, v in metrics.items():
-                            step_metrics[k] = step_metrics.get(k, 0) + _scalar(k, v).float() / tcfg.accumulate
-                    method.after_backward(objective, step)
-                    if opt.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        grad_norm = nn.utils.clip_grad_norm_(objective.parameters(), opt.clip_grad)
-                        step_metrics["grad_norm"] = grad_norm.detach().float()
-
-                    host = _reduce_and_check(step_metrics, step, ctx)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state.step = step = step + 1
-                    timer.total_seconds += time.perf_counter() - step_start
-
-                    host["lr"] = _at(lr_schedule, step - 1)
-                    window.add(host, sum(batch_sizes[name] for name in fetched))
-                    for callback in self.callbacks:
-                        callback(step, host)
-                    bar.update(1)
-                    if calibrating:
-                        stamps.append(self.clock())
-                        if len(stamps) > CALIBRATION_STEPS:
-                            state.calibration = self._calibrate(stamps, step, ctx, tracker, bar, run_name)
-                            lr_schedule, wd_schedule = self._apply_calibration(state.calibration, objective)
-                            max_steps = int(state.calibration["max_steps"])
-                            warmup = int(state.calibration["warmup_steps"])
-                            alarm.start_step = max(warmup, method.quiet_steps(objective))
-                            bar.total = max_steps
-                            bar.refresh()
-                            calibrating = False
-                    if step % tcfg.log_every == 0 or step == max_steps:
-                        last_metrics = window.close(primary.epoch)
-                        tracker.log_metrics(last_metrics, step)
-                        for stream, warning in alarm.update(step, last_metrics):
-                            if ctx.is_main:
-                                bar.write(f"{run_name}: {warning}")
-                            tracker.set_tags({f"health_warning_{stream}": warning})
-                        for k, v in last_metrics.items():
-                            state.history.setdefault(k, []).append([float(step), float(v)])
-                        bar.set_postfix(
-                            loss=f"{last_metrics.get('loss/total', float('nan')):.4f}",
-                            samples_s=f"{last_metrics['throughput/samples_per_s']:.1f}",
-                            refresh=False,
-                        )
-                    pictures_every = cfg.logging.pictures.every
-                    if pictures_every and step % pictures_every == 0 and step < max_steps and ctx.is_main:
-                        self._log_pictures(tracker, model, data, state.history, device, step)
-                    if _agreed(stop.signal is not None, ctx, device):
-                        status = "interrupted"
+                loop.start = self.clock()
+                loop.stamps = [loop.start]
+                while loop.state.step < loop.max_steps or loop.calibrating:
+                    self._step(run, loop)
+                    if any(hook(run, loop) for hook in between_steps):  # a hook that returns True ends the run
                         break
-                    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < max_steps:
-                        self._checkpoint(ctx, state, tracker, log_artifact=False)
-                    if tcfg.max_minutes is not None and (step < max_steps or calibrating):  # the safety stop
-                        spent = self.clock() - loop_start >= tcfg.max_minutes * 60
-                        if _agreed(spent, ctx, device):
-                            if ctx.is_main:
-                                bar.write(
-                                    f"{run_name}: trainer.max_minutes={tcfg.max_minutes:g} reached at step {step}"
-                                )
-                            break
         except BaseException:
-            bar.close()
+            run.bar.close()
             tracker.finish("FAILED")
             raise
+        bar, status, last_metrics = run.bar, loop.status, loop.last_metrics
         bar.close()
         for stream in streams.values():
             stream.close()
@@ -479,6 +457,127 @@ class Trainer:
         if ctx.is_main:
             self._summary(result, tracker)
         return result
+
+    # ------------------------------------------------------------------ the step
+    def _step(self, run: _Run, loop: _Loop) -> None:
+        """One optimiser step: the method's pre-step work, data, forward and backward over the accumulation steps,
+        clipping, the optimiser; the step's metrics (averaged over processes) go to the window and the callbacks."""
+        cfg, tcfg, method, state = self.config, self.config.trainer, self.method, loop.state
+        objective, optimizer, scaler, window = run.objective, run.optimizer, run.scaler, loop.window
+        step = state.step
+        step_start = time.perf_counter()
+        primary = run.primary
+        seed = cfg.seed * 1_000_003 + primary.epoch
+        window.events.update(method.before_step(objective, step, primary.at_epoch_start, seed))
+        set_schedule_values(optimizer, _at(loop.lr_schedule, step), _at(loop.wd_schedule, step))
+        optimizer.zero_grad(set_to_none=True)
+
+        window.timer.start_data()
+        active = method.active_streams(objective, step)
+        fetched = {name: s.next_step() for name, s in run.streams.items() if active is None or name in active}
+        window.timer.stop_data()
+
+        step_metrics: dict[str, Tensor] = {}
+        for micro in range(tcfg.accumulate):
+            window.timer.start_data()
+            batch = {k: v[micro] for k, v in fetched.items()}
+            inputs = method.inputs(self._inputs(batch, run.ctx.device, run.channels_last, cfg.data.target))
+            window.timer.stop_data()
+            # gradients are all-reduced once per optimiser step, on the last accumulation step
+            sync = micro == tcfg.accumulate - 1 or not run.ctx.enabled
+            no_sync = contextlib.nullcontext() if sync else run.wrapped.no_sync()  # type: ignore[operator]
+            with no_sync, run.autocast():
+                loss, metrics = run.wrapped(step=step, **inputs)
+            scaler.scale(loss / tcfg.accumulate).backward()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0) + _scalar(k, v).float() / tcfg.accumulate
+        method.after_backward(objective, step)
+        clip = run.clip_grad
+        if clip > 0:
+            scaler.unscale_(optimizer)
+            step_metrics["grad_norm"] = nn.utils.clip_grad_norm_(objective.parameters(), clip).detach().float()
+
+        host = _reduce_and_check(step_metrics, step, run.ctx)
+        scaler.step(optimizer)
+        scaler.update()
+        state.step = step + 1
+        window.timer.total_seconds += time.perf_counter() - step_start
+        host["lr"] = _at(loop.lr_schedule, step)
+        batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
+        window.add(host, sum(batch_sizes[name] for name in fetched))
+        for callback in self.callbacks:
+            callback(state.step, host)
+        run.bar.update(1)
+
+    # ------------------------------------------------------------------ between steps (True: end the run)
+    def _calibrate_once(self, run: _Run, loop: _Loop) -> bool:
+        """``trainer.max_minutes``: after ``CALIBRATION_STEPS`` timed steps, the run's length and its schedules."""
+        if not loop.calibrating:
+            return False
+        loop.stamps.append(self.clock())
+        if len(loop.stamps) > CALIBRATION_STEPS:
+            state = loop.state
+            state.calibration = self._calibrate(loop.stamps, state.step, run.ctx, run.tracker, run.bar, state.run_name)
+            loop.lr_schedule, loop.wd_schedule = self._apply_calibration(state.calibration, run.objective)
+            loop.max_steps = int(state.calibration["max_steps"])
+            warmup = int(state.calibration["warmup_steps"])
+            run.alarm.start_step = max(warmup, self.method.quiet_steps(run.objective))
+            run.bar.total = loop.max_steps
+            run.bar.refresh()
+            loop.calibrating = False
+        return False
+
+    def _log_window(self, run: _Run, loop: _Loop) -> bool:
+        """Every ``trainer.log_every`` steps and at the end: the window's averages to MLflow, the history and the
+        progress bar; the health alarm reads them."""
+        step = loop.state.step
+        if step % self.config.trainer.log_every and step != loop.max_steps:
+            return False
+        metrics = loop.last_metrics = loop.window.close(run.primary.epoch)
+        run.tracker.log_metrics(metrics, step)
+        for stream, warning in run.alarm.update(step, metrics):
+            if run.ctx.is_main:
+                run.bar.write(f"{loop.state.run_name}: {warning}")
+            run.tracker.set_tags({f"health_warning_{stream}": warning})
+        for k, v in metrics.items():
+            loop.state.history.setdefault(k, []).append([float(step), float(v)])
+        run.bar.set_postfix(
+            loss=f"{metrics.get('loss/total', float('nan')):.4f}",
+            samples_s=f"{metrics['throughput/samples_per_s']:.1f}",
+            refresh=False,
+        )
+        return False
+
+    def _pictures_every(self, run: _Run, loop: _Loop) -> bool:
+        every, step = self.config.logging.pictures.every, loop.state.step
+        if every and step % every == 0 and step < loop.max_steps and run.ctx.is_main:
+            self._log_pictures(run.tracker, run.model, run.data, loop.state.history, run.ctx.device, step)
+        return False
+
+    def _stop_on_signal(self, run: _Run, loop: _Loop) -> bool:
+        """SIGTERM/SIGINT on any process: every process stops after this step (the final checkpoint follows)."""
+        assert run.stop is not None
+        if _agreed(run.stop.signal is not None, run.ctx, run.ctx.device):
+            loop.status = "interrupted"
+            return True
+        return False
+
+    def _checkpoint_every(self, run: _Run, loop: _Loop) -> bool:
+        every, step = self.config.trainer.checkpoint_every, loop.state.step
+        if every and step % every == 0 and step < loop.max_steps:
+            self._checkpoint(run.ctx, loop.state, run.tracker, log_artifact=False)
+        return False
+
+    def _stop_on_budget(self, run: _Run, loop: _Loop) -> bool:
+        """``trainer.max_minutes`` as a safety stop (the calibrated length normally ends the run first)."""
+        minutes = self.config.trainer.max_minutes
+        if minutes is None or not (loop.state.step < loop.max_steps or loop.calibrating):
+            return False
+        if not _agreed(self.clock() - loop.start >= minutes * 60, run.ctx, run.ctx.device):
+            return False
+        if run.ctx.is_main:
+            run.bar.write(f"{loop.state.run_name}: trainer.max_minutes={minutes:g} reached at step {loop.state.step}")
+        return True
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
