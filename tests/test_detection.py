@@ -237,3 +237,29 @@ def test_bad_detection_settings_name_the_key(data, capsys, override, message):
     folder, images, _, _ = data
     assert finetune(folder, images, 2, override, "mlflow=false") == 2
     assert message in capsys.readouterr().err
+
+
+def test_atss_matching_is_monai_s_and_monai_is_left_as_it_is():
+    """The subclass's matching equals MONAI's ATSS matcher called directly (no box: every anchor unmatched), and
+    building a detector replaces nothing in MONAI's module (torchvision's Matcher name stays MONAI's own)."""
+    from monai.apps.detection.networks import retinanet_detector
+    from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
+    from monai.data.box_utils import box_iou
+
+    from medssl.downstream.atss_detector import ATSSRetinaNetDetector
+
+    before = retinanet_detector.Matcher
+    built = build_detector(DetectionConfig(fpn_channels=16), load_backbone("none", "resnet10"), num_classes=2)
+    assert isinstance(built, ATSSRetinaNetDetector) and isinstance(built.proposal_matcher, ATSSMatcher)
+    detector = ATSSRetinaNetDetector.__new__(ATSSRetinaNetDetector)
+    torch.nn.Module.__init__(detector)
+    detector.target_box_key, detector.num_anchors_per_loc, detector.debug = "boxes", 1, False
+    detector.proposal_matcher = ATSSMatcher(4, box_iou, center_in_gt=False)
+    grid = torch.stack(torch.meshgrid(torch.arange(0.0, 16, 4), torch.arange(0.0, 16, 4), indexing="ij"), -1)
+    anchors = torch.cat([grid.reshape(-1, 2), grid.reshape(-1, 2) + 6], dim=1)  # 16 anchors, 6 px wide
+    boxes = torch.tensor([[1.0, 1.0, 7.0, 7.0], [8.0, 8.0, 14.0, 14.0]])
+    got = detector.compute_anchor_matched_idxs([anchors, anchors], [{"boxes": boxes}, {"boxes": boxes[:0]}], [16])
+    _, expected = ATSSMatcher(4, box_iou, center_in_gt=False)(boxes, anchors, [16], 1)
+    assert torch.equal(got[0], expected) and (got[0] >= 0).any()
+    assert torch.equal(got[1], torch.full((16,), -1, dtype=torch.int64))
+    assert retinanet_detector.Matcher is before

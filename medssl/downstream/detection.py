@@ -288,34 +288,18 @@ def size_divisible(kwargs: dict[str, Any], spatial_dims: int, returned_layers: S
     return [s * pool * 2 ** (max(returned_layers) - 1) * 2 for s in _stem_stride(kwargs, spatial_dims)]
 
 
-class _NoTorchvisionMatcher:
-    """Stands in for torchvision's ``Matcher`` (never instantiated) when torchvision is absent."""
-
-
-def _allow_missing_torchvision() -> None:
-    """``RetinaNetDetector`` checks ``isinstance(matcher, torchvision Matcher)`` before trying ATSS; without
-    torchvision that name is MONAI's failed-import stub, which raises on use. Only the ATSS matcher is used here, so
-    the stub is replaced by a placeholder class (nothing changes when torchvision is installed)."""
-    from monai.apps.detection.networks import retinanet_detector
-
-    try:
-        isinstance(None, retinanet_detector.Matcher)
-    except Exception:
-        retinanet_detector.Matcher = _NoTorchvisionMatcher  # type: ignore[attr-defined,misc]
-
-
 def build_detector(config: DetectionConfig, loaded: LoadedBackbone, num_classes: int) -> nn.Module:
     """MONAI ``RetinaNetDetector`` around ``RetinaNet(ResNetFPN(loaded.network))``, with shape anchors, the ATSS
     matcher, a hard-negative sampler, focal classification loss and the box selector of ``config``.
 
     Every backbone tensor is used when ``max(returned_layers) == 4`` (the default); all layers train.
     """
-    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
     from monai.apps.detection.networks.retinanet_network import RetinaNet
     from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
     from monai.losses import FocalLoss
 
-    _allow_missing_torchvision()
+    from medssl.downstream.atss_detector import ATSSRetinaNetDetector
+
     dims = config.spatial_dims
     shapes = [[float(s[0])] * dims if len(s) == 1 else [float(v) for v in s] for s in config.anchor_shapes]
     levels = len(config.returned_layers) + 1
@@ -329,7 +313,7 @@ def build_detector(config: DetectionConfig, loaded: LoadedBackbone, num_classes:
         feature_extractor=extractor,
         size_divisible=size_divisible(loaded.kwargs, dims, config.returned_layers),
     )
-    detector = RetinaNetDetector(network=network, anchor_generator=anchors)
+    detector = ATSSRetinaNetDetector(network=network, anchor_generator=anchors)
     detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=False)
     detector.set_hard_negative_sampler(
         batch_size_per_image=config.sampler_batch,

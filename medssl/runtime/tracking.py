@@ -31,7 +31,6 @@ import posixpath
 import re
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,7 +40,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -434,33 +432,21 @@ class Tracker:
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(self._run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])  # type: ignore[arg-type]
 
-    def _log_file(self, artifact_file: str, write: Any) -> None:
-        """Write a file through ``write(local_path)`` into a temporary folder and log it as ``artifact_file``."""
-        folder, name = _check_artifact_file(artifact_file)
-        with tempfile.TemporaryDirectory(prefix="medssl-mlflow-") as tmp:
-            local = Path(tmp) / name
-            write(local)
-            self._require_client().log_artifact(self._run_id, str(local), folder)  # type: ignore[arg-type]
-
     def log_text(self, text: str, artifact_file: str) -> None:
-        """Log ``text`` as the UTF-8 file ``artifact_file`` (run-relative, e.g. ``"config/resolved.txt"``)."""
+        """Log ``text`` as the file ``artifact_file`` (run-relative, e.g. ``"config/resolved.txt"``): MLflow's
+        ``log_text``."""
         if not self._active():
             return
-        self._log_file(artifact_file, lambda p: p.write_text(text, encoding="utf-8"))
+        _check_artifact_file(artifact_file)
+        self._require_client().log_text(self._run_id, text, artifact_file)  # type: ignore[arg-type]
 
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
-        """Log a mapping as YAML (``.yaml``/``.yml``) or JSON (any other suffix).
-
-        Tuples, paths, dataclasses and numpy/torch scalars become plain YAML/JSON values.
-        """
+        """Log a mapping as YAML (``.yaml``/``.yml``) or JSON (any other suffix): MLflow's ``log_dict`` on a plain
+        copy (tuples, paths, dataclasses and numpy/torch scalars become plain YAML/JSON values first)."""
         if not self._active():
             return
-        plain = _plain(d)
-        if artifact_file.lower().endswith((".yaml", ".yml")):
-            text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
-        else:
-            text = json.dumps(plain, indent=2, ensure_ascii=False, default=str) + "\n"
-        self._log_file(artifact_file, lambda p: p.write_text(text, encoding="utf-8"))
+        _check_artifact_file(artifact_file)
+        self._require_client().log_dict(self._run_id, _plain(d), artifact_file)  # type: ignore[arg-type]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Log a local file (or a folder's contents) under ``artifact_path`` (run root when ``None``)."""
@@ -476,13 +462,16 @@ class Tracker:
             raise FileNotFoundError(f"no file or folder to log at {path}")
 
     def log_figure(self, fig: Figure, artifact_file: str, dpi: int = 100) -> None:
-        """Save a matplotlib figure (format from the suffix, e.g. ``.png``) as ``artifact_file`` and close it.
+        """Save a matplotlib figure (format from the suffix, e.g. ``.png``) as ``artifact_file`` (MLflow's
+        ``log_figure``) and close it.
 
         The figure is closed on every rank (also when disabled), so callers need not.
         """
         try:
             if self._active():
-                self._log_file(artifact_file, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight"))
+                _check_artifact_file(artifact_file)
+                save = {"dpi": dpi, "bbox_inches": "tight"}
+                self._require_client().log_figure(self._run_id, fig, artifact_file, save_kwargs=save)  # type: ignore[arg-type]
         finally:
             _close_figure(fig)
 
