@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from medssl.data.preprocess import PreprocessConfig
+from medssl.models.encoders import resnet_stage_features
 
 
 @dataclass
@@ -158,14 +159,7 @@ def resnet_stages(network: ResNet, x: Tensor) -> list[Tensor]:
     Returns:
         five tensors ``[B, stage_channels[i], *spatial_i]``, strides ``s, s(*2), ...`` where ``s`` is the stem stride.
     """
-    x = network.act(network.bn1(network.conv1(x)))
-    features = [x]
-    if not network.no_max_pool:
-        x = network.maxpool(x)
-    for layer in (network.layer1, network.layer2, network.layer3, network.layer4):
-        x = layer(x)
-        features.append(x)
-    return features
+    return resnet_stage_features(network, x)
 
 
 def fraction_of_cases(subjects: Sequence[str], fraction: float, seed: int) -> list[int]:

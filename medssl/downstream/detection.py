@@ -43,6 +43,7 @@ from medssl.downstream.common import (
     load_backbone,
     log_finetune_run,
 )
+from medssl.models.encoders import resnet_stage_features
 from medssl.runtime.seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -265,16 +266,8 @@ class ResNetFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        net = self.body
-        x = net.maxpool(net.act(net.bn1(net.conv1(x))))
-        features: OrderedDict[str, Tensor] = OrderedDict()
-        for k, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), start=1):
-            if k > self.returned_layers[-1]:
-                break
-            x = layer(x)
-            if k in self.returned_layers:
-                features[str(k)] = x
-        return self.fpn(features)
+        stages = resnet_stage_features(self.body, x, max(self.returned_layers))
+        return self.fpn(OrderedDict((str(k), stages[k]) for k in self.returned_layers))
 
 
 def _stem_stride(kwargs: dict[str, Any], spatial_dims: int) -> list[int]:

@@ -110,6 +110,27 @@ def _replace_batchnorm(module: nn.Module, norm: str | tuple[Any, ...], spatial_d
             _replace_batchnorm(child, norm, spatial_dims)
 
 
+def resnet_stage_features(network: nn.Module, x: Tensor, stages: int = 4) -> list[Tensor]:
+    """The stem output and the outputs of the first ``stages`` stages of a MONAI ``ResNet`` (2D or 3D), run as in
+    pretraining: the max pool only when the network has it on. Encoders, segmentation and detection all run it.
+
+    Args:
+        network: a MONAI ``ResNet`` (``conv1``, ``bn1``, ``act``, ``maxpool``, ``layer1``..``layer4``).
+        x: ``[B, C, *spatial]``.
+        stages: how many of ``layer1``..``layer4`` to run.
+    Returns:
+        ``1 + stages`` tensors ``[B, C_i, *spatial_i]``: the stem (before the max pool), then each stage.
+    """
+    x = network.act(network.bn1(network.conv1(x)))
+    features = [x]
+    if not network.no_max_pool:
+        x = network.maxpool(x)
+    for layer in (network.layer1, network.layer2, network.layer3, network.layer4)[:stages]:
+        x = layer(x)
+        features.append(x)
+    return features
+
+
 class ResNetEncoder(nn.Module):
     """2D ResNet slice encoder on top of :class:`monai.networks.nets.ResNet`.
 
@@ -199,15 +220,7 @@ class ResNetEncoder(nn.Module):
             ``[B, stage_channels[i], H_i, W_i]`` for i = 0..3, ``H_i = H / (stem_stride * 2**i)`` (halved once more
             with ``max_pool``), rounded up.
         """
-        net = self.backbone
-        x = net.act(net.bn1(net.conv1(x)))
-        if not net.no_max_pool:
-            x = net.maxpool(x)
-        feats = []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            x = layer(x)
-            feats.append(x)
-        return feats
+        return resnet_stage_features(self.backbone, x)[1:]
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode images.
