@@ -17,6 +17,7 @@ masked objective with the encoder frozen, then 3D cluster agreement end to end.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -304,12 +305,10 @@ class JointObjective(nn.Module):
             loss, m = self.infonce(z[0], z[1], step=step)
             metrics.update({f"health/intra_{k}": v for k, v in m.items()})
         else:
-            use_queue = self.queue is not None and step >= self.config.queue_start_step
-            loss, m = self._cluster_loss(
-                self.model.intra_prototypes, z, self.intra_deepcluster, crop_index, self.queue if use_queue else None
-            )
-            if use_queue and self.training:
-                self.queue.push([z[0], z[1]])  # type: ignore[union-attr]
+            queue = self.queue if step >= self.config.queue_start_step else None
+            loss, m = self._cluster_loss(self.model.intra_prototypes, z, self.intra_deepcluster, crop_index, queue)
+            if queue is not None and self.training:
+                queue.push([z[0], z[1]])
             _cluster_health("intra", m, metrics)
         metrics["health/intra_alignment"] = alignment(z[0].detach(), z[1].detach())
         if z[0].shape[0] > 1:  # spread metrics need two samples
@@ -355,93 +354,104 @@ class JointObjective(nn.Module):
         """
         plan = self.plan(step)
         w = plan.weights
-        want_intra = w.intra > 0 and crops is not None
-        want_3d = (w.inter > 0 or w.mask > 0) and stacks is not None
-        want_sep = w.sep > 0 and sep is not None
-        if not (want_intra or want_3d or want_sep):
-            raise ValueError(f"stage '{plan.name}' has no active loss for the given batches (weights {w})")
-
-        images: list[Tensor] = []
-        if want_intra:
-            assert crops is not None
+        views: dict[str, list[Tensor]] = {}  # each active term's images, encoded together below
+        if w.intra > 0 and crops is not None:
             if self.infonce is not None:  # SimCLR's InfoNCE: the two global crops only
                 if len(crops) < 2:
                     raise ValueError(f"intra_clustering=simclr needs the two global crops, got {len(crops)} crops")
                 crops = crops[:2]
-            images.extend(crops)
-        if want_3d:
-            images.extend(view[stacks.mask] for view in stacks.views)  # type: ignore[union-attr]
-        if want_sep:
-            images.extend(sep.views)  # type: ignore[union-attr]
-        if plan.freeze_encoder:
-            with torch.no_grad():
-                features = self.model.encode(images)
-        else:
-            features = self.model.encode(images)
+            views["intra"] = list(crops)
+        if (w.inter > 0 or w.mask > 0) and stacks is not None:
+            views["stacks"] = [view[stacks.mask] for view in stacks.views]  # real slices only
+        if w.sep > 0 and sep is not None:
+            views["sep"] = list(sep.views)
+        if not views:
+            raise ValueError(f"stage '{plan.name}' has no active loss for the given batches (weights {w})")
+        features = self._encode(views, plan.freeze_encoder)
 
-        total = torch.zeros((), device=images[0].device)
         metrics: dict[str, Tensor] = {}
-        cursor = 0
-        if want_intra:
-            assert crops is not None
-            n = len(crops)
-            z = [self.model.projector(f) for f in features[cursor : cursor + n]]
-            cursor += n
-            loss = self._intra_loss(z, step, crop_index, metrics)
-            total = total + w.intra * loss
-            metrics["loss/intra"] = loss.detach()
-            total = total + self._spreading(z[:2], metrics)
-        if want_3d:
-            mask = stacks.mask  # type: ignore[union-attr]
-            tokens = []
-            for flat in features[cursor : cursor + 2]:
-                dense = flat.new_zeros((*mask.shape, flat.shape[-1]))
-                dense[mask] = flat
-                tokens.append(dense)
-            cursor += 2
-            positions = stacks.positions  # type: ignore[union-attr]
-            if w.inter > 0:
-                volumes = [self.model.transformer(t, mask, positions).volume for t in tokens]
-                use_queue = self.inter_queue is not None and step >= self.config.queue_start_step
-                loss, m = self._cluster_loss(
-                    self.model.inter_prototypes,
-                    volumes,
-                    self.inter_deepcluster,
-                    stacks.index,  # type: ignore[union-attr]
-                    self.inter_queue if use_queue else None,
-                )
-                if use_queue and self.training:
-                    self.inter_queue.push([volumes[0], volumes[1]])  # type: ignore[union-attr]
-                total = total + w.inter * loss
-                metrics["loss/inter"] = loss.detach()
-                _cluster_health("inter", m, metrics)
-                metrics["health/inter_alignment"] = alignment(volumes[0].detach(), volumes[1].detach())
-                if volumes[0].shape[0] > 1:
-                    metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())
-            if w.mask > 0:
-                noise = stacks.mask_noise  # type: ignore[union-attr]
-                losses = [
-                    masked_slice_loss(
-                        self.model.masked(
-                            t, mask, self.model.transformer, positions, noise=None if noise is None else noise[:, v]
-                        )
-                    )[0]
-                    for v, t in enumerate(tokens)
-                ]
-                loss = torch.stack(losses).mean()
-                total = total + w.mask * loss
-                metrics["loss/mask"] = loss.detach()
-        if want_sep:
-            f1, f2 = features[cursor : cursor + 2]
-            c1, s1 = self.model.sep_heads(f1)
-            c2, s2 = self.model.sep_heads(f2)
-            loss, m = self.sepclr(c1, c2, s1, s2, sep.is_target)  # type: ignore[union-attr]
-            total = total + w.sep * loss
-            metrics["loss/sep"] = loss.detach()
-            metrics["health/salient_norm_background"] = m["salient_norm_background"]
-            metrics["health/salient_norm_target"] = m["salient_norm_target"]
+        total = torch.zeros((), device=next(iter(views.values()))[0].device)
+        if "intra" in features:
+            total = total + self._intra_term(features["intra"], w.intra, step, crop_index, metrics)
+        if "stacks" in features and stacks is not None:
+            total = total + self._volume_terms(features["stacks"], stacks, w, step, metrics)
+        if "sep" in features and sep is not None:
+            total = total + self._sep_term(features["sep"], sep, w.sep, metrics)
         metrics["loss/total"] = total.detach()
         return total, metrics
+
+    def _encode(self, views: dict[str, list[Tensor]], frozen: bool) -> dict[str, list[Tensor]]:
+        """Every term's images in one encoder call (one pass per crop resolution); no gradient when ``frozen``."""
+        images = [image for group in views.values() for image in group]
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            flat = self.model.encode(images)
+        out, cursor = {}, 0
+        for name, group in views.items():
+            out[name] = flat[cursor : cursor + len(group)]
+            cursor += len(group)
+        return out
+
+    def _intra_term(
+        self, features: list[Tensor], weight: float, step: int, crop_index: Tensor | None, metrics: dict[str, Tensor]
+    ) -> Tensor:
+        """``weight * L_intra`` plus the spreading terms, on the projected crops ``[B, D]`` each."""
+        z = [self.model.projector(f) for f in features]
+        loss = self._intra_loss(z, step, crop_index, metrics)
+        metrics["loss/intra"] = loss.detach()
+        return weight * loss + self._spreading(z[:2], metrics)
+
+    def _volume_terms(
+        self, features: list[Tensor], stacks: StackBatch, w: LossWeights, step: int, metrics: dict[str, Tensor]
+    ) -> Tensor:
+        """``w.inter * L_inter + w.mask * L_mask`` on the two stack views' slice features (``[n_real, D]`` each,
+        scattered back to ``[B, N, D]`` tokens)."""
+        tokens = []
+        for flat in features:
+            dense = flat.new_zeros((*stacks.mask.shape, flat.shape[-1]))
+            dense[stacks.mask] = flat
+            tokens.append(dense)
+        total = torch.zeros((), device=tokens[0].device)
+        if w.inter > 0:
+            volumes = [self.model.transformer(t, stacks.mask, stacks.positions).volume for t in tokens]
+            queue = self.inter_queue if step >= self.config.queue_start_step else None
+            loss, m = self._cluster_loss(
+                self.model.inter_prototypes, volumes, self.inter_deepcluster, stacks.index, queue
+            )
+            if queue is not None and self.training:
+                queue.push([volumes[0], volumes[1]])
+            total = total + w.inter * loss
+            metrics["loss/inter"] = loss.detach()
+            _cluster_health("inter", m, metrics)
+            metrics["health/inter_alignment"] = alignment(volumes[0].detach(), volumes[1].detach())
+            if volumes[0].shape[0] > 1:
+                metrics["health/inter_uniformity"] = uniformity(volumes[0].detach())
+        if w.mask > 0:
+            noise = stacks.mask_noise
+            losses = [
+                masked_slice_loss(
+                    self.model.masked(
+                        t,
+                        stacks.mask,
+                        self.model.transformer,
+                        stacks.positions,
+                        noise=None if noise is None else noise[:, v],
+                    )
+                )[0]
+                for v, t in enumerate(tokens)
+            ]
+            loss = torch.stack(losses).mean()
+            total = total + w.mask * loss
+            metrics["loss/mask"] = loss.detach()
+        return total
+
+    def _sep_term(self, features: list[Tensor], sep: SepBatch, weight: float, metrics: dict[str, Tensor]) -> Tensor:
+        """``weight * L_sep`` on the two views' common and salient projections."""
+        (c1, s1), (c2, s2) = (self.model.sep_heads(f) for f in features[:2])
+        loss, m = self.sepclr(c1, c2, s1, s2, sep.is_target)
+        metrics["loss/sep"] = loss.detach()
+        metrics["health/salient_norm_background"] = m["salient_norm_background"]
+        metrics["health/salient_norm_target"] = m["salient_norm_target"]
+        return weight * loss
 
 
 def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
