@@ -64,6 +64,15 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _message_figure(text: str, width: float, height: float) -> Figure:
+    """A figure that only says ``text`` (nothing to draw yet)."""
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
+
+
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     cols = max(1, min(max_cols, n))
     return math.ceil(n / cols), cols
@@ -113,11 +122,7 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
         panels.append(("learning rate", lr))
 
     if not panels:
-        fig = _new_figure(4.0, 3.0)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
+        return _message_figure("no metrics yet", 4.0, 3.0)
     rows, cols = _grid(len(panels))
     fig = _new_figure(4.6 * cols, 3.4 * rows)
     for i, (title, keys) in enumerate(panels):
@@ -285,11 +290,7 @@ def prototype_gallery_figure(
         raise ValueError("n_prototypes and per_prototype must be >= 1")
     rows = _most_used(a, n_prototypes)
     if not rows:
-        fig = _new_figure(4.0, 2.0)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
+        return _message_figure("no samples", 4.0, 2.0)
     _, h, w = imgs.shape
     gap = max(1, w // 16)
     cmap = colormaps["gray"].with_extremes(bad="white")
