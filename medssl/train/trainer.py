@@ -272,6 +272,34 @@ class Trainer:
             teardown_distributed()
 
     def _fit(self, ctx: DistributedContext) -> TrainResult:
+        """Set up, run the loop (one step, then the between-step hooks in order), finish."""
+        run, loop = self._set_up(ctx)
+        between_steps = [
+            self._calibrate_once,
+            self._log_window,
+            self._pictures_every,
+            self._stop_on_signal,
+            self._checkpoint_every,
+            self._stop_on_budget,
+        ]
+        try:
+            with _StopRequest() as run.stop:
+                run.objective.train()
+                loop.start = self.clock()
+                loop.stamps = [loop.start]
+                while loop.state.step < loop.max_steps or loop.calibrating:
+                    self._step(run, loop)
+                    if any(hook(run, loop) for hook in between_steps):  # a hook that returns True ends the run
+                        break
+        except BaseException:
+            run.bar.close()
+            run.tracker.finish("FAILED")
+            raise
+        return self._finish(run, loop)
+
+    def _set_up(self, ctx: DistributedContext) -> tuple[_Run, _Loop]:
+        """Run name and resume point, data and streams (rank 0 builds the cache), model, objective, optimiser, DDP,
+        tracking, the schedules (kept from a checkpoint's calibration)."""
         from medssl.runtime import tracking  # mlflow import is slow; only the trainer needs it
 
         cfg = self.config
@@ -409,50 +437,33 @@ class Trainer:
                 dynamic_ncols=True,
             ),
         )
-        loop = _Loop(state, max_steps, lr_schedule, wd_schedule, calibrating)
-        between_steps = [
-            self._calibrate_once,
-            self._log_window,
-            self._pictures_every,
-            self._stop_on_signal,
-            self._checkpoint_every,
-            self._stop_on_budget,
-        ]
-        try:
-            with _StopRequest() as run.stop:
-                objective.train()
-                loop.start = self.clock()
-                loop.stamps = [loop.start]
-                while loop.state.step < loop.max_steps or loop.calibrating:
-                    self._step(run, loop)
-                    if any(hook(run, loop) for hook in between_steps):  # a hook that returns True ends the run
-                        break
-        except BaseException:
-            run.bar.close()
-            tracker.finish("FAILED")
-            raise
-        bar, status, last_metrics = run.bar, loop.status, loop.last_metrics
-        bar.close()
-        for stream in streams.values():
+        return run, _Loop(state, max_steps, lr_schedule, wd_schedule, calibrating)
+
+    def _finish(self, run: _Run, loop: _Loop) -> TrainResult:
+        """The last checkpoint; for a finished run the backbone and the final pictures; the MLflow run's status."""
+        ctx, state, tracker, status = run.ctx, loop.state, run.tracker, loop.status
+        run.bar.close()
+        for stream in run.streams.values():
             stream.close()
-        saved = self._checkpoint(ctx, state, tracker, log_artifact=status == "finished" and cfg.logging.log_checkpoints)
+        log_artifact = status == "finished" and self.config.logging.log_checkpoints
+        saved = self._checkpoint(ctx, state, tracker, log_artifact=log_artifact)
         backbone = None
         if status == "finished" and ctx.is_main:
-            backbone = self._export_backbone(run_dir, model, tracker, run_name)
-            self._log_pictures(tracker, model, data, state.history, device, state.step)
+            backbone = self._export_backbone(state.run_dir, run.model, tracker, state.run_name)
+            self._log_pictures(tracker, run.model, run.data, state.history, ctx.device, state.step)
         if ctx.enabled:
             dist.barrier()
         tracker.finish("FINISHED" if status == "finished" else "KILLED")
         result = TrainResult(
             status=status,
             step=state.step,
-            run_name=run_name,
-            output_dir=run_dir,
+            run_name=state.run_name,
+            output_dir=state.run_dir,
             run_id=tracker.run_id,
             artifact_uri=tracker.artifact_uri,
             checkpoint=saved,
             backbone=backbone,
-            metrics=last_metrics,
+            metrics=loop.last_metrics,
         )
         if ctx.is_main:
             self._summary(result, tracker)
