@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -97,12 +97,20 @@ def check_ratio(ratio: Sequence[float], key: str) -> None:
         raise ValueError(f"{key} must be [low, high] (width / height) with 0 < low <= high, got {values}")
 
 
+class BoxDraws(Protocol):
+    """What a crop box is drawn from: ``numpy.random.RandomState`` or anything with its ``uniform`` and ``randint``."""
+
+    def uniform(self, low: float, high: float) -> Any: ...
+
+    def randint(self, low: int, high: int) -> Any: ...
+
+
 def random_resized_crop_box(
     height: int,
     width: int,
     scale: Sequence[float],
     ratio: Sequence[float] = DEFAULT_RATIO,
-    state: np.random.RandomState | None = None,
+    state: BoxDraws | None = None,
     attempts: int = 10,
 ) -> tuple[int, int, int, int]:
     """A crop box ``(top, left, box_height, box_width)`` inside a ``height`` x ``width`` image.
