@@ -49,3 +49,14 @@ def test_sepclr_config_ships_the_from_scratch_weights():
     expected = SepCLRWeights(beta_salient=1000.0, beta_infoless=1000.0, lambda_jem=10.0, tau=0.5)
     assert compose_pretrain_config(["method=sepclr"]).method.objective.sepclr == expected
     assert SepCLRWeights() == expected
+
+
+def test_the_clustering_presets_ship_koleo_and_simclr_does_not_need_it():
+    """KoLeo 0.1 on the 2D embeddings is the shipped default of the joint family (BENCHMARKS.md, issue 14: the
+    lever that stopped 2D SwAV's cone on MedNIST and Kermany); the objective's own default stays 0 (plain SwAV)."""
+    from medssl.objectives.joint import JointObjectiveConfig
+    from medssl.train.config import compose_pretrain_config
+
+    for method in ("joint", "swav2d", "dcv2_2d", "staged"):
+        assert compose_pretrain_config([f"method={method}"]).method.objective.koleo_weight == 0.1, method
+    assert JointObjectiveConfig().koleo_weight == 0.0
