@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from medssl.runtime.checks import at_least
+
 __all__ = ["SepCLRLoss", "align_loss", "joint_entropy_loss", "uniform_loss"]
 
 
@@ -155,14 +157,13 @@ class SepCLRLoss(nn.Module):
         uniformity_weight: float = 2.0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("beta_salient", beta_salient),
-            ("beta_infoless", beta_infoless),
-            ("lambda_jem", lambda_jem),
-            ("uniformity_weight", uniformity_weight),
-        ):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        at_least(
+            0,
+            beta_salient=beta_salient,
+            beta_infoless=beta_infoless,
+            lambda_jem=lambda_jem,
+            uniformity_weight=uniformity_weight,
+        )
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.beta_salient = float(beta_salient)
