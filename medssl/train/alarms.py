@@ -26,10 +26,12 @@ GAP_THRESHOLD = 0.5
 ADVICE = {
     "intra": (
         "try a queue so that queue + batch covers the prototypes (method.objective.queue_length, e.g. 480 for a batch "
-        "of 32 and 512 prototypes), a sharper Sinkhorn (method.objective.epsilon=0.03), a spreading term "
-        "(method.objective.koleo_weight=0.1) or a larger batch (trainer.batch.images); for a short CPU budget "
-        "method=simclr (or method.objective.intra_clustering=simclr under the 3D terms) learns where SwAV has not "
-        "started (BENCHMARKS.md, issue 14 levers)"
+        "of 32 and 512 prototypes), a sharper Sinkhorn (method.objective.epsilon=0.03) or a larger batch "
+        "(trainer.batch.images). At short budgets the loss stays near ln K even when the features are good: with the "
+        "KoLeo term on (method.objective.koleo_weight, 0.1 by default) check the embedding uniformity, which falls "
+        "in a good run and rises into a cone in a collapsed one; for a short CPU budget method=simclr (or "
+        "method.objective.intra_clustering=simclr under the 3D terms) learns where SwAV has not started "
+        "(BENCHMARKS.md, issue 14 levers)"
     ),
     "inter": (
         "try a queue of volume embeddings (method.objective.inter_queue_length), a sharper Sinkhorn "
