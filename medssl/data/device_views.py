@@ -175,14 +175,10 @@ def _geometry(images: Tensor, params: ViewParams, size: int) -> Tensor:
     x = torch.minimum(torch.maximum(left + (vx + 1.0) * 0.5 * width - 0.5, left), left + width - 1.0)
     y = torch.minimum(torch.maximum(top + (vy + 1.0) * 0.5 * height - 0.5, top), top + height - 1.0)
     grid = torch.stack([(x + 0.5) * (2.0 / w) - 1.0, (y + 0.5) * (2.0 / h) - 1.0], dim=-1)  # [B, V, S, S, 2]
-    source = images.unsqueeze(1).expand(b, v, c, h, w).reshape(b * v, c, h, w)
-    out = F.grid_sample(
-        source,
-        grid.reshape(b * v, size, size, 2).to(dtype),
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=False,
-    )
+    # the V views of an image as one tall grid over the image itself (no copy of the image per view)
+    grid = grid.reshape(b, v * size, size, 2).to(dtype)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B, C, V*S, S]
+    out = out.reshape(b, c, v, size, size).transpose(1, 2).reshape(b * v, c, size, size)
     return (out * inside.reshape(b * v, 1, size, size).to(dtype)).reshape(b, v, c, size, size)
 
 

@@ -161,7 +161,7 @@ class _Loop:
     calibrating: bool
     start: float = 0.0
     stamps: list[float] = field(default_factory=list)
-    window: MetricWindow = field(default_factory=lambda: MetricWindow())
+    window: MetricWindow = field(default_factory=MetricWindow)
     last_metrics: dict[str, float] = field(default_factory=dict)
     status: str = "finished"
 
@@ -514,8 +514,7 @@ class Trainer:
         state.step = step + 1
         window.timer.total_seconds += time.perf_counter() - step_start
         host["lr"] = _at(loop.lr_schedule, step)
-        batch_sizes = {"images": tcfg.batch.images, "stacks": tcfg.batch.stacks, "sep": tcfg.batch.sep}
-        window.add(host, sum(batch_sizes[name] for name in fetched))
+        window.add(host, sum(getattr(tcfg.batch, name) for name in fetched))
         for callback in self.callbacks:
             callback(state.step, host)
         run.bar.update(1)
