@@ -233,6 +233,21 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
         print(f"quality: pretrained {name}: {result.step} steps in {(time.perf_counter() - start) / 60:.1f} min; "
               f"run {result.run_id}", flush=True)  # fmt: skip
         return result.output_dir
+    steps, seconds_per_step = calibrate(settings, base, name)
+    config = compose_pretrain_config([*base, *budget_overrides(settings, steps)])
+    start = time.perf_counter()
+    result = Trainer(config).fit()
+    print(f"quality: pretrained {name}: {result.step} steps ({seconds_per_step:.2f} s/step calibrated) in "
+          f"{(time.perf_counter() - start) / 60:.1f} min; run {result.run_id}", flush=True)  # fmt: skip
+    return result.output_dir
+
+
+def calibrate(settings: Settings, base: list[str], name: str) -> tuple[int, float]:
+    """Optimiser steps that fit ``settings.budget_minutes`` (with 8% to spare), from the median seconds per step
+    of a short run with the same overrides; returns (steps, seconds per step)."""
+    from medssl.train.config import compose_pretrain_config
+    from medssl.train.trainer import Trainer
+
     stamps: list[float] = []
     calibration = compose_pretrain_config(
         [
@@ -246,13 +261,30 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
     )
     Trainer(calibration, callbacks=[lambda step, metrics: stamps.append(time.perf_counter())]).fit()
     seconds_per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps[2:]))  # after loader start
-    steps = max(10, int(settings.budget_minutes * 60 / seconds_per_step * 0.92))
-    config = compose_pretrain_config([*base, *budget_overrides(settings, steps)])
-    start = time.perf_counter()
-    result = Trainer(config).fit()
-    print(f"quality: pretrained {name}: {result.step} steps ({seconds_per_step:.2f} s/step calibrated) in "
-          f"{(time.perf_counter() - start) / 60:.1f} min; run {result.run_id}", flush=True)  # fmt: skip
-    return result.output_dir
+    return max(10, int(settings.budget_minutes * 60 / seconds_per_step * 0.92)), seconds_per_step
+
+
+def calibrate_budgets(settings: Settings, methods: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """``--calibrate``: per task, the step budget of each pretrained method at ``--budget-minutes`` (run once on
+    an idle machine; pass the printed ``--steps`` to the comparison so that load cannot change its result)."""
+    manifests = prepare_manifests(settings)
+    budgets: dict[str, dict[str, int]] = {}
+    for task, names in methods.items():
+        manifest = manifests.get("cxr" if task == "sepclr" else task)
+        if manifest is None:
+            print(f"quality: --calibrate: no {task} data under {settings.data}", flush=True)
+            continue
+        budgets[task] = {}
+        for method in names:
+            if method == "random":
+                continue
+            name = f"{task}-{method}"
+            steps, seconds = calibrate(settings, _pretrain_overrides(settings, manifest, task, method, name), name)
+            budgets[task][method] = steps
+            print(f"quality: calibrated {name}: {seconds:.2f} s/step -> {steps} steps in "
+                  f"{settings.budget_minutes:g} min", flush=True)  # fmt: skip
+        print(f"quality: {task}: --steps " + ",".join(f"{m}={n}" for m, n in budgets[task].items()), flush=True)
+    return budgets
 
 
 def step_budget(settings: Settings, method: str) -> int | None:
@@ -558,6 +590,11 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         help="fixed optimiser-step budgets instead of a wall-clock budget: N, or METHOD=N,... (calibrated once on an "
         "idle machine; no max_minutes cap, so a busy machine cannot change the result)",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="only measure and print each method's step budget at --budget-minutes (run on an idle machine)",
+    )
     parser.add_argument("--cache-dir", help="preprocessed-image cache (default <out>/cache), shareable across --out")
     parser.add_argument(
         "--reuse",
@@ -606,6 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, settings, methods = parse(argv)
     tasks = list(methods)
     settings.out.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        calibrate_budgets(settings, methods)
+        return 0
     start = time.perf_counter()
     results = run(settings, tasks, methods)
     minutes = (time.perf_counter() - start) / 60
