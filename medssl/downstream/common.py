@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +20,24 @@ from torch import Tensor
 
 from medssl.data.preprocess import PreprocessConfig
 from medssl.models.encoders import resnet_stage_features
+
+
+@dataclass
+class TaskConfig:
+    """The keys every fine-tuning task's config shares (``configs/finetune/*.yaml``): the task it is for, the seed,
+    the device and where the run is logged. A subclass names its task in ``TASK``."""
+
+    TASK: ClassVar[str] = ""
+    task: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    experiment: str = "medssl-finetune"
+    mlflow: bool = True
+    tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task != self.TASK:
+            raise ValueError(f"task: this schema is for {self.TASK}, got {self.task!r}")
 
 
 @dataclass

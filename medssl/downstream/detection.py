@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from medssl.downstream.common import (
     FinetuneModelConfig,
     LabelledDataConfig,
     LoadedBackbone,
+    TaskConfig,
     labelled_train_test,
     load_backbone,
     log_finetune_run,
@@ -58,11 +59,12 @@ class DetectionDataConfig(LabelledDataConfig):
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(TaskConfig):
+    """``configs/finetune/detection.yaml`` (``medssl finetune task=detection key=value ...``)."""
+
+    TASK: ClassVar[str] = "detection"
     task: str = "detection"
     spatial_dims: int = 3  # 2: images [C, H, W]; 3: volumes [C, D, H, W] (the inflated encoder)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     num_classes: int | None = None  # foreground classes; None: 1 + the largest box label of the data
@@ -84,13 +86,9 @@ class DetectionConfig:
     detections_per_image: int = 100
     iou_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.5])  # mAP/mAR reported at each IoU
     iou_range: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.05])  # start, stop, step of averaged mAP
-    experiment: str = "medssl-finetune"
-    mlflow: bool = True
-    tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task != "detection":
-            raise ValueError(f"task: this schema is for detection, got {self.task!r}")
+        super().__post_init__()
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.num_classes is not None and self.num_classes < 1:

@@ -12,7 +12,7 @@ import copy
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from medssl.data.preprocess import PreprocessConfig
 from medssl.downstream.classifier import FinetuneSchedule, finetune_classifier
 from medssl.downstream.common import (
     FinetuneModelConfig,
+    TaskConfig,
     load_backbone,
     log_finetune_run,
 )
@@ -72,22 +73,19 @@ class ClassificationModelConfig(FinetuneModelConfig):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TaskConfig):
+    """``configs/finetune/classification.yaml`` (``medssl finetune task=classification key=value ...``)."""
+
+    TASK: ClassVar[str] = "classification"
     task: str = "classification"
     protocol: str = "linear"
-    seed: int = 0
     knn_k: int = 20
     finetune: FinetuneSchedule = field(default_factory=FinetuneSchedule)  # protocol=finetune
-    device: str = "auto"  # auto | cpu | cuda
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
-    tracking_uri: str | None = None
-    experiment: str = "medssl-finetune"
-    mlflow: bool = True
 
     def __post_init__(self) -> None:
-        if self.task != "classification":
-            raise ValueError(f"task: this schema is for classification, got {self.task!r}")
+        super().__post_init__()
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 

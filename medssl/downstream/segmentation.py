@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from medssl.downstream.common import (
     FinetuneModelConfig,
     LabelledDataConfig,
     LoadedBackbone,
+    TaskConfig,
     labelled_train_test,
     load_backbone,
     log_finetune_run,
@@ -44,13 +45,12 @@ MIN_ROI_DEPTH = 8  # the inflated stem keeps every slice; the stages stride dept
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(TaskConfig):
     """``configs/finetune/segmentation.yaml`` (``medssl finetune task=segmentation key=value ...``)."""
 
+    TASK: ClassVar[str] = "segmentation"
     task: str = "segmentation"
     mode: str = "2d"  # 2d: slice-wise (volumes as axial slices, 2D images as they are) | 3d: inflated encoder, 3D crops
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
     num_classes: int = 2  # including the background (label 0)
@@ -68,13 +68,9 @@ class SegmentationConfig:
     freeze_encoder: bool = False  # train the decoder only (encoder in eval mode, batch-norm statistics fixed)
     overlap: float = 0.5  # sliding-window overlap at inference
     log_every: int = 50  # a progress line every N steps (0: none)
-    experiment: str = "medssl-finetune"
-    mlflow: bool = True
-    tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task != "segmentation":
-            raise ValueError(f"task: this schema is for segmentation, got {self.task!r}")
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.num_classes < 2:
