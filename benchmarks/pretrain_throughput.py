@@ -14,7 +14,8 @@ so that peak memory is its own:
 
 1. ``Trainer(config).fit()`` with ``trainer.log_every=1``: the trainer's own per-step accounting
    (``throughput/samples_per_s``, ``throughput/data_wait_fraction``, read back from the final
-   checkpoint's history) gives each step's time and data wait (fetching + host-to-device copy).
+   checkpoint's history) gives each step's time, data wait (waiting for the loader) and the views made on the
+   device (``throughput/augment_fraction``: host-to-device copy and views).
    Samples per step as the trainer counts them: images + stacks (joint), images (simclr).
 2. Compute-only throughput: samples / (step time - data wait).
 3. The bare encoder: forward + backward of a fresh encoder on pre-built tensors of the shapes the step
@@ -229,6 +230,7 @@ def phase_method(args: dict[str, Any], method: str) -> dict[str, Any]:
     samples = tcfg.batch.images + (tcfg.batch.stacks if method == "joint" else 0)
     rate = {int(s): v for s, v in history["throughput/samples_per_s"]}
     wait = {int(s): v for s, v in history["throughput/data_wait_fraction"]}
+    views = {int(s): v for s, v in history["throughput/augment_fraction"]}
 
     def step_record(s: int) -> dict[str, float]:
         step_time = samples / rate[s]  # the trainer's own accounting of step s
@@ -236,6 +238,7 @@ def phase_method(args: dict[str, Any], method: str) -> dict[str, Any]:
             "step": s,
             "step_s": step_time,
             "wait_s": wait[s] * step_time,
+            "augment_s": views[s] * step_time,
             "compute_s": step_time * (1 - wait[s]),
             "wall_s": entered[s] - left[s - 1],  # from the previous callback's end: everything the loop does
             "encoded": sum(shape[0] for shape in encoded[s - 1]),
@@ -344,6 +347,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
         "end_to_end": n / med([x["step_s"] for x in steps]),
         "wall": n / med([x["wall_s"] for x in steps]),
         "wait_fraction": sum(x["wait_s"] for x in steps) / sum(x["step_s"] for x in steps),
+        "augment_fraction": sum(x["augment_s"] for x in steps) / sum(x["step_s"] for x in steps),
         "compute": n / med([x["compute_s"] for x in steps]),
         "bare": n / med(bare),
         "compute_ratio": med([b / c for b, c in zip(bare, compute, strict=True)]),
@@ -411,17 +415,18 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], command: 
         f"{max(r['load_average'][1] for r in results.values()):.1f} (this benchmark alone accounts for about "
         f"{first['threads']}; anything above is other jobs on the machine).",
         "",
-        "| method | samples/step | encoder inputs/step | end-to-end samples/s | data wait "
+        "| method | samples/step | encoder inputs/step | end-to-end samples/s | data wait | views on device "
         "| compute-only samples/s | bare encoder samples/s | **compute-only / bare** | end-to-end / bare "
         f"| peak RSS MiB{' | CUDA peak MiB (run / bare extra)' if cuda else ''} |",
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for method, r in results.items():
         s = summarise(r)
         groups = " + ".join(f"{n} x {h} px" for n, h, _ in r["bare_groups"])
         row = (
             f"| {method} | {r['samples_per_step']} | {s['encoded']:.0f} ({groups}) | {s['end_to_end']:.2f} "
-            f"| {100 * s['wait_fraction']:.1f}% | {s['compute']:.2f} | {s['bare']:.2f} | **{s['compute_ratio']:.2f}** "
+            f"| {100 * s['wait_fraction']:.1f}% | {100 * s['augment_fraction']:.1f}% | {s['compute']:.2f} "
+            f"| {s['bare']:.2f} | **{s['compute_ratio']:.2f}** "
             f"| {s['end_to_end_ratio']:.2f} | {r['rss_train_mib']:.0f}"
         )
         if cuda:
@@ -462,7 +467,9 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], command: 
         "- Samples/step as the trainer counts them: `trainer.batch.images` + `trainer.batch.stacks` (joint; a "
         "stack sample is 2 views of up to N real slices), `trainer.batch.images` (simclr).",
         "- Step time and data wait: the trainer's own per-step accounting (`throughput/samples_per_s`, "
-        "`throughput/data_wait_fraction`, `trainer.log_every=1`); data wait = fetching + host-to-device copy. "
+        "`throughput/data_wait_fraction`, `trainer.log_every=1`); data wait = waiting for the loader's batches; "
+        "views on device (`throughput/augment_fraction`) = copying them to the device and making their views there "
+        "(inside compute). "
         "Compute-only = samples / (step - data wait). B's data wait can be optimistic (open loader workers "
         "prefetch during the bare pass).",
         "- Bare encoder: samples / (sum over resolutions of one forward + backward of a fresh encoder on a "

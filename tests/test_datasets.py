@@ -28,7 +28,13 @@ from medssl.data.views import AugmentConfig, MultiCropConfig
 NO_AUGMENT = AugmentConfig(flip_prob=0, affine_prob=0, gamma_prob=0, contrast_prob=0, noise_prob=0, blur_prob=0)
 
 
-def build(tmp_path: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]], images: int = 0, groups=None):
+def build(
+    tmp_path: Path,
+    volumes: dict[str, tuple[np.ndarray, np.ndarray]],
+    images: int = 0,
+    groups=None,
+    storage: str = "float16",
+):
     data = tmp_path / "data"
     data.mkdir()
     for name, (array, affine) in volumes.items():
@@ -41,7 +47,7 @@ def build(tmp_path: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]], ima
         rows = [type(r)(**{**r.__dict__, "group": groups(r)}) for r in rows]
     write_manifest(tmp_path / "m.csv", rows, data)
     manifest = read_manifest(tmp_path / "m.csv")
-    config = PreprocessConfig(percentiles=[0, 100], foreground_threshold=0.05)
+    config = PreprocessConfig(percentiles=[0, 100], foreground_threshold=0.05, storage_dtype=storage)
     build_cache(manifest, tmp_path / "cache", config, workers=1, progress=False)
     return cached_items(manifest, tmp_path / "cache", config)
 
@@ -63,8 +69,12 @@ def test_multicrop_views_and_slice_filtering(tmp_path):
     volume_slices = sorted(dataset.slice_index[dataset.axis_index == 2].tolist())
     assert volume_slices == list(range(3, 10))
     sample = dataset[0]
-    assert [tuple(v.shape) for v in sample["views"]] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
-    assert all(v.dtype == torch.float32 for v in sample["views"])
+    storage = getattr(torch, dataset.items[int(dataset.item_index[0])].entry.meta["dtype"])
+    assert sample["pixels"].dtype == storage, "the loader returns the cached plane at storage precision"
+    assert sample["params"].shape[0] == 2 + 3
+    views = dataset.sample_views(0)
+    assert [tuple(v.shape) for v in views] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 for v in views)
     three_planes = MultiCropSliceDataset(
         items, views=views, slices=SliceConfig(planes=["axial", "coronal", "sagittal"])
     )
@@ -74,21 +84,21 @@ def test_multicrop_views_and_slice_filtering(tmp_path):
 def test_samples_depend_on_seed_epoch_and_index_only(tmp_path):
     items = build(tmp_path, {"a": (padded_volume(), np.eye(4))}, images=3)
     dataset = MultiCropSliceDataset(items, views=MultiCropConfig(global_size=32, local_size=16, n_local=2), seed=7)
-    first = dataset[4]["views"]
-    again = dataset[4]["views"]
+    first = dataset.sample_views(4)
+    again = dataset.sample_views(4)
     for a, b in zip(first, again, strict=True):
         torch.testing.assert_close(a, b)
     dataset.set_epoch(1)
-    second_epoch = dataset[4]["views"][0]
+    second_epoch = dataset.sample_views(4)[0]
     assert not torch.equal(second_epoch, first[0])
     dataset.set_epoch(0)
-    tagged = dataset[(1, 4)]  # the epoch carried by the index, as the trainer's samplers do it
-    torch.testing.assert_close(tagged["views"][0], second_epoch)
-    assert tagged["index"] == 4
+    tagged = dataset.sample_views((1, 4))  # the epoch carried by the index, as the trainer's samplers do it
+    torch.testing.assert_close(tagged[0], second_epoch)
+    assert dataset[(1, 4)]["index"] == 4
 
     def batches(workers: int) -> list[torch.Tensor]:
-        loader = DataLoader(dataset, batch_size=4, num_workers=workers, shuffle=False)
-        return [batch["views"][0] for batch in loader]
+        loader = DataLoader(dataset, batch_size=4, num_workers=workers, shuffle=False, collate_fn=dataset.collate)
+        return [dataset.views(batch)[0] for batch in loader]
 
     serial, parallel = batches(0), batches(2)
     assert len(serial) == len(parallel)
@@ -117,7 +127,7 @@ def test_stack_views_share_slices_and_report_positions(tmp_path):
     config = StackConfig(n_slices=8, size=20, scale=[1.0, 1.0], augment=NO_AUGMENT, min_foreground=0.0)
     dataset = TwoViewStackDataset(items, config)
     sample = dataset[0]
-    view1, view2 = sample["views"]
+    view1, view2 = dataset.sample_views(0)
     assert view1.shape == view2.shape == (8, 1, 20, 20)
     torch.testing.assert_close(view1, view2)  # no augmentation: the two views are the same slices
     positions = sample["positions"].numpy()
@@ -129,9 +139,10 @@ def test_stack_views_share_slices_and_report_positions(tmp_path):
 def test_short_volume_is_padded_with_a_mask(tmp_path):
     items = build(tmp_path, {"short": (padded_volume(shape=(16, 16, 5), empty_low=0, empty_high=0), np.eye(4))})
     config = StackConfig(n_slices=8, size=16, augment=AugmentConfig(noise_prob=1.0, contrast_prob=1.0))
-    sample = TwoViewStackDataset(items, config)[0]
+    dataset = TwoViewStackDataset(items, config)
+    sample = dataset[0]
     assert sample["mask"].tolist() == [True] * 5 + [False] * 3
-    for view in sample["views"]:
+    for view in dataset.sample_views(0):
         assert view[5:].abs().max() == 0.0, "padded slices stay zero after intensity augmentation"
         assert view[:5].abs().max() > 0.0
     assert sample["positions"][5:].abs().max() == 0.0
@@ -150,9 +161,37 @@ def test_only_volumes_make_stacks_and_batches_collate(tmp_path):
     items = build(tmp_path, {"a": (padded_volume(), np.eye(4)), "b": (padded_volume(seed=1), np.eye(4))}, images=2)
     dataset = TwoViewStackDataset(items, StackConfig(n_slices=4, size=16))
     assert len(dataset) == 2
-    batch = next(iter(DataLoader(dataset, batch_size=2)))
-    assert batch["views"][0].shape == (2, 4, 1, 16, 16)
+    batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=dataset.collate)))
+    assert dataset.views(batch)[0].shape == (2, 4, 1, 16, 16)
     assert batch["mask"].shape == batch["positions"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("storage", ["float16", "uint8"])
+def test_images_of_different_sizes_share_a_padded_batch(tmp_path, storage):
+    # 64 x 48 PNGs and 20 x 24 volume slices in one batch: each sample's views are those it has on its own
+    items = build(tmp_path, {"a": (padded_volume(), np.eye(4))}, images=2, storage=storage)
+    dataset = MultiCropSliceDataset(items, views=MultiCropConfig(global_size=24, local_size=12, n_local=2), seed=3)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len({tuple(s["pixels"].shape) for s in samples}) == 2
+    assert all(s["pixels"].dtype == getattr(torch, storage) for s in samples)
+    plain = dataset.image(0, dataset.rng(0))  # float32 in [0, 1]: 8-bit storage is scaled on the device
+    torch.testing.assert_close(dataset.float_pixels(dataset.collate(samples[:1]), "cpu")[0], plain)
+    batch = dataset.collate(samples)
+    assert batch["pixels"].shape == (len(dataset), 1, 64, 48)
+    together = dataset.views(batch)
+    for i in range(len(dataset)):
+        for view, alone in zip(together, dataset.sample_views(i), strict=True):
+            torch.testing.assert_close(view[i], alone, atol=0, rtol=0)
+
+
+def test_stacks_of_different_sizes_share_a_padded_batch(tmp_path):
+    volumes = {"a": (padded_volume(), np.eye(4)), "b": (padded_volume(shape=(14, 30, 12), seed=2), np.eye(4))}
+    dataset = TwoViewStackDataset(build(tmp_path, volumes), StackConfig(n_slices=4, size=16), seed=5)
+    batch = dataset.collate([dataset[0], dataset[1]])
+    together = dataset.views(batch)
+    for i in range(2):
+        for view, alone in zip(together, dataset.sample_views(i), strict=True):
+            torch.testing.assert_close(view[i], alone, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

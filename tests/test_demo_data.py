@@ -129,12 +129,11 @@ def test_cache_and_datasets_have_items(demo):
     assert len(items) == len(demo["manifest"].rows)
     slices = MultiCropSliceDataset(items, views=MultiCropConfig(global_size=32, local_size=16, n_local=2))
     assert len(slices) > len(items)
-    sample = slices[len(slices) - 1]
-    assert [tuple(v.shape) for v in sample["views"]] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+    views = slices.sample_views(len(slices) - 1)
+    assert [tuple(v.shape) for v in views] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
     stacks = TwoViewStackDataset(items, StackConfig(n_slices=4, size=32))
     assert len(stacks) == sum(r.dims == 3 for r in demo["manifest"].rows)
-    sample = stacks[0]
-    assert [tuple(v.shape) for v in sample["views"]] == [(4, 1, 32, 32)] * 2
+    assert [tuple(v.shape) for v in stacks.sample_views(0)] == [(4, 1, 32, 32)] * 2
     # SepCLR can draw balanced batches from the phantoms' groups
     sampler = BalancedGroupBatchSampler(slices.groups, batch_size=4, background="background", target="target")
     batch = next(iter(sampler))

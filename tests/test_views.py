@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from medssl.data.config import data_config
-from medssl.data.datasets import StackConfig
+from medssl.data.datasets import CachedItem, MultiCropSliceDataset, StackConfig, TwoViewStackDataset
+from medssl.data.device_views import draw_view_params
 from medssl.data.views import (
     DEFAULT_RATIO,
     AugmentConfig,
-    MultiCrop,
     MultiCropConfig,
-    RandResizedCropBox,
-    apply_seeded,
     random_resized_crop_box,
-    view_transform,
 )
 
 NO_AUGMENT = AugmentConfig(flip_prob=0, affine_prob=0, gamma_prob=0, contrast_prob=0, noise_prob=0, blur_prob=0)
@@ -256,54 +255,65 @@ def test_matches_a_plain_reimplementation_of_torchvision_fed_the_same_numbers(he
     assert ours.uniform() == reference.uniform()  # and both consumed the same numbers
 
 
-# --- the transforms, determinism, the old behaviour ---------------------------------------------------------------
+# --- the views' numbers, determinism -------------------------------------------------------------------------------
 
 
-def crop_shapes(crop, height: int, width: int, n: int) -> np.ndarray:
-    """``[n, 2]`` output (height, width) of the crop step ``crop`` on a ``[1, height, width]`` image."""
-    crop.set_random_state(seed=0)
-    image = torch.zeros(1, height, width)
-    return np.array([tuple(crop(image).shape[1:]) for _ in range(n)])
+def fake_item(array: np.ndarray, dims: int) -> CachedItem:
+    """A cached item over an in-memory ``[C, ...]`` array (no cache on disk): what the datasets read of an entry."""
+    meta = {
+        "shape": list(array.shape),
+        "foreground": [[1.0] * n for n in array.shape[1:]],
+        "affine": [],
+        "spacing": [1.0] * (array.ndim - 1),
+        "dtype": str(array.dtype),
+    }
+    entry = SimpleNamespace(array=lambda: array, scale=1.0, meta=meta)
+    return CachedItem(SimpleNamespace(dims=dims, group="", label="", id="fake"), entry)  # type: ignore[arg-type]
+
+
+def boxes_of(params: np.ndarray) -> np.ndarray:
+    """``[n, 4]`` integer boxes ``(top, left, box_height, box_width)`` of ``draw_view_params`` rows."""
+    return np.asarray(params)[:, :4].astype(int)
 
 
 @pytest.mark.parametrize(("size", "scale"), [(96, (0.14, 1.0)), (48, (0.05, 0.14)), (96, (0.3, 1.0))])
 def test_view_crops_never_have_aspect_ratios_outside_three_quarters_to_four_thirds(size, scale):
     # fails with independent height and width draws (MONAI's RandScaleCrop(random_size=True)), whose
     # side fractions sqrt(0.14)..1 give aspect ratios up to 2.7
-    crop = view_transform(size, list(scale), AugmentConfig()).transforms[0]
     for height, width in ((256, 256), (200, 320)):
-        shapes = crop_shapes(crop, height, width, 2000)
-        boxes = np.column_stack([np.zeros((len(shapes), 2), int), shapes])
+        rng = np.random.default_rng(size)
+        boxes = boxes_of(draw_view_params(rng, height, width, 2000, scale, DEFAULT_RATIO, AugmentConfig()))
+        assert_inside(boxes, height, width)
         assert ratio_compatible(boxes, 3 / 4, 4 / 3).all()
         assert area_compatible(boxes, height * width, *scale).all()
 
 
 def test_multicrop_uses_the_configured_ratio_and_scales():
     config = MultiCropConfig(global_size=16, local_size=8, ratio=[0.5, 2.0], augment=NO_AUGMENT)
-    multicrop = MultiCrop(config)
-    for transform, scale in ((multicrop.global_view, config.global_scale), (multicrop.local_view, config.local_scale)):
-        crop = transform.transforms[0]
-        assert isinstance(crop, RandResizedCropBox)
-        assert crop.ratio == (0.5, 2.0) and crop.scale == tuple(scale)
-        shapes = crop_shapes(crop, 300, 200, 2000)
-        boxes = np.column_stack([np.zeros((len(shapes), 2), int), shapes])
+    dataset = MultiCropSliceDataset([fake_item(np.zeros((1, 300, 200), np.float32), 2)], views=config)
+    params = np.stack([dataset[(epoch, 0)]["params"].numpy() for epoch in range(1000)])  # [1000, 6, N_PARAMS]
+    for views, scale in ((slice(0, 2), config.global_scale), (slice(2, None), config.local_scale)):
+        boxes = boxes_of(params[:, views].reshape(-1, params.shape[-1]))
+        assert_inside(boxes, 300, 200)
+        assert area_compatible(boxes, 300 * 200, *scale).all()
         assert ratio_compatible(boxes, 0.5, 2.0).all()
-        assert np.log(shapes[:, 1] / shapes[:, 0]).min() < math.log(0.6)
-        assert np.log(shapes[:, 1] / shapes[:, 0]).max() > math.log(1.6)
+        assert np.log(boxes[:, 3] / boxes[:, 2]).min() < math.log(0.6)
+        assert np.log(boxes[:, 3] / boxes[:, 2]).max() > math.log(1.6)
+    views = dataset.sample_views(0)
+    assert [tuple(v.shape) for v in views] == [(1, 16, 16)] * 2 + [(1, 8, 8)] * 4
 
 
 def test_stack_views_crop_every_slice_with_one_box_of_the_stack_scale():
-    config = StackConfig(size=16)
-    transform = view_transform(config.size, config.scale, NO_AUGMENT)
-    crop = transform.transforms[0]
-    assert isinstance(crop, RandResizedCropBox) and crop.scale == tuple(config.scale)
-    stack = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 40, 90).contiguous()  # slice k == k
-    rng = np.random.default_rng([0, 0, 3])
-    view = apply_seeded(transform, stack, rng)
-    assert view.shape == (8, 16, 16)
-    torch.testing.assert_close(view, torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 16, 16))
-    shapes = crop_shapes(crop, 40, 90, 1000)
-    boxes = np.column_stack([np.zeros((len(shapes), 2), int), shapes])
+    config = StackConfig(size=16, n_slices=8, augment=NO_AUGMENT, min_foreground=0.0)
+    volume = np.broadcast_to(np.arange(8, dtype=np.float32), (1, 90, 40, 8)).copy()  # slice k == k (axial)
+    dataset = TwoViewStackDataset([fake_item(volume, 3)], config)
+    sample = dataset[0]
+    assert sample["pixels"].shape == (8, 40, 90)  # display orientation: [N, H, W]
+    for view in dataset.sample_views(0):
+        assert view.shape == (8, 1, 16, 16)
+        torch.testing.assert_close(view, torch.arange(8, dtype=torch.float32)[:, None, None, None].expand(8, 1, 16, 16))
+    params = np.stack([dataset[(epoch, 0)]["params"].numpy() for epoch in range(500)])  # [500, 2, N_PARAMS]
+    boxes = boxes_of(params.reshape(-1, params.shape[-1]))
     assert_inside(boxes, 40, 90)
     assert area_compatible(boxes, 40 * 90, *config.scale).all()
     assert ratio_compatible(boxes, *DEFAULT_RATIO).all()
@@ -311,17 +321,15 @@ def test_stack_views_crop_every_slice_with_one_box_of_the_stack_scale():
 
 def test_views_depend_on_seed_epoch_and_index_only():
     config = MultiCropConfig(global_size=16, local_size=8, n_local=2)
-    image = torch.from_numpy(np.random.default_rng(0).random((1, 70, 50), dtype=np.float32))
-
-    def views(multicrop: MultiCrop, seed: int, epoch: int, index: int) -> list[torch.Tensor]:
-        return multicrop(image, np.random.default_rng([seed, epoch, index]))
-
-    worker_a, worker_b = MultiCrop(config), MultiCrop(config)  # two loader workers, each with its own transforms
-    views(worker_a, 0, 0, 99)  # worker a has produced another sample before
-    first, again = views(worker_a, 0, 0, 5), views(worker_b, 0, 0, 5)
+    image = np.random.default_rng(0).random((1, 70, 50), dtype=np.float32)
+    worker_a = MultiCropSliceDataset([fake_item(image, 2)] * 8, views=config, seed=0)
+    worker_b = copy.deepcopy(worker_a)  # a loader worker's copy (fresh state, as after pickling)
+    worker_a.sample_views(7)  # worker a has produced another sample before
+    first, again = worker_a.sample_views(5), worker_b.sample_views(5)
     for x, y in zip(first, again, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    for other in (views(worker_a, 0, 0, 6), views(worker_a, 0, 1, 5), views(worker_a, 1, 0, 5)):
+    other_seed = MultiCropSliceDataset([fake_item(image, 2)] * 8, views=config, seed=1)
+    for other in (worker_a.sample_views(6), worker_a.sample_views((1, 5)), other_seed.sample_views(5)):
         assert any(not torch.equal(x, y) for x, y in zip(first, other, strict=True))
 
 
@@ -349,21 +357,14 @@ def test_ratio_is_a_data_config_key():
         data_config(overrides=["views.ratio=[2.0,0.5]"])
 
 
-def test_stack_ratio_is_a_data_config_key_and_reaches_the_stack_views(monkeypatch):
+def test_stack_ratio_is_a_data_config_key_and_reaches_the_stack_views():
     assert data_config().stacks.ratio == [0.75, 1.3333333]
     assert data_config(overrides=["stacks.ratio=[0.5,2.0]"]).stacks.ratio == [0.5, 2.0]
     with pytest.raises(ValueError, match=r"stacks\.ratio"):
         data_config(overrides=["stacks.ratio=[2.0,0.5]"])
-    from medssl.data import datasets
-
-    seen: list[tuple[float, ...]] = []
-    original = datasets.view_transform
-
-    def spy(size, scale, augment, ratio=DEFAULT_RATIO):
-        seen.append(tuple(ratio))
-        return original(size, scale, augment, ratio)
-
-    monkeypatch.setattr(datasets, "view_transform", spy)
-    dataset = datasets.TwoViewStackDataset([], StackConfig(ratio=[0.5, 2.0]), seed=0)
-    assert seen == [(0.5, 2.0)]
-    assert dataset.transform.transforms[0].ratio == (0.5, 2.0)
+    dataset = TwoViewStackDataset([fake_item(np.zeros((1, 300, 200, 4), np.float32), 3)], StackConfig(ratio=[0.5, 2.0]))
+    params = np.stack([dataset[(epoch, 0)]["params"].numpy() for epoch in range(500)])
+    boxes = boxes_of(params.reshape(-1, params.shape[-1]))
+    assert ratio_compatible(boxes, 0.5, 2.0).all()
+    assert np.log(boxes[:, 3] / boxes[:, 2]).min() < math.log(0.6)
+    assert np.log(boxes[:, 3] / boxes[:, 2]).max() > math.log(1.6)

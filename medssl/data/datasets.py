@@ -1,18 +1,24 @@
-"""Torch datasets over the preprocessed cache.
+"""Torch datasets over the preprocessed cache: the loader only reads, the views are made in batch on the device.
 
-* ``MultiCropSliceDataset``: 2D images and slices of volumes (planes configurable), each
-  giving SwAV multi-crop views ``[1, s, s]``.
-* ``TwoViewStackDataset``: stacks of ``N`` consecutive slices of one volume, two augmented views
-  ``[N, 1, s, s]`` with the slices' physical positions (mm) and a padding mask.
+* ``MultiCropSliceDataset``: 2D images and slices of volumes (planes configurable); a sample is the cached plane
+  ``[1, H, W]`` at storage precision plus the random numbers of its multi-crop views; :meth:`views` turns a batch
+  into the views ``[B, 1, s, s]`` on the training device (:mod:`medssl.data.device_views`).
+* ``TwoViewStackDataset``: stacks of ``N`` consecutive slices of one volume ``[N, H, W]`` plus the numbers of their
+  two views (one geometry per view, shared by the stack's slices), the slices' physical positions (mm) and a padding
+  mask; :meth:`views` gives two views ``[B, N, 1, s, s]``.
 
-Randomness is drawn from ``numpy.random.default_rng([seed, epoch, index])``: a sample is the
-same whichever worker (or how many workers) produce it, and differs between epochs. The epoch is
-either set with ``set_epoch`` before iterating (as with ``DistributedSampler``) or carried by the
-index itself, ``dataset[(epoch, index)]``, which lets long-lived loader workers cross epochs.
+Samples of different heights and widths share a batch padded at the bottom and right (:meth:`collate`); each
+sample's crop boxes lie inside its own extent, so the padding is never sampled.
+
+Randomness is drawn from ``numpy.random.default_rng([seed, epoch, index])``: a sample (its numbers, hence its views)
+is the same whichever worker (or how many workers, on whichever device) produce it, and differs between epochs. The
+epoch is either set with ``set_epoch`` before iterating (as with ``DistributedSampler``) or carried by the index
+itself, ``dataset[(epoch, index)]``, which lets long-lived loader workers cross epochs.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
 
 from medssl.data.cache import CacheEntry, open_cache
+from medssl.data.device_views import ViewParams, draw_view_params, pad_planes, render_views
 from medssl.data.geometry import PLANE_AXIS, slice_to_display
 from medssl.data.manifest import Manifest, ManifestRow
 from medssl.data.preprocess import PreprocessConfig
-from medssl.data.views import (
-    AugmentConfig,
-    MultiCrop,
-    MultiCropConfig,
-    apply_seeded,
-    check_ratio,
-    view_transform,
-)
+from medssl.data.views import AugmentConfig, MultiCropConfig, check_ratio
 
 
 @dataclass
@@ -96,7 +97,7 @@ class StackConfig:
             raise ValueError(f"stacks.scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")
 
 
-class _CachedDataset(Dataset):
+class _CachedDataset(Dataset, ABC):
     """Holds the items and opens their memory-mapped arrays lazily, once per process."""
 
     def __init__(self, items: Sequence[CachedItem], seed: int) -> None:
@@ -129,12 +130,36 @@ class _CachedDataset(Dataset):
         state["_arrays"] = {}
         return state
 
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """A list of samples -> a batch: ``pixels`` padded to the largest height and width (bottom, right),
+        ``params`` ``[B, V, N_PARAMS]``, ``scale`` ``[B]``, the rest as ``default_collate`` does it."""
+        pixels = pad_planes([s["pixels"] for s in samples])
+        rest = default_collate([{k: v for k, v in s.items() if k != "pixels"} for s in samples])
+        return {"pixels": pixels, **rest}
+
+    @staticmethod
+    def float_pixels(batch: dict[str, Any], device: torch.device | str | None) -> Tensor:
+        """The batch's padded planes as float32 on ``device``, in [0, 1] for 8-bit storage (scaled on the device)."""
+        pixels = batch["pixels"].to(device, non_blocking=True).float()
+        scale = torch.as_tensor(batch["scale"], dtype=torch.float32).to(pixels.device)
+        return pixels * scale.view(-1, *([1] * (pixels.ndim - 1)))
+
+    def sample_views(self, key: int | tuple[int, int]) -> list[Tensor]:
+        """One sample's views on the CPU, without the batch dimension (pictures, tests)."""
+        return [view[0] for view in self.views(self.collate([self[key]]))]
+
+    @abstractmethod
+    def views(self, batch: dict[str, Any], device: torch.device | str | None = None) -> list[Tensor]:
+        """The augmented views of a collated batch, made on ``device``."""
+
 
 class MultiCropSliceDataset(_CachedDataset):
     """2D samples: every 2D image, and every foreground slice of every volume in ``slices.planes``.
 
-    ``__getitem__`` returns ``{"views": list of [1, s, s] (globals first), "source_dims",
-    "group", "label", "index"}``.
+    ``__getitem__`` returns ``{"pixels": [1, H, W] at storage precision, "scale": float (pixels * scale is in the
+    preprocessed range), "params": [n_global + n_local, N_PARAMS] float64 (globals first), "source_dims", "group",
+    "label", "index"}``; :meth:`views` makes the views of a collated batch.
     """
 
     def __init__(
@@ -147,7 +172,6 @@ class MultiCropSliceDataset(_CachedDataset):
         super().__init__(items, seed)
         self.views_config = views or MultiCropConfig()
         self.slices = slices or SliceConfig()
-        self.multicrop = MultiCrop(self.views_config)
         item_index, axis_index, slice_index = [], [], []
         for i, cached in enumerate(self.items):
             if cached.row.dims == 2:
@@ -174,30 +198,54 @@ class MultiCropSliceDataset(_CachedDataset):
         """The manifest ``group`` of every sample (for the balanced sampler)."""
         return [self.items[i].row.group for i in self.item_index]
 
-    def image(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        """The un-augmented sample ``[1, H, W]`` in display orientation, float32 in [0, 1]."""
-        item = int(self.item_index[index])
-        array = self.array(item)
+    def plane(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """The un-augmented sample ``[H, W]`` in display orientation, at storage precision (a view of the cache
+        where the orientation allows; one channel drawn from ``rng``)."""
+        array = self.array(int(self.item_index[index]))
         channel = int(rng.integers(array.shape[0]))
         axis = int(self.axis_index[index])
         if axis < 0:
-            plane = np.asarray(array[channel])
-        else:
-            plane = slice_to_display(np.take(array[channel], int(self.slice_index[index]), axis=axis))
-        scale = self.items[item].entry.scale
-        return torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32) * scale)[None]
+            return np.asarray(array[channel])
+        return slice_to_display(np.take(array[channel], int(self.slice_index[index]), axis=axis))
+
+    def image(self, index: int, rng: np.random.Generator) -> Tensor:
+        """The un-augmented sample ``[1, H, W]`` in display orientation, float32 in [0, 1]."""
+        scale = self.items[int(self.item_index[index])].entry.scale
+        return torch.from_numpy(np.ascontiguousarray(self.plane(index, rng), dtype=np.float32) * scale)[None]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
         rng = self.rng(index, epoch)
-        row = self.items[int(self.item_index[index])].row
+        cached = self.items[int(self.item_index[index])]
+        plane = self.plane(index, rng)
+        height, width = plane.shape
+        cfg = self.views_config
+        params = [
+            draw_view_params(rng, height, width, count, scale, cfg.ratio, cfg.augment)
+            for count, scale in ((cfg.n_global, cfg.global_scale), (cfg.n_local, cfg.local_scale))
+        ]
         return {
-            "views": self.multicrop(self.image(index, rng), rng),
-            "source_dims": row.dims,
-            "group": row.group,
-            "label": row.label,
+            "pixels": torch.from_numpy(np.array(plane))[None],  # a copy: the cache is mapped read-only
+            "scale": cached.entry.scale,
+            "params": torch.from_numpy(np.concatenate(params)),
+            "source_dims": cached.row.dims,
+            "group": cached.row.group,
+            "label": cached.row.label,
             "index": index,
         }
+
+    def views(self, batch: dict[str, Any], device: torch.device | str | None = None) -> list[Tensor]:
+        """The multi-crop views of a collated batch on ``device``: ``n_global`` tensors ``[B, 1, global_size,
+        global_size]``, then ``n_local`` tensors ``[B, 1, local_size, local_size]`` (float32)."""
+        cfg = self.views_config
+        pixels = self.float_pixels(batch, device)
+        params = ViewParams.from_rows(batch["params"], pixels.device)
+        globals_ = render_views(pixels, params.select(slice(0, cfg.n_global)), cfg.global_size)
+        out = list(globals_.unbind(1))
+        if cfg.n_local:
+            locals_ = render_views(pixels, params.select(slice(cfg.n_global, None)), cfg.local_size)
+            out += list(locals_.unbind(1))
+        return out
 
 
 class TwoViewStackDataset(_CachedDataset):
@@ -205,16 +253,17 @@ class TwoViewStackDataset(_CachedDataset):
 
     The stack is drawn inside the volume's foreground range along ``plane``; a volume with
     fewer slices is padded (zeros, ``mask`` False). Both views share the slices and differ in
-    crop and augmentation. Returns ``{"views": [view1, view2] each [N, 1, s, s],
+    crop and augmentation (one geometry and one set of intensity numbers per view, shared by its slices).
+    Returns ``{"pixels": [N, H, W] at storage precision, "scale": float, "params": [2, N_PARAMS],
     "positions": [N] mm along the plane normal, "mask": [N] bool, "mask_noise": [2, N] uniform scores
-    (which slices L_mask hides in each view), "group", "label", "index"}``.
+    (which slices L_mask hides in each view), "group", "label", "index"}``; :meth:`views` makes the two views
+    ``[B, N, 1, s, s]`` of a collated batch.
     """
 
     def __init__(self, items: Sequence[CachedItem], config: StackConfig | None = None, seed: int = 0) -> None:
         super().__init__([it for it in items if it.row.dims == 3], seed)
         self.config = config or StackConfig()
         self.axis = PLANE_AXIS[self.config.plane]
-        self.transform = view_transform(self.config.size, self.config.scale, self.config.augment, self.config.ratio)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -245,25 +294,30 @@ class TwoViewStackDataset(_CachedDataset):
         array = self.array(index)
         channel = int(rng.integers(array.shape[0]))
         indices, valid = self.slice_indices(index, rng)
-        slices = np.moveaxis(np.take(array[channel], indices[valid], axis=self.axis), self.axis, 0)
-        slices = slice_to_display(slices).astype(np.float32) * cached.entry.scale  # [n, H, W]
-        stack = np.zeros((len(indices), *slices.shape[1:]), dtype=np.float32)
+        slices = slice_to_display(np.moveaxis(np.take(array[channel], indices[valid], axis=self.axis), self.axis, 0))
+        stack = np.zeros((len(indices), *slices.shape[1:]), dtype=slices.dtype)  # [N, H, W], zeros where no slice
         stack[valid] = slices
-        mask = torch.from_numpy(valid)
-        views = []
-        for _ in range(2):
-            view = apply_seeded(self.transform, torch.from_numpy(stack), rng)
-            view[~mask] = 0.0
-            views.append(view.unsqueeze(1))
+        cfg = self.config
+        params = draw_view_params(rng, stack.shape[1], stack.shape[2], 2, cfg.scale, cfg.ratio, cfg.augment)
         meta = cached.entry.meta
         origin = meta["affine"][self.axis][3] if meta["affine"] else 0.0
         positions = np.where(valid, origin + indices * float(meta["spacing"][self.axis]), 0.0)
         return {
-            "views": views,
+            "pixels": torch.from_numpy(stack),
+            "scale": cached.entry.scale,
+            "params": torch.from_numpy(params),
             "positions": torch.from_numpy(positions.astype(np.float32)),
-            "mask": mask,
+            "mask": torch.from_numpy(valid),
             "mask_noise": torch.from_numpy(rng.random((2, len(indices))).astype(np.float32)),
             "group": cached.row.group,
             "label": cached.row.label,
             "index": index,
         }
+
+    def views(self, batch: dict[str, Any], device: torch.device | str | None = None) -> list[Tensor]:
+        """The two views ``[B, N, 1, size, size]`` of a collated batch on ``device``; missing slices stay zero."""
+        pixels = self.float_pixels(batch, device)  # [B, N, H, W]: the slices as channels share each view's numbers
+        params = ViewParams.from_rows(batch["params"], pixels.device)
+        rendered = render_views(pixels, params, self.config.size)  # [B, 2, N, S, S]
+        keep = torch.as_tensor(batch["mask"], device=pixels.device)[:, :, None, None, None]
+        return [(view.unsqueeze(2) * keep) for view in rendered.unbind(1)]

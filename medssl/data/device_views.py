@@ -1,32 +1,34 @@
-"""Multi-crop views made in batch on the training device (issue 16): the loader only reads and draws numbers.
+"""Augmented views made in batch on the training device: the loader only reads and draws numbers.
 
 A sample's views are fixed by numbers drawn on the host from its ``(seed, epoch, index)`` generator
 (:func:`draw_view_params`: a few dozen floats per view, no pixel work); :func:`render_views` then makes the views of
 a whole batch on whatever device the batch is on:
 
-* geometry in one ``grid_sample`` per view size: the RandomResizedCrop box (``random_resized_crop_box``, as the
-  per-sample path), the resize to ``size`` x ``size``, the horizontal flip and the rotation / zoom of the resized view
-  about its centre (zero outside the view, as MONAI's ``RandAffine`` with ``padding_mode="zeros"``), all fused into
-  one sampling grid, bilinear, sampling only the output pixels;
-* intensity as tensor operations on the batch, in the per-sample path's order: gamma on each view's own min-max
-  range (MONAI ``RandAdjustContrast``), scale and shift (``RandScaleIntensity``, ``RandShiftIntensity``), Gaussian
+* geometry in one bilinear sampling per view size: the RandomResizedCrop box (:func:`random_resized_crop_box`,
+  torchvision's procedure), the resize to the view size, the horizontal flip and the rotation / zoom of the resized
+  view about its centre (zero outside the view, as MONAI's ``RandAffine`` with ``padding_mode="zeros"``), all fused
+  into one sampling grid, bilinear, sampling only the output pixels (gathered by integer index, so that a view does
+  not depend on how large the padded batch is);
+* intensity as tensor operations on the batch, in MONAI's order and with its definitions: gamma on each view's own
+  min-max range (``RandAdjustContrast``), scale and shift (``RandScaleIntensity``, ``RandShiftIntensity``), Gaussian
   blur with per-view sigmas (separable, truncated at 4 sigma, ``RandGaussianSmooth``), Gaussian noise whose standard
   deviation is drawn in ``[0, noise_std]`` (``RandGaussianNoise``). The noise comes from a counter-based hash of the
   view's seed and the pixel index, so it depends on the sample only, never on the batch or the device.
 
-Images of different sizes share a batch padded at the bottom and right: ``extents`` gives each image's real height and
-width, and the crop boxes lie inside them.
+Images of different sizes share a batch padded at the bottom and right (:func:`pad_planes`); each image's crop boxes
+lie inside its own height and width, and sampling is clamped to the box, so the padding is never read. The
+fine-tuning classifier's batch augmentation (crop, rotation, flip) renders through the same function.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from medssl.data.views import AugmentConfig, random_resized_crop_box
@@ -139,51 +141,99 @@ class ViewParams:
         return ViewParams(**{f.name: getattr(self, f.name)[:, views] for f in fields(self)})
 
 
-def render_views(images: Tensor, params: ViewParams, size: int) -> Tensor:
-    """The views ``[B, V, C, size, size]`` of a padded batch ``images`` ``[B, C, H, W]``.
+def pad_planes(planes: Sequence[Tensor]) -> Tensor:
+    """``[C, H_i, W_i]`` tensors -> ``[B, C, H, W]``, each at the top left of a zero plane of the largest height and
+    width (storage dtype kept when all share one, else float32)."""
+    if not planes:
+        raise ValueError("pad_planes: no planes")
+    height = max(int(p.shape[-2]) for p in planes)
+    width = max(int(p.shape[-1]) for p in planes)
+    dtypes = {p.dtype for p in planes}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    out = torch.zeros((len(planes), *planes[0].shape[:-2], height, width), dtype=dtype)
+    for i, plane in enumerate(planes):
+        out[i, ..., : plane.shape[-2], : plane.shape[-1]] = plane
+    return out
+
+
+def neutral_rows(n_images: int, n_views: int = 1) -> np.ndarray:
+    """``[n_images, n_views, N_PARAMS]`` parameters that change nothing (box, flip and angle still to be set)."""
+    rows = np.zeros((n_images, n_views, N_PARAMS), dtype=np.float64)
+    for name in ("zoom_y", "zoom_x", "gamma"):
+        rows[..., PARAMS.index(name)] = 1.0
+    return rows
+
+
+def render_views(images: Tensor, params: ViewParams, size: int | tuple[int, int]) -> Tensor:
+    """The views ``[B, V, C, S_h, S_w]`` of a padded batch ``images`` ``[B, C, H, W]``.
 
     Args:
         images: float images, each at the top left of its ``[H, W]`` plane; the padding is never sampled (the boxes
             were drawn inside each image's own height and width, and sampling is clamped to the box).
         params: ``[B, V]`` parameters from :func:`draw_view_params`.
-        size: output side in pixels.
+        size: output side in pixels, or ``(height, width)``.
     """
     b, c = images.shape[:2]
     v = params.top.shape[1]
-    geometry = _geometry(images, params, size)  # [B, V, C, size, size]
-    return _intensity(geometry.reshape(b * v, c, size, size), params).reshape(b, v, c, size, size)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    geometry = _geometry(images, params, out_h, out_w)  # [B, V, C, S_h, S_w]
+    return _intensity(geometry.reshape(b * v, c, out_h, out_w), params).reshape(b, v, c, out_h, out_w)
 
 
-def _geometry(images: Tensor, params: ViewParams, size: int) -> Tensor:
+def _geometry(images: Tensor, params: ViewParams, out_h: int, out_w: int) -> Tensor:
     """Crop box + resize + flip + rotation/zoom about the view centre, one grid per view, zero outside the view."""
-    b, c, h, w = images.shape
+    b, c = images.shape[:2]
     v = params.top.shape[1]
     device, dtype = images.device, images.dtype
     # output pixel centres in the view frame, [-1, 1] (align_corners=False)
-    axis = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
-    uy, ux = torch.meshgrid(axis, axis, indexing="ij")  # [S, S]
+    axis_y = (torch.arange(out_h, device=device, dtype=torch.float32) + 0.5) * (2.0 / out_h) - 1.0
+    axis_x = (torch.arange(out_w, device=device, dtype=torch.float32) + 0.5) * (2.0 / out_w) - 1.0
+    uy, ux = torch.meshgrid(axis_y, axis_x, indexing="ij")  # [S_h, S_w]
     cos, sin = torch.cos(params.angle), torch.sin(params.angle)  # [B, V]
     # the affine maps an output pixel to the (flipped, resized) view it samples: rotate, then zoom per axis
     vx = params.zoom_x[..., None, None] * (cos[..., None, None] * ux - sin[..., None, None] * uy)
     vy = params.zoom_y[..., None, None] * (sin[..., None, None] * ux + cos[..., None, None] * uy)
-    inside = (vx.abs() <= 1.0) & (vy.abs() <= 1.0)  # MONAI's RandAffine pads the view with zeros
+    # MONAI's RandAffine samples the resized view bilinearly with zero padding: at d view pixels beyond the last
+    # pixel centre the value fades as (1 - d) per axis, which is the clamped value times this weight
+    inside = ((0.5 + (1.0 - vx.abs()) * (out_w / 2.0)).clamp(0.0, 1.0)) * (
+        (0.5 + (1.0 - vy.abs()) * (out_h / 2.0)).clamp(0.0, 1.0)
+    )
     vx = torch.where(params.flip[..., None, None] > 0.5, -vx, vx)
-    # view frame -> source pixel centres, clamped to the box (the crop-then-resize path reads nothing outside it),
-    # then -> the padded tensor's normalised coordinates
+    # view frame -> source pixel centres, clamped to the box (the crop-then-resize path reads nothing outside it)
     left, top = params.left[..., None, None], params.top[..., None, None]
     width, height = params.width[..., None, None], params.height[..., None, None]
     x = torch.minimum(torch.maximum(left + (vx + 1.0) * 0.5 * width - 0.5, left), left + width - 1.0)
     y = torch.minimum(torch.maximum(top + (vy + 1.0) * 0.5 * height - 0.5, top), top + height - 1.0)
-    grid = torch.stack([(x + 0.5) * (2.0 / w) - 1.0, (y + 0.5) * (2.0 / h) - 1.0], dim=-1)  # [B, V, S, S, 2]
-    # the V views of an image as one tall grid over the image itself (no copy of the image per view)
-    grid = grid.reshape(b, v * size, size, 2).to(dtype)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B, C, V*S, S]
-    out = out.reshape(b, c, v, size, size).transpose(1, 2).reshape(b * v, c, size, size)
-    return (out * inside.reshape(b * v, 1, size, size).to(dtype)).reshape(b, v, c, size, size)
+    out = _bilinear(images, y.reshape(b, -1), x.reshape(b, -1))  # [B, C, V*Sh*Sw]
+    out = out.reshape(b, c, v, out_h, out_w).transpose(1, 2)  # [B, V, C, Sh, Sw]
+    return out * inside.reshape(b, v, 1, out_h, out_w).to(dtype)
+
+
+def _bilinear(images: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """``images`` ``[B, C, H, W]`` sampled bilinearly at pixel coordinates ``y``, ``x`` ``[B, P]`` (inside the image)
+    -> ``[B, C, P]``.
+
+    The four neighbours are gathered by integer index and weighted in pixel units, so a value depends only on the
+    image's own pixels and the coordinates, never on the padded batch's height and width (``grid_sample``'s
+    normalised coordinates round differently for different padded sizes).
+    """
+    b, c, h, w = images.shape
+    y0f, x0f = torch.floor(y), torch.floor(x)
+    wy, wx = (y - y0f).to(images.dtype)[:, None], (x - x0f).to(images.dtype)[:, None]
+    y0, x0 = y0f.long().clamp(0, h - 1), x0f.long().clamp(0, w - 1)
+    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    flat = images.reshape(b, c, h * w)
+
+    def at(row: Tensor, col: Tensor) -> Tensor:
+        return flat.gather(2, (row * w + col)[:, None, :].expand(b, c, -1))
+
+    top_row = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom_row = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top_row * (1 - wy) + bottom_row * wy
 
 
 def _intensity(views: Tensor, params: ViewParams) -> Tensor:
-    """Gamma, scale, shift, blur, noise on ``[N, C, S, S]`` views (``N = B * V``, parameters flattened alike)."""
+    """Gamma, scale, shift, blur, noise on ``[N, C, S_h, S_w]`` views (``N = B * V``, parameters flattened alike)."""
     n = views.shape[0]
     flat = {f.name: getattr(params, f.name).reshape(n) for f in fields(params)}
     shape = (n, 1, 1, 1)
@@ -199,27 +249,41 @@ def _intensity(views: Tensor, params: ViewParams) -> Tensor:
 
 
 def _blur(views: Tensor, sigma_y: Tensor, sigma_x: Tensor) -> Tensor:
-    """Separable Gaussian blur with one sigma per view and axis (0: unchanged), truncated at 4 sigma."""
-    blurred = sigma_y > 0
-    if not bool(blurred.any()):
+    """Separable Gaussian blur with one sigma per view and axis (0: unchanged), truncated at ``int(4 sigma + 0.5)``
+    pixels (scipy's and MONAI's ``GaussianFilter`` truncation), reflect at the borders.
+
+    Each blurred view is ``K_y @ view @ K_x^T`` with its own ``[S, S]`` blur matrices (:func:`_blur_matrix`), which
+    depend on its sigma and size only: a view's blur does not depend on the rest of the batch, to the last bit.
+    """
+    chosen = torch.nonzero(sigma_y > 0).flatten()
+    if chosen.numel() == 0:
         return views
-    n, c, s, _ = views.shape
-    radius = math.ceil(4.0 * float(torch.maximum(sigma_y, sigma_x).max()))
-    radius = max(min(radius, s - 1), 1)
-    offsets = torch.arange(-radius, radius + 1, device=views.device, dtype=torch.float32)
+    _, _, s_h, s_w = views.shape
+    ky = _blur_matrix(sigma_y[chosen], s_h).to(views.dtype)  # [M, S_h, S_h]
+    kx = _blur_matrix(sigma_x[chosen], s_w).to(views.dtype)  # [M, S_w, S_w]
+    blurred = ky[:, None] @ views[chosen] @ kx[:, None].transpose(-1, -2)
+    return views.index_copy(0, chosen, blurred)
 
-    def kernels(sigma: Tensor) -> Tensor:  # [N, K], a delta where sigma == 0
-        safe = sigma.clamp(min=1e-6)[:, None]
-        k = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
-        k = torch.where((sigma > 0)[:, None], k, (offsets == 0).float()[None, :])
-        return k / k.sum(dim=1, keepdim=True)
 
-    ky = kernels(sigma_y).to(views.dtype).repeat_interleave(c, dim=0)  # [N*C, K]
-    kx = kernels(sigma_x).to(views.dtype).repeat_interleave(c, dim=0)
-    x = views.reshape(1, n * c, s, s)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), ky[:, None, :, None], groups=n * c)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kx[:, None, None, :], groups=n * c)
-    return x.reshape(n, c, s, s)
+def _blur_matrix(sigma: Tensor, size: int) -> Tensor:
+    """``[M, size, size]``: row ``i`` holds the truncated, normalised Gaussian taps around pixel ``i``, folded back
+    into the image at the borders (reflect, without repeating the edge pixel); the identity where sigma is 0.
+
+    Taps span the same offsets ``-(size - 1) .. size - 1`` for every sigma (zero beyond each view's own radius), so a
+    view's matrix is the same whatever else is in the batch."""
+    offsets = torch.arange(-(size - 1), size, device=sigma.device, dtype=torch.float32)  # [K]
+    safe = sigma.float().clamp(min=1e-6)[:, None]
+    radius = torch.floor(4.0 * safe + 0.5)
+    taps = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2) * (offsets[None, :].abs() <= radius)
+    taps = torch.where((sigma > 0)[:, None], taps, (offsets == 0).float()[None, :])
+    taps = taps / taps.sum(dim=1, keepdim=True)  # [M, K]
+    rows = torch.arange(size, device=sigma.device)
+    columns = rows[:, None] + offsets.long()[None, :]  # [S, K] source pixel of each tap
+    columns = columns.abs()  # reflect at 0
+    columns = torch.where(columns > size - 1, 2 * (size - 1) - columns, columns).clamp(0, size - 1)  # and at S - 1
+    m = sigma.shape[0]
+    matrix = torch.zeros(m, size, size, device=sigma.device, dtype=torch.float32)
+    return matrix.scatter_add_(2, columns[None].expand(m, -1, -1), taps[:, None, :].expand(-1, size, -1))
 
 
 def hashed_normal(seeds: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:

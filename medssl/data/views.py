@@ -1,7 +1,7 @@
-"""Augmented views built from MONAI transforms: multi-crop for 2D, shared-geometry views for stacks.
+"""What the augmented views are: the multi-crop and augmentation settings and the crop-box procedure.
 
-All transforms act on ``[C, H, W]`` tensors. For a stack of ``N`` slices the slices are the
-channels, so one random crop/flip/affine applies to every slice of the stack alike.
+The views themselves are made in batch on the training device (:mod:`medssl.data.device_views`); for a stack of
+``N`` slices the slices are the channels, so one crop/flip/affine applies to every slice of the stack alike.
 Crop boxes follow torchvision's ``RandomResizedCrop.get_params`` (area fraction of the whole image
 uniform in ``scale``, log aspect ratio uniform in ``log(ratio)``, 10 tries, then a central crop),
 written here because torchvision is not a dependency.
@@ -16,20 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
-from monai.data import get_track_meta, set_track_meta
-from monai.transforms import (
-    Compose,
-    RandAdjustContrast,
-    RandAffine,
-    RandFlip,
-    RandGaussianNoise,
-    RandGaussianSmooth,
-    RandScaleIntensity,
-    RandShiftIntensity,
-    Resize,
-)
-from monai.transforms.transform import Randomizable, Transform
 
 DEFAULT_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 """Aspect-ratio range (width / height) of the crop boxes, as torchvision's default."""
@@ -146,101 +132,3 @@ def random_resized_crop_box(
     else:
         box_width, box_height = width, height
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
-
-
-class RandResizedCropBox(Randomizable, Transform):
-    """Crop ``[C, H, W]`` to a box from ``random_resized_crop_box`` (the resize is a separate step).
-
-    Randomness comes from ``self.R``, which ``Compose.set_random_state`` seeds like the other
-    MONAI transforms, so a view depends on the seed only.
-    """
-
-    def __init__(self, scale: Sequence[float], ratio: Sequence[float] = DEFAULT_RATIO, attempts: int = 10) -> None:
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.attempts = int(attempts)
-        self.box: tuple[int, int, int, int] | None = None
-
-    def randomize(self, data: Any) -> None:
-        """Draw the box for an image of spatial shape ``data = (H, W)``."""
-        height, width = data
-        self.box = random_resized_crop_box(height, width, self.scale, self.ratio, self.R, self.attempts)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        """``[C, H, W]`` -> ``[C, box_height, box_width]``."""
-        if img.ndim != 3:
-            raise ValueError(f"RandResizedCropBox expects [C, H, W], got shape {tuple(img.shape)}")
-        if randomize or self.box is None:
-            self.randomize((int(img.shape[-2]), int(img.shape[-1])))
-        assert self.box is not None
-        top, left, box_height, box_width = self.box
-        return img[:, top : top + box_height, left : left + box_width]
-
-
-def view_transform(
-    size: int,
-    area_scale: tuple[float, float] | list[float],
-    augment: AugmentConfig,
-    ratio: Sequence[float] = DEFAULT_RATIO,
-) -> Compose:
-    """Random resized crop to ``size`` x ``size``, then augmentation: ``[C, H, W]`` -> ``[C, size, size]``.
-
-    The crop box (``RandResizedCropBox``) covers a fraction ``area_scale`` of the image area with
-    an aspect ratio (width / height) in ``ratio``.
-    """
-    rotate = math.radians(augment.rotate_degrees)
-    return Compose(
-        [
-            RandResizedCropBox(scale=area_scale, ratio=ratio),
-            Resize((size, size), mode="bilinear", align_corners=False),
-            RandFlip(prob=augment.flip_prob, spatial_axis=1),
-            RandAffine(
-                prob=augment.affine_prob,
-                rotate_range=(rotate,),
-                scale_range=(augment.scale_range, augment.scale_range),
-                padding_mode="zeros",
-            ),
-            RandAdjustContrast(prob=augment.gamma_prob, gamma=tuple(augment.gamma)),
-            RandScaleIntensity(factors=augment.contrast_range, prob=augment.contrast_prob),
-            RandShiftIntensity(offsets=augment.contrast_range / 2, prob=augment.contrast_prob),
-            RandGaussianSmooth(
-                sigma_x=tuple(augment.blur_sigma), sigma_y=tuple(augment.blur_sigma), prob=augment.blur_prob
-            ),
-            RandGaussianNoise(prob=augment.noise_prob, std=augment.noise_std),
-        ],
-        lazy=False,
-    )
-
-
-class MultiCrop:
-    """Produce ``n_global + n_local`` views ``[C, size, size]`` of one image ``[C, H, W]``."""
-
-    def __init__(self, config: MultiCropConfig) -> None:
-        self.config = config
-        self.global_view = view_transform(config.global_size, config.global_scale, config.augment, config.ratio)
-        self.local_view = view_transform(config.local_size, config.local_scale, config.augment, config.ratio)
-
-    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
-        views = []
-        for count, transform in ((self.config.n_global, self.global_view), (self.config.n_local, self.local_view)):
-            views.extend(apply_seeded(transform, image, rng) for _ in range(count))
-        return views
-
-
-def apply_seeded(transform: Compose, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Run ``transform`` with randomness drawn from ``rng`` (so results depend on the seed only,
-    not on the worker that runs it). Metadata tracking is off meanwhile: views need none, and it
-    costs about 40% of the time."""
-    transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
-    tracking = get_track_meta()
-    set_track_meta(False)
-    try:
-        return as_plain_tensor(transform(image))
-    finally:
-        set_track_meta(tracking)
-
-
-def as_plain_tensor(value: object) -> torch.Tensor:
-    """MONAI may return a MetaTensor; batches carry plain float tensors."""
-    tensor = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
-    return tensor.float().contiguous()

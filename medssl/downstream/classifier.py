@@ -5,8 +5,9 @@ The encoder (a MONAI ``ResNet`` with ``feed_forward=False``, ``[B, C, H, W] -> [
 encoder at a smaller learning rate than the new head (``encoder_lr_scale``), as in the fine-tuning protocols of
 SimCLR (Chen et al., ICML 2020) and of the medical SSL literature (Azizi et al., ICCV 2021). Augmentation is batched
 on the device: a random resized crop (scale ``crop_scale``, aspect ratio 3/4-4/3), a small rotation and an optional
-horizontal flip, all as one ``affine_grid`` resampling per batch. After training, BatchNorm statistics are recomputed
-on the un-augmented training images with the final weights (:func:`precise_batchnorm`).
+horizontal flip, rendered by the pretraining views' ``render_views`` (one ``grid_sample`` per batch). After
+training, BatchNorm statistics are recomputed on the un-augmented training images with the final weights
+(:func:`precise_batchnorm`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from medssl.data.device_views import PARAMS, ViewParams, neutral_rows, render_views
+from medssl.data.views import DEFAULT_RATIO, random_resized_crop_box
 from medssl.downstream.probes import ProbeResult, encode_labels
 
 
@@ -58,35 +61,41 @@ def augment_batch(
     rotation_degrees: float = 10.0,
     horizontal_flip: bool = False,
 ) -> Tensor:
-    """Random resized crop, rotation and flip of every image, one ``grid_sample`` per batch.
+    """Random resized crop, rotation and flip of every image, rendered in one ``grid_sample`` per batch by the
+    pretraining views' renderer (:func:`medssl.data.device_views.render_views`).
 
     Args:
         images: ``[B, C, H, W]``.
         generator: a CPU generator (the draws do not depend on the device).
     Returns:
-        ``[B, C, H, W]``, bilinear, zero outside the image.
+        ``[B, C, H, W]``, bilinear, zero outside the rotated view.
     """
-    b = images.shape[0]
-    low, high = crop_scale if crop_scale is not None else (1.0, 1.0)
-    area = low + (high - low) * torch.rand(b, generator=generator)
-    log_ratio = (torch.rand(b, generator=generator) * 2 - 1) * math.log(4 / 3)
-    ratio = torch.exp(log_ratio) if crop_scale is not None else torch.ones(b)
-    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
-    sy = torch.sqrt(area / ratio).clamp(max=1.0)
-    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(rotation_degrees)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if horizontal_flip else torch.ones(b)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [
-            torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
-            torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
-        ],
-        dim=1,
-    ).to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b, _, height, width = images.shape
+    rows = neutral_rows(b)
+    draws = _TorchDraws(generator)
+    for i in range(b):
+        if crop_scale is not None:
+            box = random_resized_crop_box(height, width, crop_scale, DEFAULT_RATIO, draws)
+        else:
+            box = (0, 0, height, width)
+        rows[i, 0, [PARAMS.index(k) for k in ("top", "left", "height", "width")]] = box
+        rows[i, 0, PARAMS.index("angle")] = draws.uniform(-1.0, 1.0) * math.radians(rotation_degrees)
+        rows[i, 0, PARAMS.index("flip")] = float(horizontal_flip and draws.uniform(0.0, 1.0) < 0.5)
+    params = ViewParams.from_rows(rows, images.device)
+    return render_views(images, params, (height, width))[:, 0]
+
+
+class _TorchDraws:
+    """``uniform`` and ``randint`` (what ``random_resized_crop_box`` calls) from a ``torch.Generator``."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, (), generator=self.generator))
 
 
 class Classifier(nn.Module):

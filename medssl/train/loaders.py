@@ -13,12 +13,13 @@ step ``m``. Hence
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -168,6 +169,7 @@ class Stream:
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            collate_fn=getattr(self.dataset, "collate", None),  # padded planes of different sizes
             multiprocessing_context=_loader_context() if self.num_workers else None,
             worker_init_fn=_ignore_stop_signals if self.num_workers else None,
         )
@@ -184,23 +186,27 @@ class Stream:
 
 @dataclass
 class StepTimer:
-    """Wall time of the data (waiting for batches and copying them) against the whole step."""
+    """Wall time of the step's phases against the whole step: ``data`` (waiting for the loader's batches) and
+    ``augment`` (moving them to the device and making the views there). On an accelerator the device work is
+    asynchronous, so ``augment`` counts what the host spends launching it."""
 
-    data_seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
-    _mark: float = 0.0
 
-    def start_data(self) -> None:
-        self._mark = time.perf_counter()
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def stop_data(self) -> None:
-        self.data_seconds += time.perf_counter() - self._mark
-
-    def fraction(self) -> float:
-        return self.data_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
+    def fraction(self, name: str) -> float:
+        return self.seconds.get(name, 0.0) / self.total_seconds if self.total_seconds > 0 else 0.0
 
     def reset(self) -> None:
-        self.data_seconds = self.total_seconds = 0.0
+        self.seconds = {}
+        self.total_seconds = 0.0
 
 
 def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -116,7 +116,8 @@ class MetricWindow:
         metrics = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
         metrics.update(self.events)
         metrics["throughput/samples_per_s"] = self.samples / max(self.timer.total_seconds, 1e-9)
-        metrics["throughput/data_wait_fraction"] = self.timer.fraction()
+        metrics["throughput/data_wait_fraction"] = self.timer.fraction("data")
+        metrics["throughput/augment_fraction"] = self.timer.fraction("augment")
         metrics["epoch"] = float(epoch)
         self.sums, self.events, self.steps, self.samples = {}, {}, 0, 0
         self.timer.reset()
@@ -483,17 +484,15 @@ class Trainer:
         set_schedule_values(optimizer, _at(loop.lr_schedule, step), _at(loop.wd_schedule, step))
         optimizer.zero_grad(set_to_none=True)
 
-        window.timer.start_data()
         active = method.active_streams(objective, step)
-        fetched = {name: s.next_step() for name, s in run.streams.items() if active is None or name in active}
-        window.timer.stop_data()
+        with window.timer.phase("data"):
+            fetched = {name: s.next_step() for name, s in run.streams.items() if active is None or name in active}
 
         step_metrics: dict[str, Tensor] = {}
         for micro in range(tcfg.accumulate):
-            window.timer.start_data()
-            batch = {k: v[micro] for k, v in fetched.items()}
-            inputs = method.inputs(self._inputs(batch, run.ctx.device, run.channels_last, cfg.data.target))
-            window.timer.stop_data()
+            with window.timer.phase("augment"):
+                batch = {k: v[micro] for k, v in fetched.items()}
+                inputs = method.inputs(self._inputs(batch, run, cfg.data.target))
             # gradients are all-reduced once per optimiser step, on the last accumulation step
             sync = micro == tcfg.accumulate - 1 or not run.ctx.enabled
             no_sync = contextlib.nullcontext() if sync else run.wrapped.no_sync()  # type: ignore[operator]
@@ -591,30 +590,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _inputs(batches: dict[str, Any], device: torch.device, channels_last: bool, target: str) -> dict[str, Any]:
-        """Loader batches -> keyword arguments of the objective's forward.
+    def _inputs(batches: dict[str, Any], run: _Run, target: str) -> dict[str, Any]:
+        """Loader batches -> keyword arguments of the objective's forward; each stream's dataset makes the views of
+        its batch on the run's device.
 
         ``target``: the manifest ``group`` of SepCLR's target samples (``data.target``); every other group of the
         balanced ``sep`` batch (``data.background``) is background.
         """
+        device, data = run.ctx.device, run.data
         inputs: dict[str, Any] = {}
-        if "images" in batches:
+        if "images" in batches and data.images is not None:
             images = batches["images"]
-            inputs["crops"] = to_device(images["views"], device, channels_last)
+            inputs["crops"] = to_device(data.images.views(images, device), device, run.channels_last)
             inputs["crop_index"] = images["index"].to(device)
-        if "stacks" in batches:
+        if "stacks" in batches and data.stacks is not None:
             stacks = batches["stacks"]
             inputs["stacks"] = StackBatch(
-                views=to_device(stacks["views"], device),
+                views=data.stacks.views(stacks, device),
                 mask=stacks["mask"].to(device),
                 positions=stacks["positions"].to(device),
                 index=stacks["index"].to(device),
                 mask_noise=stacks["mask_noise"].to(device),
             )
-        if "sep" in batches:
+        if "sep" in batches and data.sep is not None:
             sep = batches["sep"]
             is_target = torch.tensor([g == target for g in sep["group"]], dtype=torch.bool, device=device)
-            inputs["sep"] = SepBatch(views=to_device(sep["views"][:2], device, channels_last), is_target=is_target)
+            views = to_device(data.sep.views(sep, device)[:2], device, run.channels_last)
+            inputs["sep"] = SepBatch(views=views, is_target=is_target)
         return inputs
 
     def _log_run_start(self, tracker: Any, config_dict: dict[str, Any], data: PreparedData, resumed: bool) -> None:
