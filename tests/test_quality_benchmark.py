@@ -173,3 +173,20 @@ def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seed
     row = text.splitlines()[-1]
     # seed 0: (0.90 - 0.85 + 0.94 - 0.88) / 2 = +0.055; seed 1: (0.80 - 0.85 + 0.86 - 0.88) / 2 = -0.035
     assert row == "| koleo | 2 | +0.055, -0.035 | +0.010 | +0.055, -0.035 | +0.010 |"
+
+
+def test_calibrate_only_measures_the_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_calibrate(settings, methods):  # type: ignore[no-untyped-def]
+        seen["methods"], seen["minutes"] = methods, settings.budget_minutes
+        return {}
+
+    def no_study(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("--calibrate must not run the study")
+
+    monkeypatch.setattr(quality, "calibrate_budgets", fake_calibrate)
+    monkeypatch.setattr(quality, "run", no_study)
+    argv = ["--calibrate", "--tasks", "hippocampus", "--methods", "simclr,joint", "--budget-minutes", "15"]
+    assert quality.main([*argv, "--out", str(tmp_path)]) == 0
+    assert seen == {"methods": {"hippocampus": ["random", "simclr", "joint"]}, "minutes": 15.0}
