@@ -117,6 +117,7 @@ def _loader_context() -> Any:
     return None
 
 
+@dataclass(eq=False)
 class Stream:
     """An endless iterator of this process's micro-batches for one data stream.
 
@@ -124,21 +125,13 @@ class Stream:
     count without reading any sample. ``next_step()`` returns the ``accumulate`` micro-batches of one step.
     """
 
-    def __init__(
-        self,
-        name: str,
-        dataset: Dataset,
-        sampler: ShardedBatchSampler,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        self.name = name
-        self.dataset = dataset
-        self.sampler = sampler
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.consumed = 0
-        self._iterator: Iterator[Any] | None = None
+    name: str
+    dataset: Dataset
+    sampler: ShardedBatchSampler
+    num_workers: int = 0
+    pin_memory: bool = False
+    consumed: int = field(default=0, init=False)
+    _iterator: Iterator[Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def batches_per_epoch(self) -> int:
