@@ -64,40 +64,27 @@ def phase_flops(model: str, groups: list[list[int]], overrides: list[str]) -> fl
 
 def settings(parsed: argparse.Namespace) -> dict[str, Any]:
     """``pretrain_throughput`` arguments for the GPU check (or its dry run on the CPU with tiny shapes)."""
-    if parsed.dry:
-        tiny = [
-            "data.views.global_size=32",
-            "data.views.local_size=16",
-            "data.views.n_local=2",
-            "data.stacks.size=32",
-            "data.stacks.n_slices=4",
-            "data.preprocess.max_side_2d=64",
-        ]
-        return {
-            "model": "small",
-            "workers": parsed.workers if parsed.workers is not None else 1,
-            "device": "cpu",
-            "precision": "fp32",
-            "batch_images": 4,
-            "batch_stacks": 2,
-            "warmup": 1,
-            "rounds": 1,
-            "threads": 1,
-            "override": [*tiny, *parsed.override],
-        }
-    gpu = ["trainer=gpu", *(["trainer.compile=true"] if parsed.compile else [])]
-    return {
+    args: dict[str, Any] = {
         "model": "resnet18",
-        "workers": parsed.workers if parsed.workers is not None else 12,
+        "workers": 12,
         "device": "cuda",
         "precision": "bf16",
         "batch_images": 256,
         "batch_stacks": 32,
-        "warmup": 4 if parsed.compile else 2,
+        "warmup": 4 if parsed.compile else 2,  # compilation happens in the first steps
         "rounds": 4,
         "threads": 0,
-        "override": [*gpu, *parsed.override],
+        "override": ["trainer=gpu", *(["trainer.compile=true"] if parsed.compile else [])],
     }
+    if parsed.dry:
+        tiny = ["data.views.global_size=32", "data.views.local_size=16", "data.views.n_local=2"]
+        tiny += ["data.stacks.size=32", "data.stacks.n_slices=4", "data.preprocess.max_side_2d=64"]
+        args.update(model="small", workers=1, device="cpu", precision="fp32", batch_images=4, batch_stacks=2)
+        args.update(warmup=1, rounds=1, threads=1, override=tiny)
+    if parsed.workers is not None:
+        args["workers"] = parsed.workers
+    args["override"] = [*args["override"], *parsed.override]
+    return args
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> str:
