@@ -5,7 +5,7 @@ The encoder (a MONAI ``ResNet`` with ``feed_forward=False``, ``[B, C, H, W] -> [
 encoder at a smaller learning rate than the new head (``encoder_lr_scale``), as in the fine-tuning protocols of
 SimCLR (Chen et al., ICML 2020) and of the medical SSL literature (Azizi et al., ICCV 2021). Augmentation is batched
 on the device: a random resized crop (scale ``crop_scale``, aspect ratio 3/4-4/3), a small rotation and an optional
-horizontal flip, rendered by the pretraining views' ``render_views`` (one ``grid_sample`` per batch). After
+horizontal flip, rendered by the pretraining views' ``render_views`` (one bilinear sampling per batch). After
 training, BatchNorm statistics are recomputed on the un-augmented training images with the final weights
 (:func:`precise_batchnorm`).
 """
@@ -61,7 +61,7 @@ def augment_batch(
     rotation_degrees: float = 10.0,
     horizontal_flip: bool = False,
 ) -> Tensor:
-    """Random resized crop, rotation and flip of every image, rendered in one ``grid_sample`` per batch by the
+    """Random resized crop, rotation and flip of every image, rendered in one bilinear sampling per batch by the
     pretraining views' renderer (:func:`medssl.data.device_views.render_views`).
 
     Args:
