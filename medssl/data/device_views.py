@@ -23,7 +23,7 @@ fine-tuning classifier's batch augmentation (crop, rotation, flip) renders throu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -65,7 +65,7 @@ def draw_view_params(
     """
     out = np.zeros((n_views, N_PARAMS), dtype=np.float64)
     rotate, zoom_range = math.radians(augment.rotate_degrees), augment.scale_range
-    draws = _Draws(rng)
+    draws = UniformDraws(rng.random)
     uniform = draws.uniform
     for v in range(n_views):
         top, left, box_h, box_w = random_resized_crop_box(height, width, scale, ratio, draws)
@@ -90,18 +90,19 @@ def draw_view_params(
     return out
 
 
-class _Draws:
-    """``uniform`` and ``randint`` (what ``random_resized_crop_box`` calls) from a ``Generator``'s ``random()``."""
+class UniformDraws:
+    """``uniform`` and ``randint`` (what ``random_resized_crop_box`` calls) from any source of uniform floats in
+    ``[0, 1)``: a NumPy ``Generator``'s ``random`` here, a ``torch.Generator`` in the fine-tuning classifier."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng = rng
+    def __init__(self, random: Callable[[], float]) -> None:
+        self.random = random
 
     def uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(self.rng.random())
+        return low + (high - low) * float(self.random())
 
     def randint(self, low: int, high: int) -> int:
         """An integer in ``[low, high)``."""
-        return low + min(int(self.rng.random() * (high - low)), high - low - 1)
+        return low + min(int(self.random() * (high - low)), high - low - 1)
 
 
 @dataclass(frozen=True)

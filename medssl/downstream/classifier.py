@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.data.device_views import PARAMS, ViewParams, neutral_rows, render_views
+from medssl.data.device_views import PARAMS, UniformDraws, ViewParams, neutral_rows, render_views
 from medssl.data.views import DEFAULT_RATIO, random_resized_crop_box
 from medssl.downstream.probes import ProbeResult, encode_labels
 
@@ -72,7 +72,7 @@ def augment_batch(
     """
     b, _, height, width = images.shape
     rows = neutral_rows(b)
-    draws = _TorchDraws(generator)
+    draws = UniformDraws(lambda: float(torch.rand((), generator=generator)))
     for i in range(b):
         if crop_scale is not None:
             box = random_resized_crop_box(height, width, crop_scale, DEFAULT_RATIO, draws)
@@ -83,19 +83,6 @@ def augment_batch(
         rows[i, 0, PARAMS.index("flip")] = float(horizontal_flip and draws.uniform(0.0, 1.0) < 0.5)
     params = ViewParams.from_rows(rows, images.device)
     return render_views(images, params, (height, width))[:, 0]
-
-
-class _TorchDraws:
-    """``uniform`` and ``randint`` (what ``random_resized_crop_box`` calls) from a ``torch.Generator``."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=self.generator))
-
-    def randint(self, low: int, high: int) -> int:
-        return int(torch.randint(low, high, (), generator=self.generator))
 
 
 class Classifier(nn.Module):
