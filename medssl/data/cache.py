@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
@@ -37,6 +36,7 @@ from medssl.data.manifest import Manifest, ManifestRow, write_csv
 from medssl.data.preprocess import PreprocessConfig, preprocess
 from medssl.data.readers import read_row
 from medssl.runtime.files import atomic_write_text, atomic_write_with
+from medssl.runtime.progress import progress as progress_of
 
 CACHE_FORMAT_VERSION = 1
 
@@ -216,7 +216,7 @@ def build_cache(
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
     waiting: dict[str, list[ManifestRow]] = {}
     path_of = {row.id: str(manifest.resolve(row)) for row in manifest.rows}
-    for row in tqdm(manifest.rows, desc="hash", unit="item", disable=not progress or None):
+    for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
         try:
             key = digests.key(row, manifest.resolve(row))
         except DataError as exc:
@@ -258,7 +258,7 @@ def build_cache(
 def _run(
     tasks: Sequence[tuple[ManifestRow, str, str, str, PreprocessConfig]], workers: int, progress: bool
 ) -> Iterable[tuple[str, str | None]]:
-    bar = tqdm(total=len(tasks), desc="preprocess", unit="item", disable=not progress or None)
+    bar = progress_of(total=len(tasks), desc="preprocess", unit="item", enabled=progress)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:

@@ -25,6 +25,7 @@ from medssl.data.errors import DataError, ManifestError
 from medssl.data.manifest import Manifest, ManifestRow
 from medssl.data.preprocess import PreprocessConfig, preprocess
 from medssl.data.readers import LoadedImage, read_dicom_file, read_image_file, read_nifti, read_row
+from medssl.runtime.progress import progress as progress_of
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,14 @@ def load_case(row: ManifestRow, root: Path, config: PreprocessConfig) -> Labelle
 
 
 def load_cases(
-    manifest: Manifest, config: PreprocessConfig, splits: Sequence[str] | None = None, workers: int = 2
+    manifest: Manifest,
+    config: PreprocessConfig,
+    splits: Sequence[str] | None = None,
+    workers: int = 2,
+    progress: bool = True,
 ) -> tuple[list[LabelledCase], list[DataError]]:
-    """Every row with a mask (optionally only of ``splits``), in manifest order, and the errors of the bad ones.
+    """Every row with a mask (optionally only of ``splits``), in manifest order, and the errors of the bad ones;
+    ``progress`` reports the cases read (:func:`medssl.runtime.progress.progress`).
 
     Raises:
         ManifestError: if no row of the selected splits has a mask.
@@ -161,7 +167,7 @@ def load_cases(
             return exc
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(load, rows))
+        results = list(progress_of(pool.map(load, rows), total=len(rows), desc="cases", unit="case", enabled=progress))
     cases = [r for r in results if isinstance(r, LabelledCase)]
     errors = [r for r in results if isinstance(r, DataError)]
     for error in errors:

@@ -25,7 +25,6 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from medssl.data.dicom import (
     DICOM_SUFFIXES,
@@ -40,6 +39,7 @@ from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
 from medssl.data.manifest import SPLITS, ManifestRow
 from medssl.data.pseudonym import pseudonym
+from medssl.runtime.progress import progress
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
@@ -209,8 +209,8 @@ def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
 
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
         probes = pool.map(lambda p: _probe(p, root, options.salt), files)
-        for path, kind, result in tqdm(
-            probes, total=len(files), desc="scan", unit="file", disable=not options.progress or None
+        for path, kind, result in progress(
+            probes, total=len(files), desc="scan", unit="file", enabled=options.progress
         ):
             if isinstance(result, DataError):
                 errors.append((rel(path), result.reason))

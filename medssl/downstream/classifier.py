@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from medssl.data.device_views import PARAMS, UniformDraws, ViewParams, neutral_rows, render_views
 from medssl.data.views import DEFAULT_RATIO, random_resized_crop_box
 from medssl.downstream.probes import ProbeResult, encode_labels
+from medssl.runtime.progress import progress as progress_of
 
 
 @dataclass
@@ -150,6 +151,7 @@ def finetune_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     train_indices: np.ndarray | None = None,
+    progress: bool = True,
 ) -> ProbeResult:
     """Fine-tune ``encoder`` + a linear head on ``train`` and evaluate on ``test``.
 
@@ -158,6 +160,7 @@ def finetune_classifier(
         train, test: yield ``{"image": [C, H, W], "label": str}`` (e.g.
             :class:`medssl.downstream.probes.LabelledImageDataset`); the images are held in memory.
         train_indices: the training samples to use (a label fraction), default all.
+        progress: report the steps (:func:`medssl.runtime.progress.progress`, the last step's loss).
 
     Returns:
         :class:`ProbeResult` with test probabilities ``[M, K]`` and :func:`classification_metrics`.
@@ -190,7 +193,8 @@ def finetune_classifier(
     model.train()
     if schedule.encoder_lr_scale == 0:
         model.encoder.eval()  # frozen: keep the pretrained BatchNorm statistics
-    for step in range(schedule.steps):
+    steps = progress_of(range(schedule.steps), desc="finetune", unit="step", enabled=progress, leave=None)
+    for step in steps:
         if cursor + min(schedule.batch_size, n) > n:
             order, cursor = torch.randperm(n, generator=generator), 0
         index = order[cursor : cursor + schedule.batch_size]
@@ -207,6 +211,7 @@ def finetune_classifier(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        steps.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     if schedule.encoder_lr_scale > 0:
         model.eval()
         precise_batchnorm(model, x_train, max(2, schedule.batch_size), device)

@@ -34,6 +34,7 @@ class TaskConfig:
     experiment: str = "medssl-finetune"
     mlflow: bool = True
     tracking_uri: str | None = None
+    progress: bool = True  # progress reports: a bar on a terminal, lines in a log file (MEDSSL_PROGRESS_SECONDS)
 
     def __post_init__(self) -> None:
         if self.task != self.TASK:
@@ -203,10 +204,10 @@ def check_disjoint(train_subjects: Sequence[str], test_subjects: Sequence[str]) 
         )
 
 
-def labelled_train_test(data: LabelledDataConfig, seed: int) -> tuple[list[Any], list[Any], Any]:
+def labelled_train_test(data: LabelledDataConfig, seed: int, progress: bool = True) -> tuple[list[Any], list[Any], Any]:
     """The readable cases with a mask of the training split (``data.label_fraction`` of its subjects, drawn by
     ``seed``) and of the test split, checked subject-disjoint, and the manifest. Unreadable cases are printed and
-    skipped (:func:`medssl.data.labelled.load_cases`).
+    skipped (:func:`medssl.data.labelled.load_cases`, which reports its progress when ``progress``).
 
     Raises:
         ManifestError: no manifest, or a split without readable cases.
@@ -219,7 +220,8 @@ def labelled_train_test(data: LabelledDataConfig, seed: int) -> tuple[list[Any],
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest")
     manifest = read_manifest(path, data.root)
-    cases, errors = load_cases(manifest, data.preprocess, [data.train_split, data.test_split], workers=data.workers)
+    splits = [data.train_split, data.test_split]
+    cases, errors = load_cases(manifest, data.preprocess, splits, workers=data.workers, progress=progress)
     for error in errors:
         print(f"medssl finetune: skipped {error}")
     train = [c for c in cases if c.split == data.train_split]

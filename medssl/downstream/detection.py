@@ -45,6 +45,7 @@ from medssl.downstream.common import (
     log_finetune_run,
 )
 from medssl.models.encoders import resnet_stage_features
+from medssl.runtime.progress import progress as progress_of
 from medssl.runtime.seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -357,7 +358,8 @@ def train_detector(
     detector: nn.Module, cases: Sequence[DetectionCase], config: DetectionConfig, device: torch.device
 ) -> list[float]:
     """``config.steps`` steps on batches of ``config.batch_size`` whole cases (a seeded permutation, cycled; random
-    flips when ``data.flip``); returns the loss (classification + box regression) of every step."""
+    flips when ``data.flip``); returns the loss (classification + box regression) of every step. ``progress``
+    reports the steps and the last step's loss."""
     params = [p for p in detector.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -367,7 +369,8 @@ def train_detector(
     order: list[int] = []
     losses: list[float] = []
     detector.train()
-    for _ in range(config.steps):
+    steps = progress_of(range(config.steps), desc="detection", unit="step", enabled=config.progress, leave=None)
+    for _ in steps:
         batch = []
         while len(batch) < min(config.batch_size, len(cases)):
             if not order:
@@ -391,16 +394,19 @@ def train_detector(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        steps.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     return losses
 
 
 @torch.no_grad()
-def predict(detector: nn.Module, cases: Sequence[DetectionCase], device: torch.device) -> list[CaseBoxes]:
+def predict(
+    detector: nn.Module, cases: Sequence[DetectionCase], device: torch.device, progress: bool = True
+) -> list[CaseBoxes]:
     """Detections per case (whole images, eval mode): boxes ``[N, 2 * dims]`` in the case's frame, labels ``[N]``,
-    scores ``[N]``."""
+    scores ``[N]``; ``progress`` reports the cases done."""
     detector.eval()
     results = []
-    for case in cases:
+    for case in progress_of(cases, desc="detection test", unit="case", enabled=progress, leave=None):
         (out,) = detector([torch.from_numpy(case.image).to(device)])
         results.append(
             CaseBoxes(
@@ -473,7 +479,7 @@ def detection_metrics(
 
 def _load_detection_cases(config: DetectionConfig) -> tuple[list[DetectionCase], list[DetectionCase], str]:
     data = config.data
-    train, test, manifest = labelled_train_test(data, config.seed)
+    train, test, manifest = labelled_train_test(data, config.seed, config.progress)
     for case in (*train, *test):
         if case.dims != config.spatial_dims:
             raise ValueError(
@@ -535,7 +541,7 @@ def run_detection(config: DetectionConfig, project_dir: Path | None = None) -> d
     detector.to(device)
     started = time.perf_counter()
     losses = train_detector(detector, train, config, device)
-    predictions = predict(detector, test, device)
+    predictions = predict(detector, test, device, config.progress)
     metrics = detection_metrics(
         predictions,
         [c.target for c in test],

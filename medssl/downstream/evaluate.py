@@ -33,6 +33,7 @@ from medssl.downstream.finetune import (
 from medssl.downstream.spaces import SPACES
 from medssl.runtime.devices import resolve_device
 from medssl.runtime.files import atomic_write_text
+from medssl.runtime.progress import progress as progress_of
 from medssl.runtime.seeding import seed_everything
 
 METRICS = ("auroc", "accuracy", "balanced_accuracy")
@@ -58,6 +59,7 @@ class EvaluateConfig:
     mlflow: bool = True
     tracking_uri: str | None = None
     experiment: str = "medssl-evaluate"
+    progress: bool = True  # a line per finished job, and the progress of feature extraction and fine-tuning
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -140,7 +142,7 @@ def metric_figure(rows: list[dict[str, Any]], metric: str) -> Figure:
 
 
 def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dict[str, Any]:
-    train, test = labelled_splits(config.data)
+    train, test = labelled_splits(config.data, config.progress)
     device = resolve_device(config.device)
     results: list[dict[str, Any]] = []
     loaded: dict[str, str] = {}
@@ -150,6 +152,8 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
         for space in config.spaces
     ]
     probes = [p for p in config.protocols if p != "finetune"]
+    total = len(extractors) * len(config.protocols) * len(config.label_fractions) * len(config.seeds)
+    jobs = progress_of(total=total, desc="medssl evaluate", unit="job", enabled=config.progress, interval=0)
     for name, source, space in extractors:
         # random init: every seed draws its own network, so that the spread over seeds includes the initialisation
         draws = [(seed, [seed]) for seed in config.seeds] if source == "none" else [(None, config.seeds)]
@@ -159,16 +163,23 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
             network, loaded[name] = load_encoder(source, config.encoder, config.tracking_uri, space)
             if init_seed is None or init_seed == config.seeds[0]:
                 print(f"medssl evaluate: {name}: {loaded[name]}")
-            features = encode_splits(network, train, test, config.data.size, device) if probes else None
+            features = None
+            if probes:
+                features = encode_splits(network, train, test, config.data.size, device, config.progress)
             for protocol, fraction, seed in itertools.product(config.protocols, config.label_fractions, seeds):
                 if protocol == "finetune":
                     metrics = finetune_result(network, train, test, config.data.size, fraction, seed, config.finetune,
-                                              device)  # fmt: skip
+                                              device, config.progress)  # fmt: skip
                 else:
                     assert features is not None
                     metrics = probe(features, protocol, fraction, seed, config.knn_k)
                 results.append({"backbone": name, "protocol": protocol, "label_fraction": fraction, "seed": seed,
                                 **{k: metrics[k] for k in (*METRICS, "train_samples")}})  # fmt: skip
+                jobs.set_postfix_str(
+                    f"{name} {protocol} fraction {fraction:g} seed {seed}: AUROC {metrics['auroc']:.4f}", refresh=False
+                )
+                jobs.update()
+    jobs.close()
     rows = summarise(results)
     table = markdown_table(rows)
     out = Path(config.out)

@@ -152,15 +152,16 @@ class Features:
     test_y: np.ndarray
 
 
-def labelled_splits(data: FinetuneDataConfig) -> tuple[list[Any], list[Any]]:
-    """The cached items of the train and test splits (cache built if needed), checked patient-disjoint."""
+def labelled_splits(data: FinetuneDataConfig, progress: bool = True) -> tuple[list[Any], list[Any]]:
+    """The cached items of the train and test splits (cache built if needed, its progress reported when
+    ``progress``), checked patient-disjoint."""
     from medssl.data.cache import build_cache
 
     path = Path(data.manifest)
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest")
     manifest = read_manifest(path, data.root)
-    build_cache(manifest, Path(data.cache_dir), data.preprocess, workers=data.cache_workers, progress=False)
+    build_cache(manifest, Path(data.cache_dir), data.preprocess, workers=data.cache_workers, progress=progress)
     train = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.train_split])
     test = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.test_split])
     if not train or not test:
@@ -172,10 +173,16 @@ def labelled_splits(data: FinetuneDataConfig) -> tuple[list[Any], list[Any]]:
     return train, test
 
 
-def encode_splits(network: nn.Module, train: list[Any], test: list[Any], size: int, device: torch.device) -> Features:
+def encode_splits(
+    network: nn.Module, train: list[Any], test: list[Any], size: int, device: torch.device, progress: bool = True
+) -> Features:
     network.to(device)
-    train_x, train_y = extract_features(network, LabelledImageDataset(train, size), device=device)
-    test_x, test_y = extract_features(network, LabelledImageDataset(test, size), device=device)
+    train_x, train_y = extract_features(
+        network, LabelledImageDataset(train, size), device=device, progress=progress, desc="features train"
+    )
+    test_x, test_y = extract_features(
+        network, LabelledImageDataset(test, size), device=device, progress=progress, desc="features test"
+    )
     return Features(train_x, train_y, test_x, test_y)
 
 
@@ -199,12 +206,13 @@ def finetune_result(
     seed: int,
     schedule: FinetuneSchedule,
     device: torch.device,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Full fine-tuning of a copy of ``network`` (+ a linear head) on a stratified ``label_fraction`` of the
     training labels; test metrics plus ``train_samples``."""
     train_set, test_set = LabelledImageDataset(train, size), LabelledImageDataset(test, size)
     keep = label_fraction_subset(train_set.labels, label_fraction, seed)
-    result = finetune_classifier(copy.deepcopy(network), train_set, test_set, schedule, seed, device, keep)
+    result = finetune_classifier(copy.deepcopy(network), train_set, test_set, schedule, seed, device, keep, progress)
     return {**result.metrics, "train_samples": len(keep), "test_samples": len(test_set)}
 
 
@@ -212,7 +220,7 @@ def run_classification(config: FinetuneConfig, project_dir: Path | None = None) 
     """Classification with frozen features (linear, kNN) or full fine-tuning; returns the metrics (and logs them
     to MLflow)."""
     data = config.data
-    train, test = labelled_splits(data)
+    train, test = labelled_splits(data, config.progress)
     model = config.model
     seed_everything(config.seed)  # before the network: a random initialisation is the seed's
     network, loaded = load_encoder(model.pretrained, model.encoder, config.tracking_uri, model.space)
@@ -220,10 +228,10 @@ def run_classification(config: FinetuneConfig, project_dir: Path | None = None) 
     device = resolve_device(config.device)
     if config.protocol == "finetune":
         result = finetune_result(network, train, test, data.size, data.label_fraction, config.seed, config.finetune,
-                                 device)  # fmt: skip
+                                 device, config.progress)  # fmt: skip
         what = f"full fine-tuning ({config.finetune.steps} steps)"
     else:
-        features = encode_splits(network, train, test, data.size, device)
+        features = encode_splits(network, train, test, data.size, device, config.progress)
         result = probe(features, config.protocol, data.label_fraction, config.seed, config.knn_k)
         what = f"{config.protocol} probe"
     metrics = {k: float(result[k]) for k in ("accuracy", "balanced_accuracy", "auroc", "train_samples", "test_samples")}

@@ -13,7 +13,7 @@ Class names are the sorted distinct training labels; class index ``i`` is ``clas
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from medssl.data.geometry import slice_to_display
 from medssl.data.manifest import ManifestRow
 from medssl.downstream.common import check_disjoint
 from medssl.runtime.checks import at_least
+from medssl.runtime.progress import progress as progress_of
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 """Grid of L2 penalties searched by :func:`linear_probe` (on standardised features)."""
@@ -99,6 +100,8 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features of every sample of ``dataset``, in order.
 
@@ -109,6 +112,7 @@ def extract_features(
         network: maps images ``[B, C, H, W]`` to features ``[B, D]`` (e.g. an encoder or MONAI ``ResNet`` with
             ``feed_forward=False``). It must already be on ``device``.
         dataset: yields ``{"image": [C, H, W], "label": str}`` (e.g. :class:`LabelledImageDataset`).
+        progress, desc: report the images done (:func:`medssl.runtime.progress.progress`) under this name.
 
     Returns:
         features ``[N, D]`` float32 and labels ``[N]`` (str).
@@ -119,10 +123,13 @@ def extract_features(
     labels: list[str] = []
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for batch in loader:
-            out = network(batch["image"].to(device))
-            features.append(out.flatten(1).float().cpu().numpy())
-            labels.extend(str(label) for label in batch["label"])
+        total = len(dataset) if isinstance(dataset, Sized) else None
+        with progress_of(total=total, desc=desc, unit="image", enabled=progress, leave=None) as bar:
+            for batch in loader:
+                out = network(batch["image"].to(device))
+                features.append(out.flatten(1).float().cpu().numpy())
+                labels.extend(str(label) for label in batch["label"])
+                bar.update(len(batch["label"]))
     finally:
         for module, mode in modes:
             module.training = mode

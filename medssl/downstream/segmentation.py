@@ -37,6 +37,7 @@ from medssl.downstream.common import (
     log_finetune_run,
     resnet_stages,
 )
+from medssl.runtime.progress import progress as progress_of
 from medssl.runtime.seeding import seed_everything
 
 MODES = ("2d", "3d")
@@ -67,7 +68,7 @@ class SegmentationConfig(TaskConfig):
     encoder_lr_scale: float = 1.0  # encoder learning rate = lr * encoder_lr_scale (1.0 won: BENCHMARKS.md)
     freeze_encoder: bool = False  # train the decoder only (encoder in eval mode, batch-norm statistics fixed)
     overlap: float = 0.5  # sliding-window overlap at inference
-    log_every: int = 50  # a progress line every N steps (0: none)
+    log_every: int = 50  # the progress report's DiceCE: the mean of the last N steps (0: no progress report)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -250,7 +251,7 @@ def load_segmentation_cases(
     Raises:
         ManifestError: no manifest, or an empty split. ValueError: labels >= num_classes, 2D images in mode 3d.
     """
-    train, test, _ = labelled_train_test(config.data, config.seed)
+    train, test, _ = labelled_train_test(config.data, config.seed, config.progress)
     converted: list[list[SegmentationCase]] = [[], []]
     for target, split in zip(converted, (train, test), strict=True):
         for case in split:
@@ -418,7 +419,8 @@ def train_segmentation(
     model: PretrainedUNet, sampler: CropSampler, config: SegmentationConfig, device: torch.device
 ) -> list[float]:
     """``config.steps`` AdamW steps of DiceCE (``to_onehot_y``, softmax) on sampled crops, cosine learning-rate
-    decay; returns the loss per step."""
+    decay; returns the loss per step. The progress report (``progress``, ``log_every`` > 0) shows the mean DiceCE of
+    the last ``log_every`` steps."""
     from monai.losses import DiceCELoss
 
     if config.freeze_encoder or config.encoder_lr_scale == 0:
@@ -430,7 +432,14 @@ def train_segmentation(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(config.steps, 1)))
     )
     losses: list[float] = []
-    for step in range(1, config.steps + 1):
+    steps = progress_of(
+        range(1, config.steps + 1),
+        desc="segmentation",
+        unit="step",
+        enabled=config.progress and config.log_every > 0,
+        leave=None,
+    )
+    for step in steps:
         model.train()
         if config.freeze_encoder or config.encoder_lr_scale == 0:
             model.encoder.eval()
@@ -443,7 +452,7 @@ def train_segmentation(
         losses.append(float(loss.detach()))
         if config.log_every and (step % config.log_every == 0 or step == config.steps):
             recent = losses[-config.log_every :]
-            print(f"medssl finetune: step {step}/{config.steps} DiceCE {sum(recent) / len(recent):.4f}", flush=True)
+            steps.set_postfix(DiceCE=f"{sum(recent) / len(recent):.4f}", refresh=False)
     return losses
 
 
@@ -474,7 +483,8 @@ def run_segmentation(config: SegmentationConfig, project_dir: Path | None = None
     model.to(device)
     losses = train_segmentation(model, sampler, config, device)
     predictions = [
-        predict_case(model, c.image, config.mode, config.roi, config.overlap, device, config.batch_size) for c in test
+        predict_case(model, c.image, config.mode, config.roi, config.overlap, device, config.batch_size)
+        for c in progress_of(test, desc="segmentation test", unit="case", enabled=config.progress, leave=None)
     ]
     mean, per_case = dice_per_class(predictions, [c.mask for c in test], config.num_classes)
     metrics: dict[str, float] = {f"dice/{name}": float(v) for name, v in zip(config.class_names, mean, strict=True)}

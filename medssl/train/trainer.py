@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from medssl.models.joint import JointModel
 from medssl.objectives.joint import SepBatch, StackBatch
@@ -39,6 +38,7 @@ from medssl.runtime.checkpoints import (
     set_rng_state,
 )
 from medssl.runtime.files import atomic_write_text
+from medssl.runtime.progress import Progress, progress
 from medssl.runtime.seeding import seed_everything
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
 from medssl.train.config import PretrainConfig, optimizer_settings, to_container
@@ -140,7 +140,7 @@ class _Run:
     channels_last: bool
     autocast: Callable[[], Any]
     alarm: UniformPredictionAlarm
-    bar: tqdm
+    bar: Progress
     clip_grad: float = 0.0
     stop: _StopRequest | None = None
 
@@ -429,10 +429,10 @@ class Trainer:
             ),
             # SwAV's trivial solution, warned about once; not before warm-up and the prototype freeze are over
             alarm=UniformPredictionAlarm(start_step=max(warmup_steps, self.method.quiet_steps(objective))),
-            bar=tqdm(
+            bar=progress(
                 total=max_steps,
                 initial=state.step,
-                disable=not (ctx.is_main and tcfg.progress),
+                enabled=ctx.is_main and tcfg.progress,
                 desc=run_name,
                 unit="step",
                 dynamic_ncols=True,
@@ -689,7 +689,7 @@ class Trainer:
         return path
 
     def _calibrate(
-        self, stamps: list[float], step: int, ctx: DistributedContext, tracker: Any, bar: tqdm, run_name: str
+        self, stamps: list[float], step: int, ctx: DistributedContext, tracker: Any, bar: Progress, run_name: str
     ) -> dict[str, Any]:
         """``trainer.max_minutes``: rank 0 sets the run's length from its timed steps, every rank gets it; printed
         and logged (param ``trainer.calibrated_max_steps``, tag ``medssl.calibration``)."""
