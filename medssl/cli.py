@@ -157,9 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
         progress=not args.no_progress,
     )
-    result = run_demo(plan)
-    if result.status == "finished":
-        print(f"demo finished: backbone {result.backbone}")
+    result = run_demo(plan)  # ends with "demo finished: backbone ..." and where the run's pictures are
     return _exit_code(result.status)
 
 
@@ -248,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
     pretrain.add_argument("--config-name", default="pretrain", help="top-level config (default: pretrain)")
     pretrain.add_argument(
-        "--config-dir", help="config folder (default: $MEDSSL_CONFIG_DIR, else the repository's configs/)"
+        "--config-dir",
+        help="a folder of your own configs searched before the shipped ones (default: $MEDSSL_CONFIG_DIR): new "
+        "options such as data/archive.yaml, or a file that replaces the shipped one of the same name",
     )
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     pretrain.set_defaults(func=cmd_pretrain)
@@ -286,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         "task=detection spatial_dims=3",
     )
     finetune.add_argument("overrides", nargs="*", help="key=value overrides")
-    finetune.add_argument("--config-dir", help="folder of the task configs (default: configs/finetune)")
+    finetune.add_argument(
+        "--config-dir",
+        help="a folder of your own configs (default: $MEDSSL_CONFIG_DIR): <dir>/finetune/<task>.yaml or "
+        "<dir>/<task>.yaml replaces the shipped task file",
+    )
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = commands.add_parser(

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from medssl.data.config import DataConfig, data_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "medssl" / "configs"
 
 
 def test_default_yaml_matches_the_dataclass_defaults():

@@ -61,7 +61,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
     )
     single = Trainer(compose_pretrain_config([*overrides, "run.name=single"]), project_dir=tmp_path).fit()
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSSL_CONFIG_DIR": str(REPO / "configs")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,6 +1,6 @@
-"""The package's layers point one way: runtime <- data <- models <- objectives <- train <- export <- downstream <-
-demo / cli. Every import in every module (top level, inside functions, under TYPE_CHECKING) is read from the source,
-so an upward import fails here however it is written."""
+"""The package's layers point one way: configs (package data) <- runtime <- data <- models <- objectives <- train <-
+export <- downstream <- demo / cli. Every import in every module (top level, inside functions, under TYPE_CHECKING)
+is read from the source, so an upward import fails here however it is written."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medssl"
-LAYERS = ["runtime", "data", "models", "objectives", "train", "export", "downstream", "demo", "cli", "__main__"]
+LAYERS = [
+    *("configs", "runtime", "data", "models", "objectives", "train"),
+    *("export", "downstream", "demo", "cli", "__main__"),
+]
 TOP = LAYERS.index("demo")  # demo, cli and __main__ are the entry points: they may import everything
 RANK = {name: min(i, TOP) for i, name in enumerate(LAYERS)}
 

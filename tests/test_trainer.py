@@ -304,12 +304,11 @@ def test_sigterm_to_the_process_group_with_loader_workers(dataset):
     """As Ctrl-C or a scheduler does it: every process of the group (main and DataLoader workers) gets the signal;
     the workers ignore it, the main process finishes its step, checkpoints and exits 143; the rerun resumes."""
     folder, manifest = dataset
-    repo = Path(__file__).resolve().parents[1]
     overrides = tiny_overrides(
         manifest, folder, "trainer.max_steps=400", "trainer.checkpoint_every=1", "trainer.num_workers=2",
         "logging=none", "run.name=group-kill",
     )  # fmt: skip
-    env = {**os.environ, "MEDSSL_CONFIG_DIR": str(repo / "configs"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "medssl", "pretrain", *overrides]
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)  # fmt: skip

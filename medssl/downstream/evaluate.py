@@ -78,9 +78,9 @@ class EvaluateConfig:
 
 
 def compose_evaluate_config(overrides: list[str] | None = None, path: str | Path | None = None) -> EvaluateConfig:
-    from medssl.runtime.configs import config_dir, structured_config
+    from medssl.runtime.configs import config_file, structured_config
 
-    source = Path(path) if path is not None else config_dir() / "evaluate" / "classification.yaml"
+    source = Path(path) if path is not None else config_file("evaluate/classification.yaml")
     if not source.is_file():
         raise ValueError(f"--config: {source}: no such file")
     values = OmegaConf.load(source)

@@ -111,17 +111,20 @@ def finetune_config(values: Any = None, overrides: list[str] | None = None, task
 
 
 def compose_finetune_config(overrides: list[str] | None = None, directory: str | Path | None = None) -> Any:
-    """``configs/finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides, typed by
-    the task's config dataclass (:data:`TASKS`)."""
-    from medssl.runtime.configs import config_dir
+    """``finetune/<task>.yaml`` (``task=...``, default classification) plus Hydra-style overrides, typed by the
+    task's config dataclass (:data:`TASKS`). The file comes from the user's ``directory`` (or ``$MEDSSL_CONFIG_DIR``:
+    ``<dir>/finetune/<task>.yaml`` or ``<dir>/<task>.yaml``) when it has one, else from the shipped configs."""
+    from medssl.runtime.configs import config_dir, user_config_dir
 
-    folder = Path(directory) if directory is not None else config_dir() / "finetune"
     overrides = list(overrides or [])
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "classification")
-    path = folder / f"{task}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ValueError(f"task={task}: no {path.name} in {folder} (available: {available})")
+    user = user_config_dir(directory)
+    folders = [user / "finetune", user] if user is not None else []
+    folders.append(config_dir() / "finetune")
+    path = next((f / f"{task}.yaml" for f in folders if (f / f"{task}.yaml").is_file()), None)
+    if path is None:
+        available = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
+        raise ValueError(f"task={task}: no {task}.yaml in {', '.join(map(str, folders))} (available: {available})")
     return finetune_config(OmegaConf.load(path), overrides, task)
 
 

@@ -46,14 +46,38 @@ def structured_config(
         raise ValueError(named(exc)) from None
 
 
+SHIPPED_CONFIG_MODULE = "medssl.configs"
+
+
 def config_dir() -> Path:
-    """The folder with ``pretrain.yaml``: ``$MEDSSL_CONFIG_DIR``, else ``configs/`` of the source checkout."""
-    env = os.environ.get("MEDSSL_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
-    for candidate in candidates:
-        if (candidate / "pretrain.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"no pretrain.yaml in {', '.join(map(str, candidates))}; set MEDSSL_CONFIG_DIR to the repository's configs/"
-    )
+    """The shipped config folder inside the installed package (``medssl/configs``: ``pretrain.yaml`` and its groups,
+    ``finetune/``, ``evaluate/``); the same files whether medssl runs from a checkout or from a wheel."""
+    from medssl import configs
+
+    return Path(configs.__file__).resolve().parent
+
+
+def user_config_dir(directory: str | Path | None = None) -> Path | None:
+    """A user's own config folder, searched before the shipped one: ``directory`` (``--config-dir``), else
+    ``$MEDSSL_CONFIG_DIR``, else none.
+
+    Raises:
+        FileNotFoundError: the folder does not exist (naming where it came from).
+    """
+    source = "--config-dir"
+    if directory is None:
+        directory, source = os.environ.get("MEDSSL_CONFIG_DIR") or None, "MEDSSL_CONFIG_DIR"
+    if directory is None:
+        return None
+    folder = Path(directory).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{source}: {folder}: no such folder")
+    return folder.resolve()
+
+
+def config_file(relative: str, directory: str | Path | None = None) -> Path:
+    """``relative`` (e.g. ``finetune/segmentation.yaml``) from the user's folder when it has one, else shipped."""
+    user = user_config_dir(directory)
+    if user is not None and (user / relative).is_file():
+        return user / relative
+    return config_dir() / relative

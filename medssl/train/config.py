@@ -7,6 +7,8 @@ starts, with a message naming the key (``trainer.optimizer.lr: ...``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from medssl.data.config import DataConfig
 from medssl.models.joint import JointModelConfig
 from medssl.objectives.joint import JointObjectiveConfig
 from medssl.objectives.simclr import MoCHiConfig
-from medssl.runtime.configs import config_dir, structured_config
+from medssl.runtime.configs import SHIPPED_CONFIG_MODULE, structured_config, user_config_dir
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -230,25 +232,51 @@ def to_container(config: PretrainConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _shipped_configs_with(user: Path | None) -> Iterator[None]:
+    """Hydra initialised as ``medssl pretrain`` is: the shipped configs (``pkg://medssl.configs``) as the primary
+    config path and ``user`` where Hydra's own ``--config-dir`` puts it (after the primary path, before the
+    structured schema): the user's folder adds group options and top-level configs; a name in both is the shipped
+    file. The same search path ``@hydra.main`` builds (hydra._internal.utils.run_hydra), so an app built on it
+    later composes the same configs; the global Hydra state is restored afterwards."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    search_path = create_config_search_path(f"pkg://{SHIPPED_CONFIG_MODULE}")
+    if user is not None:
+        search_path.prepend(provider="command-line", path=f"file://{user}", anchor=SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
+    try:
+        Hydra.create_main_hydra2(task_name="medssl", config_search_path=search_path)
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
 def compose_pretrain_config(
     overrides: list[str] | None = None, config_name: str = "pretrain", directory: str | Path | None = None
 ) -> PretrainConfig:
-    """Compose ``configs/<config_name>.yaml`` with its groups and Hydra ``overrides`` (``method=simclr``,
-    ``trainer.max_steps=200``, ``+extra=...``), then type-check it.
+    """Compose ``<config_name>.yaml`` with its groups and Hydra ``overrides`` (``method=simclr``,
+    ``trainer.max_steps=200``, ``+extra=...``), then type-check it. The configs come from the installed package
+    (``medssl/configs``); a user's ``directory`` (or ``$MEDSSL_CONFIG_DIR``) adds its files on top, as Hydra's
+    ``--config-dir`` does: new options of the shipped groups (``data/archive.yaml``) and top-level configs.
 
     Raises:
         ValueError: an unknown group option, key or bad value, naming it.
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
     # The typed schema under the YAML files: every key of PretrainConfig exists (and can be overridden) even
     # where a group's YAML leaves it out, and Hydra checks types while it composes.
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
-    folder = Path(directory) if directory is not None else config_dir()
     try:
-        with initialize_config_dir(config_dir=str(folder.resolve()), version_base="1.3"):
+        with _shipped_configs_with(user_config_dir(directory)):
             composed = compose(config_name=config_name, overrides=list(overrides or []))
     except HydraException as exc:
         text = str(exc).split("Config search path:")[0]
