@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config-name", default="pretrain", help="top-level config (default: pretrain)")
     pretrain.add_argument(
         "--config-dir",
-        help="a folder of your own configs searched before the shipped ones (default: $MEDSSL_CONFIG_DIR): new "
-        "options such as data/archive.yaml, or a file that replaces the shipped one of the same name",
+        help="a folder of your own configs added to the shipped ones, as Hydra's --config-dir (default: "
+        "$MEDSSL_CONFIG_DIR): new options such as data/archive.yaml and top-level configs for --config-name",
     )
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     pretrain.set_defaults(func=cmd_pretrain)

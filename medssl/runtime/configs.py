@@ -58,7 +58,7 @@ def config_dir() -> Path:
 
 
 def user_config_dir(directory: str | Path | None = None) -> Path | None:
-    """A user's own config folder, searched before the shipped one: ``directory`` (``--config-dir``), else
+    """A user's own config folder, added to the shipped configs: ``directory`` (``--config-dir``), else
     ``$MEDSSL_CONFIG_DIR``, else none.
 
     Raises:
