@@ -34,9 +34,8 @@ def _parse_regex(text: str) -> re.Pattern[str]:
 
 
 def cmd_manifest_scan(args: argparse.Namespace) -> int:
-    from medssl.data.manifest import write_csv, write_manifest
     from medssl.data.pseudonym import SALT_FILE_NAME, resolve_salt
-    from medssl.data.scan import ScanOptions, assign_splits, join_labels, pair_masks, scan_folder
+    from medssl.data.scan import ScanOptions, assign_splits, join_labels, pair_masks, scan_folder, write_scan
 
     out = Path(args.out)
     salt, salt_origin = resolve_salt(args.salt, Path(args.salt_file) if args.salt_file else out.parent / SALT_FILE_NAME)
@@ -59,8 +58,10 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
         warnings.extend(more)
     if args.split_fractions:
         rows = assign_splits(rows, args.split_fractions, salt)
-    errors_path = out.with_name(out.name.removesuffix(".csv") + ".errors.csv")
-    write_csv(errors_path, ("path", "reason"), result.errors)
+    written = write_scan(
+        out, rows, result.errors, Path(args.folder), salt, Path(args.paths) if args.paths else None
+    )  # the manifest (if any rows), the errors and the path map: files named by key outside the map
+    errors_path = written.errors
     elapsed = time.perf_counter() - start
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -79,15 +80,15 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
     if not rows:
         print(f"error: nothing usable found in {args.folder}; no manifest written", file=sys.stderr)
         return 2
-    write_manifest(out, rows, Path(args.folder))
-    print(f"  manifest: {out}")
+    print(f"  manifest: {out} (files named by key; shareable without the map)")
+    print(f"  path map: {written.path_map} (key -> path under the archive: private, keep it with the data)")
     return 0
 
 
 def cmd_manifest_validate(args: argparse.Namespace) -> int:
     from medssl.data.manifest import validate_manifest
 
-    report = validate_manifest(Path(args.manifest), root=args.root, check_files=not args.no_files)
+    report = validate_manifest(Path(args.manifest), root=args.root, check_files=not args.no_files, paths=args.paths)
     for warning in report.warnings[: args.max_messages]:
         print(f"warning: {warning}")
     if len(report.warnings) > args.max_messages:
@@ -105,13 +106,34 @@ def cmd_manifest_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_manifest_relocate(args: argparse.Namespace) -> int:
+    from medssl.data.manifest import missing_map_message, read_manifest
+    from medssl.data.pathmap import rewrite_root
+
+    manifest = read_manifest(args.manifest, paths=args.paths)
+    if manifest.path_map_file is None:
+        raise ManifestError(f"{args.manifest}: names files by path, not through a path map; give --root instead")
+    if manifest.path_map is None:
+        raise ManifestError(missing_map_message(Path(args.manifest), manifest.path_map_file))
+    root = Path(args.root)
+    if not root.is_dir():
+        raise DataError(root, "folder not found")
+    rewrite_root(manifest.path_map_file, root)
+    missing = sum(not (root / relative).exists() for relative in manifest.path_map.paths.values())
+    print(f"{manifest.path_map_file}: root is now {root}; the manifest and the cache are unchanged")
+    if missing:
+        total = len(manifest.path_map)
+        print(f"warning: {missing} of {total} mapped files are not under the new root", file=sys.stderr)
+    return 0
+
+
 def cmd_manifest_preprocess(args: argparse.Namespace) -> int:
     from medssl.data.cache import build_cache
     from medssl.data.manifest import read_manifest
     from medssl.data.preprocess import PreprocessConfig
 
     config = PreprocessConfig.from_overrides(args.set or [])
-    manifest = read_manifest(args.manifest, root=args.root)
+    manifest = read_manifest(args.manifest, root=args.root, paths=args.paths)
     start = time.perf_counter()
     report = build_cache(manifest, Path(args.cache), config, workers=args.workers, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -200,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     manifest_commands = manifest.add_subparsers(dest="manifest_command", required=True)
 
     scan = manifest_commands.add_parser("scan", help="walk a folder and write one row per image or volume")
-    scan.add_argument("folder", help="folder to scan (DICOM, NIfTI, PNG/JPEG); manifest paths are relative to it")
+    scan.add_argument("folder", help="folder to scan (DICOM, NIfTI, PNG/JPEG): the archive root of the path map")
     scan.add_argument("--out", required=True, help="manifest CSV to write (errors go to <name>.errors.csv beside it)")
+    scan.add_argument(
+        "--paths",
+        help="path map to write (default: <name>.paths.csv beside the manifest): the only file that names the "
+        "scanned files; private, with permissions no wider than the archive's",
+    )
     scan.add_argument("--labels", action="append", help="CSV keyed by 'path' with split/group/label/subject/modality")
     scan.add_argument(
         "--masks", help="sub-folder of label maps paired with images by file name (e.g. labelsTr); not scanned itself"
@@ -222,15 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = manifest_commands.add_parser("validate", help="check columns, paths, duplicates and split leakage")
     validate.add_argument("manifest")
-    validate.add_argument("--root", help="override the root written in the manifest")
+    validate.add_argument("--root", help="override the archive root written in the path map (or manifest)")
+    validate.add_argument("--paths", help="the manifest's path map (default: the one the manifest names)")
     validate.add_argument("--no-files", action="store_true", help="do not check that files exist")
     validate.add_argument("--max-messages", type=int, default=50)
     validate.set_defaults(func=cmd_manifest_validate)
 
+    relocate = manifest_commands.add_parser(
+        "relocate", help="the archive moved: rewrite the root of the manifest's path map (nothing else changes)"
+    )
+    relocate.add_argument("manifest")
+    relocate.add_argument("root", help="the archive's new folder")
+    relocate.add_argument("--paths", help="the manifest's path map (default: the one the manifest names)")
+    relocate.set_defaults(func=cmd_manifest_relocate)
+
     preprocess = manifest_commands.add_parser("preprocess", help="build the preprocessed on-disk cache")
     preprocess.add_argument("manifest")
     preprocess.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
-    preprocess.add_argument("--root", help="override the root written in the manifest")
+    preprocess.add_argument("--root", help="override the archive root written in the path map (or manifest)")
+    preprocess.add_argument("--paths", help="the manifest's path map (default: the one the manifest names)")
     preprocess.add_argument("--workers", type=int, default=2, help="processes")
     preprocess.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="preprocessing setting, e.g. spacing=[1,1,1]"

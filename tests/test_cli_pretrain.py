@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 from training import write_training_data
 
 from medssl.cli import main
+from medssl.demo import evaluation
+from medssl.demo.evaluation import PhantomSetSpec
 
 # Fast settings for the demo command (its defaults train for minutes).
 FAST_DEMO = [
@@ -63,7 +65,8 @@ def test_demo_on_a_user_folder(tmp_path, capsys, monkeypatch):
     assert code == 0, out
     assert "demo data: 7 items (4 2D images, 3 3D volumes)" in out
     assert "mlflow ui --backend-store-uri" in out and "demo finished: backbone" in out
-    assert "demo: no labelled images to fine-tune on" in out
+    assert "demo: --data: no closing comparison" in out
+    assert out.strip().splitlines()[-1].startswith("demo: pictures of run joint-")  # it ends where the pictures are
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-demo").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -76,8 +79,10 @@ def test_demo_on_a_user_folder(tmp_path, capsys, monkeypatch):
     reason="the demo packages (pip install -e '.[demo]': nilearn, pydicom-data) are not installed",
 )
 def test_demo_on_the_embedded_data(tmp_path, capsys, monkeypatch):
-    """What `make demo` runs, for 2 steps: assemble the real images from pip packages, scan, cache, train."""
+    """What `make demo` runs, for 2 steps: assemble the real images from pip packages, scan, cache, train, export,
+    and the closing comparison on a small labelled set of phantoms."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluation, "DEFAULT_SPEC", PhantomSetSpec(n=24))
     assert main(["demo", "--out", "outputs/demo", "--steps", "2", "--no-progress", *FAST_DEMO]) == 0
     out = capsys.readouterr().out
     assert "real: 10 (2 from nibabel, 1 from nilearn, 2 from pydicom, 5 from pydicom-data)" in out
@@ -85,7 +90,25 @@ def test_demo_on_the_embedded_data(tmp_path, capsys, monkeypatch):
     assert "demo finished" in out
     assert "demo: exported the encoder as a MONAI bundle" in out
     assert (tmp_path / "outputs" / "demo" / "bundle" / "configs" / "metadata.json").is_file()
-    probe = re.search(r"demo: linear probe of the label \(lesion 6, no_lesion 6; 4 held out\): AUROC pretrained "
-                      r"([0-9.]+), random init ([0-9.]+)", out)  # fmt: skip
-    assert probe is not None, out
     assert re.search(r"matched (\d+)/\1 pretrained tensors", out)
+    assert "closing comparison on 24 generated chest-radiograph phantoms (lesion 12, no_lesion 12)" in out
+    assert "fitted on 12 images (12 phantoms), tested on 12 (12 phantoms)" in out
+    number = r"([0-9.]+) \(95% CI ([0-9.]+) to ([0-9.]+)\)"
+    signed = r"([-+][0-9.]+) \(95% CI ([-+][0-9.]+) to ([-+][0-9.]+)\)"
+    auroc = re.search(rf"test AUROC \(95% CI from \d+ bootstrap resamples of the test phantoms\): pretrained {number}, "
+                      rf"random init {number}; difference {signed}", out)  # fmt: skip
+    assert auroc is not None, out
+    values = [float(v) for v in auroc.groups()]
+    for estimate, low, high in (values[0:3], values[3:6], values[6:9]):
+        assert low <= estimate <= high
+    low, high = values[7:9]
+    sentence = "pretraining helped" if low > 0 else "pretraining did worse" if high < 0 else "no difference"
+    lines = out.strip().splitlines()
+    assert lines[-3].startswith(f"demo: {sentence} at this budget"), out
+    assert lines[-2].startswith("demo finished: backbone")
+    assert lines[-1].startswith("demo: pictures of run joint-") and "demo_comparison.png" in lines[-1]
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["demo/auroc_difference_low"] == pytest.approx(low, abs=1e-3)
+    assert "demo_comparison.png" in [a.path.split("/")[-1] for a in mlflow.list_artifacts(run.info.run_id, "pictures")]

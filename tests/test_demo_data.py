@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 from medssl.data.cache import build_cache
 from medssl.data.datasets import MultiCropSliceDataset, StackConfig, TwoViewStackDataset, cached_items
@@ -18,6 +20,7 @@ from medssl.data.samplers import BalancedGroupBatchSampler
 from medssl.data.scan import ScanOptions, scan_folder
 from medssl.data.views import MultiCropConfig
 from medssl.demo import data as demo_data
+from medssl.demo import evaluation
 from medssl.demo.data import (
     DEMO_REQUIREMENTS,
     LABELS_NAME,
@@ -29,6 +32,18 @@ from medssl.demo.data import (
     mr_phantom,
     scan_demo_data,
     xray_phantom,
+)
+from medssl.demo.evaluation import (
+    DEFAULT_SPEC,
+    LESION,
+    NO_LESION,
+    Interval,
+    PhantomSetSpec,
+    compare_encoders,
+    paired_bootstrap_auroc,
+    phantom_images,
+    split_by_subject,
+    verdict,
 )
 
 N_PHANTOMS = 2  # of each kind: 2 CT volumes, 2 MR volumes, 2 X-ray images
@@ -253,3 +268,126 @@ def test_phantoms_are_byte_identical_for_one_seed(tmp_path):
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assemble_demo_data(tmp_path / "c", n_phantoms=2, seed=4, sources=())
     assert digests(tmp_path / "a") != digests(tmp_path / "c")
+
+
+# --------------------------------------------------------------------------- the closing comparison's labelled set
+
+SMALL_SET = PhantomSetSpec(n=24)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return phantom_images(SMALL_SET, size=32)
+
+
+def test_the_default_labelled_set_has_a_few_hundred_phantoms_apart_from_pretraining():
+    assert DEFAULT_SPEC.n >= 300 and DEFAULT_SPEC.n % 2 == 0  # half with a nodule
+    assert DEFAULT_SPEC.seed != 0  # the demo folder's phantoms (seed 0) are pretraining data
+
+
+def test_labelled_phantoms_have_the_intended_size_labels_and_range(phantoms):
+    assert len(phantoms) == 24 and phantoms.images.shape == (24, 1, 32, 32) and phantoms.images.dtype == np.float32
+    assert (phantoms.labels == LESION).sum() == (phantoms.labels == NO_LESION).sum() == 12
+    assert phantoms.images.min() >= 0 and phantoms.images.max() <= 1 and phantoms.images.std() > 0.05
+    assert phantoms.describe() == "24 generated chest-radiograph phantoms (lesion 12, no_lesion 12)"
+    assert len(set(phantoms.subjects.tolist())) == 24  # one image per phantom
+    assert phantom_images(PhantomSetSpec(n=7), size=8).labels.tolist().count(LESION) == 4  # rounded up to even
+
+
+def test_labelled_phantoms_split_is_subject_disjoint_and_stratified(phantoms):
+    train, test = set(phantoms.subjects[~phantoms.test].tolist()), set(phantoms.subjects[phantoms.test].tolist())
+    assert train and test and not train & test
+    for side in (~phantoms.test, phantoms.test):
+        assert (phantoms.labels[side] == LESION).sum() == (phantoms.labels[side] == NO_LESION).sum() == 6
+
+
+def test_labelled_phantoms_are_deterministic_and_not_the_pretraining_phantoms(phantoms):
+    again = phantom_images(SMALL_SET, size=32)
+    assert np.array_equal(again.images, phantoms.images) and np.array_equal(again.test, phantoms.test)
+    assert not np.allclose(phantom_images(PhantomSetSpec(n=24, seed=2), size=32).images, phantoms.images)
+    # the demo folder's X-ray phantoms (pretraining data: _write_phantom's generator streams, seed 0) are not among them
+    config = PreprocessConfig()
+    for index in range(1, 5):
+        lesion = index % 2 == 0
+        seen = xray_phantom(np.random.default_rng([0, 3, index, int(lesion)]), lesion).array
+        image = evaluation._resized(evaluation.normalise_intensity(seen, "DX", config)[0], 32)
+        assert np.abs(phantoms.images - image).mean(axis=(1, 2, 3)).min() > 0.005
+
+
+def test_split_by_subject_keeps_subjects_whole_and_stratifies():
+    subjects = np.array(["a", "a", "b", "c", "c", "d", "e", "f"])
+    labels = np.array(["x", "x", "x", "x", "x", "y", "y", "y"])
+    test = split_by_subject(subjects, labels, 0.5, seed=0)
+    for s in set(subjects.tolist()):
+        assert len(set(test[subjects == s].tolist())) == 1
+    assert set(labels[test].tolist()) == set(labels[~test].tolist()) == {"x", "y"}
+    assert np.array_equal(test, split_by_subject(subjects, labels, 0.5, seed=0))
+
+
+def test_paired_bootstrap_intervals_bracket_the_estimates():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 60)
+    good = labels + rng.normal(0, 0.8, 120)  # AUROC about 0.8
+    noise = rng.normal(0, 1, 120)  # about 0.5
+    clusters = np.repeat(np.arange(40), 3)  # 3 items per subject, one label each
+    result = paired_bootstrap_auroc(labels, good, noise, clusters, resamples=500, seed=0)
+    for interval in (result.a, result.b, result.difference):
+        assert interval.low <= interval.estimate <= interval.high
+    assert result.a.estimate == pytest.approx(roc_auc_score(labels, good))
+    assert result.difference.estimate == pytest.approx(result.a.estimate - result.b.estimate)
+    assert result.a.low > 0.6 and result.b.low < 0.5 < result.b.high and result.difference.low > 0
+    assert result.resamples == 500 and result.differences.shape == (500,)
+    same = paired_bootstrap_auroc(labels, good, good, clusters, resamples=200)  # paired: identical scores, zero width
+    assert same.difference == Interval(0.0, 0.0, 0.0)
+    again = paired_bootstrap_auroc(labels, good, noise, clusters, resamples=500, seed=0)
+    assert again.a == result.a and again.difference == result.difference
+    with pytest.raises(ValueError, match="both classes"):
+        paired_bootstrap_auroc(np.ones(4), good[:4], noise[:4])
+
+
+@pytest.mark.parametrize(
+    ("difference", "opening"),
+    [
+        (Interval(0.06, 0.02, 0.10), "pretraining helped at this budget: test AUROC +0.060 (95% CI +0.020 to +0.100)"),
+        (Interval(-0.06, -0.10, -0.01), "pretraining did worse than random initialisation at this budget"),
+        (Interval(0.02, -0.03, 0.07), "no difference at this budget: the test AUROC difference +0.020 (95% CI -0.030"),
+        (Interval(0.03, 0.0, 0.06), "no difference at this budget"),  # an interval that touches 0 includes it
+        (Interval(-0.03, -0.06, 0.0), "no difference at this budget"),
+    ],
+)
+def test_the_closing_sentence_follows_the_sign_of_the_interval(difference, opening):
+    assert verdict(difference).startswith(opening)
+
+
+def test_compare_encoders_scores_both_encoders_on_the_same_test_images(phantoms):
+    torch.manual_seed(0)
+
+    def encoder() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+        )
+
+    encoders = {"pretrained": encoder(), "random init": encoder()}
+    comparison = compare_encoders(encoders, phantoms, resamples=200)
+    norm = encoders["pretrained"][1]
+    assert norm.running_mean.abs().max() == 0 and norm.num_batches_tracked == 0  # the callers' networks untouched
+    as_they_are = compare_encoders(encoders, phantoms, resamples=200, batchnorm_from_training=False)
+    assert as_they_are.bootstrap.a != comparison.bootstrap.a  # the recomputed statistics change the features
+    assert comparison.n_train + comparison.n_test == len(phantoms) and comparison.n_test == int(phantoms.test.sum())
+    assert comparison.train_subjects + comparison.test_subjects == len(set(phantoms.subjects.tolist()))
+    assert list(comparison.probabilities) == ["pretrained", "random init"]
+    assert all(p.shape == (comparison.n_test,) for p in comparison.probabilities.values())
+    boot = comparison.bootstrap
+    for interval in (boot.a, boot.b, boot.difference):
+        assert interval.low <= interval.estimate <= interval.high
+    assert comparison.sentence == verdict(boot.difference)
+    assert len(comparison.figure().axes) == 2  # ROC curves, bootstrap of the difference
+    assert set(comparison.metrics()) >= {
+        "demo/auroc_pretrained",
+        "demo/auroc_random_init_low",
+        "demo/auroc_difference_high",
+    }

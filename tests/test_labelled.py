@@ -3,6 +3,7 @@ shared fine-tuning helpers (subject fractions, disjoint splits, strict backbone 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,10 @@ def test_scan_with_masks_pairs_by_name_and_does_not_scan_the_masks(tmp_path, cap
     out = tmp_path / "scanned.csv"
     assert main(["manifest", "scan", str(data), "--out", str(out), "--masks", "labels", "--salt", "s",
                  "--no-progress"]) == 0  # fmt: skip
-    rows = read_manifest(out).rows
-    assert {r.path: r.mask for r in rows} == {
+    scanned = read_manifest(out)
+    assert scanned.path_map is not None
+    paths = {**scanned.path_map.paths, "": ""}  # the rows name images and masks by key
+    assert {paths[r.path]: paths[r.mask] for r in scanned.rows} == {
         "vol00.nii.gz": "labels/vol00.nii.gz",
         "vol01.nii.gz": "labels/vol01.nii.gz",
         "vol02.nii.gz": "",
@@ -108,8 +111,9 @@ def test_a_labels_csv_can_give_masks(tmp_path):
     out = tmp_path / "scanned.csv"
     args = ["manifest", "scan", str(data), "--out", str(out), "--salt", "s", "--no-progress", "--exclude", "labels/*"]
     assert main([*args, "--labels", str(tmp_path / "labels.csv")]) == 0
-    (row,) = read_manifest(out).rows
-    assert row.mask == "labels/vol00.nii.gz" and row.split == "train"
+    manifest = read_manifest(out)
+    (row,) = manifest.rows
+    assert manifest.resolve_mask(row) == data / "labels" / "vol00.nii.gz" and row.split == "train"
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real data not available: {HIPPOCAMPUS}")
@@ -118,8 +122,10 @@ def test_real_hippocampus_folder_scans_into_image_mask_pairs(tmp_path):
     assert main(["manifest", "scan", str(HIPPOCAMPUS), "--out", str(out), "--masks", "labels", "--modality", "MR",
                  "--salt", "s", "--no-progress"]) == 0  # fmt: skip
     manifest = read_manifest(out)
-    assert len(manifest.rows) == 200 and all(r.mask == f"labels/{Path(r.path).name}" for r in manifest.rows)
-    cases, errors = load_cases(type(manifest)(manifest.rows[:3], manifest.root), NATIVE)
+    assert len(manifest.rows) == 200
+    labels = (HIPPOCAMPUS / "labels").resolve()
+    assert all(manifest.resolve_mask(r).resolve() == labels / manifest.resolve(r).name for r in manifest.rows)
+    cases, errors = load_cases(replace(manifest, rows=manifest.rows[:3]), NATIVE)
     assert not errors and all(set(np.unique(c.mask)) == {0, 1, 2} for c in cases)
 
 

@@ -71,7 +71,7 @@ def test_the_wheel_holds_the_configs_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                        text=True).strip())  # fmt: skip
+                                        encoding="utf-8", errors="replace").strip())  # fmt: skip
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n", encoding="utf-8")
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=300)
@@ -81,17 +81,17 @@ def test_the_wheel_holds_the_configs_and_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MEDSSL_CONFIG_DIR", "PYTHONPATH")}
     env["OMP_NUM_THREADS"] = "1"
     where = subprocess.run([python, "-c", "import medssl; print(medssl.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True, check=True)  # fmt: skip
+                           capture_output=True, encoding="utf-8", errors="replace", check=True)  # fmt: skip
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
     medssl = venv / "bin" / "medssl"
     printed = subprocess.run([medssl, "pretrain", "--print-config", "method=simclr"], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=300)  # fmt: skip
     assert printed.returncode == 0, printed.stderr[-2000:]
     assert "name: simclr" in printed.stdout
 
     manifest = write_training_data(work, volumes=2, images=4)
     overrides = tiny_overrides(manifest, work, "method=simclr", "trainer.max_steps=2", "logging=none")
     done = subprocess.run([medssl, "pretrain", *overrides, "run.name=installed"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (work / "outputs" / "installed" / "checkpoints" / "step_00000002.pt").is_file()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from medssl.cli import main
 from medssl.data.manifest import read_manifest_records
+from medssl.data.pathmap import default_map_path, read_path_map
 from medssl.data.readers import read_dicom_series, read_image_file, read_nifti
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -46,9 +47,10 @@ def real_scan(tmp_path_factory: pytest.TempPathFactory) -> RealScan:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
     errors_csv = out.with_name("all.errors.csv")
+    paths = dict(read_path_map(default_map_path(out)).paths)  # rows and errors name files by key: look them up
     with open(errors_csv, newline="") as handle:
-        errors = list(csv.DictReader(handle))
-    rows = read_manifest_records(out)[0] if out.exists() else []
+        errors = [{**r, "path": paths[r["path"]]} for r in csv.DictReader(handle)]
+    rows = [{**r, "path": paths[r["path"]]} for r in read_manifest_records(out)[0]] if out.exists() else []
     texts = {
         "manifest": out.read_text() if out.exists() else "",
         "errors": errors_csv.read_text(),
@@ -114,6 +116,8 @@ def test_only_errors_are_readmes_and_label_files(real_scan: RealScan) -> None:
 
 
 def test_no_real_identifier_in_outputs(real_scan: RealScan) -> None:
+    for name in ("dicom-mr-pgbm003", "msd-hippocampus", "kermany-cxr-224", "PNEUMONIA"):
+        assert name not in real_scan.texts["manifest"] and name not in real_scan.texts["errors"]  # keys only
     for where, text in real_scan.texts.items():
         for identifier in (*REAL_IDENTIFIERS, SALT):
             assert identifier not in text, f"{identifier!r} leaked into {where}"

@@ -26,6 +26,7 @@ from factories import (
 
 from medssl.cli import main
 from medssl.data.manifest import COLUMNS, MAGIC, ManifestRow, read_manifest, read_manifest_records, write_manifest
+from medssl.data.pathmap import default_map_path, read_path_map
 from medssl.data.readers import read_row
 from medssl.data.scan import ScanOptions, scan_folder
 
@@ -46,20 +47,32 @@ def errors_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".csv") + ".errors.csv")
 
 
-def manifest_rows(out: Path) -> dict[str, dict[str, str]]:
+def path_map(out: Path) -> dict[str, str]:
+    """File key -> relative path: what only the scan's path map knows."""
+    return dict(read_path_map(default_map_path(out)).paths)
+
+
+def real_records(out: Path) -> list[dict[str, str]]:
+    """The manifest's records with their file keys (``path``, ``mask``) looked up in the path map."""
     records, header, _ = read_manifest_records(out)
     assert tuple(header) == COLUMNS
-    return {r["path"] + (f"#{r['series']}" if r["series"] else ""): r for r in records}
+    paths = path_map(out)
+    assert all(r["path"] in paths and r["path"].startswith("p") for r in records), "rows name files by key"
+    return [{**r, "path": paths[r["path"]], "mask": paths[r["mask"]] if r["mask"] else ""} for r in records]
+
+
+def manifest_rows(out: Path) -> dict[str, dict[str, str]]:
+    return {r["path"] + (f"#{r['series']}" if r["series"] else ""): r for r in real_records(out)}
 
 
 def rows_by_path(out: Path) -> dict[str, dict[str, str]]:
-    records, _, _ = read_manifest_records(out)
-    return {r["path"]: r for r in records}
+    return {r["path"]: r for r in real_records(out)}
 
 
 def scan_errors(out: Path) -> dict[str, str]:
+    paths = path_map(out)
     with open(errors_path(out), newline="") as handle:
-        return {r["path"]: r["reason"] for r in csv.DictReader(handle)}
+        return {paths[r["path"]]: r["reason"] for r in csv.DictReader(handle)}
 
 
 def write_good_files(folder: Path) -> list[str]:
@@ -102,7 +115,8 @@ def test_scan_mixed_folder(mixed_folder: Path, tmp_path: Path, capsys: pytest.Ca
     captured = capsys.readouterr()
 
     text = out.read_text()
-    assert text.startswith(MAGIC + "\n# root: ../data\n")
+    assert text.startswith(MAGIC + "\n# paths: all.paths.csv\n")  # no root, no path: the map has them
+    assert read_path_map(out.with_name("all.paths.csv")).root.resolve() == mixed_folder.resolve()
     rows = rows_by_path(out)
     assert set(rows) == {"mr", "cr/a.dcm", "cr/b.dcm", "vol.nii.gz", "img.png", "photo.jpg"}
 
@@ -133,6 +147,9 @@ def test_scan_mixed_folder(mixed_folder: Path, tmp_path: Path, capsys: pytest.Ca
     assert "unsupported file type" in captured.out
     assert "ignored 1 hidden file(s)/folder(s)" in captured.out
     assert f"manifest: {out}" in captured.out
+    assert f"path map: {out.with_name('all.paths.csv')}" in captured.out
+    for name in ("mr", "cr/a.dcm", "vol.nii.gz", "img.png", "photo", "README"):
+        assert name not in text and name not in errors_path(out).read_text()
 
     # every row reads back with the shape and spacing the scan predicted from headers only
     manifest = read_manifest(out)
@@ -358,7 +375,8 @@ def test_validate_reports_vanished_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["manifest", "validate", str(out)]) == 1
     text = capsys.readouterr().out
     assert "file not found" in text
-    assert good[1] in text
+    (key,) = [k for k, rel in path_map(out).items() if rel == good[1]]
+    assert key in text and good[1] not in text  # the row's file key, never its path
     assert "INVALID (1 errors" in text
     assert main(["manifest", "validate", str(out), "--no-files"]) == 0
 
@@ -401,13 +419,10 @@ def test_no_identifier_reaches_any_output(
         )
         assert (ds.PatientBirthDate, ds.InstitutionName) == ("19700101", "St Example Hospital")
 
-    rows = rows_by_path(out)
-    assert set(rows) == {"brain", "chest/cr.dcm"}
-    errors = scan_errors(out)
-    assert errors == {
-        "[redacted]/extra.dcm": "path contains a patient identifier (PatientID/PatientName); rename it",
-        "scans-of-[redacted]/more.dcm": "path contains a patient identifier (PatientID/PatientName); rename it",
-    }
+    rows = rows_by_path(out)  # paths that hold the patient's own ID or name are scanned like any other
+    assert set(rows) == {"brain", "chest/cr.dcm", "PID-778899/extra.dcm", "scans-of-jane/more.dcm"}
+    assert scan_errors(out) == {}
+    assert "PID-778899/extra.dcm" in default_map_path(out).read_text()  # only the private map names them
     outputs = {
         "manifest": out.read_text(),
         "errors": errors_path(out).read_text(),
@@ -423,14 +438,18 @@ def test_no_identifier_reaches_any_output(
     assert rows["brain"]["subject"] == rows["chest/cr.dcm"]["subject"]
 
 
-def test_redaction_is_case_insensitive(identifying_folder: Path, tmp_path: Path) -> None:
+def test_identifying_paths_of_bad_files_stay_in_the_map(identifying_folder: Path, tmp_path: Path) -> None:
+    """A file the scan cannot use is named by its key in the errors CSV, whatever its path holds."""
     write_dicom_2d(
         identifying_folder / "pid-778899-copy.dcm", np.ones((4, 4), dtype=np.uint16), patient_id="PID-778899"
     )
+    (identifying_folder / "Doe_Jane_notes.dcm").write_text("not a DICOM file\n" * 20)
     out = tmp_path / "m.csv"
     assert scan(identifying_folder, out) == 0
-    assert "[redacted]-copy.dcm" in scan_errors(out)
-    assert "778899" not in errors_path(out).read_text()
+    assert "pid-778899-copy.dcm" in rows_by_path(out)
+    assert "not a DICOM file" in scan_errors(out)["Doe_Jane_notes.dcm"]
+    for text in (out.read_text(), errors_path(out).read_text()):
+        assert "778899" not in text and "jane" not in text.lower() and "doe" not in text.lower()
 
 
 # --------------------------------------------------------------------------- pseudonyms and salt
@@ -450,6 +469,9 @@ def test_ids_and_subjects_are_stable_for_one_salt(mixed_folder: Path, tmp_path: 
         assert rows_c[path]["id"] != row["id"]
         assert rows_c[path]["subject"] != row["subject"]
         assert rows_c[path]["series"] == row["series"]  # unkeyed digest of a UID
+        assert next(k for k, v in path_map(other).items() if v == path) != next(
+            k for k, v in path_map(first).items() if v == path
+        )  # file keys are keyed by the salt too
         assert {k: v for k, v in rows_c[path].items() if k not in ("id", "subject")} == {
             k: v for k, v in row.items() if k not in ("id", "subject")
         }
@@ -740,5 +762,6 @@ def test_non_ascii_paths_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "m.csv"
     assert scan(tmp_path / "données", out) == 0
     manifest = read_manifest(out)
-    assert [row.path for row in manifest.rows] == ["Åsa_étude/radiographie_thorax.png"]
+    assert [manifest.resolve(row) for row in manifest.rows] == [folder / "radiographie_thorax.png"]
+    assert list(path_map(out).values()) == ["Åsa_étude/radiographie_thorax.png"]
     assert read_row(manifest.rows[0], manifest.resolve(manifest.rows[0])).array.shape == (64, 48)

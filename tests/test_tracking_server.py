@@ -71,7 +71,7 @@ def test_a_run_logged_to_the_server_exports_and_shows_its_pictures_from_anywhere
     overrides = [o for o in tiny_overrides(manifest, job, "method=simclr", "trainer.max_steps=2")
                  if not o.startswith("logging.tracking_uri=")]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "medssl", "pretrain", *overrides, "run.name=served"], cwd=job,
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     client = MlflowClient(uri)
@@ -85,9 +85,10 @@ def test_a_run_logged_to_the_server_exports_and_shows_its_pictures_from_anywhere
     # export by run id from a folder that has nothing of the run (another machine reaching the server)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    exported = subprocess.run([sys.executable, "-m", "medssl", "export", run.info.run_id, "--out", "bundle",
-                               "--tracking-uri", uri], cwd=elsewhere, env={k: v for k, v in env.items()
-                               if k != "MLFLOW_TRACKING_URI"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "medssl", "export", run.info.run_id, "--out", "bundle", "--tracking-uri", uri]
+    without_uri = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    exported = subprocess.run(command, cwd=elsewhere, env=without_uri, capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=600)  # fmt: skip
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     assert (elsewhere / "bundle" / "models" / "model.pt").is_file()
     assert (elsewhere / "bundle" / "configs" / "metadata.json").is_file()

@@ -2,7 +2,7 @@
 
 Layout::
 
-    <cache>/file_hashes.json                      # (size, mtime) -> content digest memo
+    <cache>/file_hashes.json                      # (device, inode) -> (size, mtime, content digest) memo; no paths
     <cache>/<settings>/settings.json              # the PreprocessConfig that made the entries
     <cache>/<settings>/<key>.npy                  # float16/uint8 [C, X, Y, Z] or [C, H, W]
     <cache>/<settings>/<key>.json                 # geometry + per-slice foreground (no identifiers)
@@ -10,7 +10,10 @@ Layout::
 
 Every file is written to a temporary name and renamed, and an entry's ``.json`` is written
 after its ``.npy``: an interrupted build leaves no partial entry, and the next build only
-builds what is missing (the manifest may have grown).
+builds what is missing (the manifest may have grown). Nothing in the cache names a file: entries are keyed by
+content, indexes by manifest row id, failures by the name the manifest gives the file (its file key, see
+:mod:`medssl.data.pathmap`), and the digest memo by device and inode number. Moving the archive therefore keeps
+every entry (the files are hashed again, not preprocessed again).
 """
 
 from __future__ import annotations
@@ -69,22 +72,29 @@ def source_files(row: ManifestRow, path: Path) -> list[Path]:
 
 
 class FileDigests:
-    """Content digests of files, memoised on (size, mtime) so unchanged files are not re-read."""
+    """Content digests of files, memoised on (size, mtime) so unchanged files are not re-read.
+
+    The memo is keyed by ``device:inode``, never by path (paths may name patients); entries of older memos, which
+    were keyed by path, are dropped on reading.
+    """
 
     def __init__(self, memo_path: Path) -> None:
         self.memo_path = memo_path
         self.memo: dict[str, list[Any]] = {}
+        self.changed = False
         if memo_path.is_file():
             try:
-                self.memo = json.loads(memo_path.read_text(encoding="utf-8"))
+                memo = json.loads(memo_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, OSError):
-                self.memo = {}
-        self.changed = False
+                memo = {}
+            memo = memo if isinstance(memo, dict) else {}
+            self.memo = {k: v for k, v in memo.items() if _is_inode_key(k)}
+            self.changed = len(self.memo) != len(memo)  # rewritten without the old entries
 
     def digest(self, path: Path) -> str:
         stat = path.stat()
-        key = str(path.resolve())
-        cached = self.memo.get(key)
+        key = f"{stat.st_dev}:{stat.st_ino}" if stat.st_ino else ""
+        cached = self.memo.get(key) if key else None
         if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
             return str(cached[2])
         h = hashlib.blake2b(digest_size=16)
@@ -92,8 +102,9 @@ class FileDigests:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
         value = h.hexdigest()
-        self.memo[key] = [stat.st_size, stat.st_mtime_ns, value]
-        self.changed = True
+        if key:
+            self.memo[key] = [stat.st_size, stat.st_mtime_ns, value]
+            self.changed = True
         return value
 
     def key(self, row: ManifestRow, path: Path) -> str:
@@ -106,6 +117,11 @@ class FileDigests:
     def save(self) -> None:
         if self.changed:
             atomic_write_text(self.memo_path, json.dumps(self.memo))
+
+
+def _is_inode_key(key: str) -> bool:
+    device, colon, inode = key.partition(":")
+    return bool(colon) and device.isdigit() and inode.isdigit()
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -160,7 +176,7 @@ class CacheReport:
     errors_path: Path
     built: int = 0
     reused: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (file key or relative path, reason)
     seconds: float = 0.0
 
 
@@ -194,8 +210,9 @@ def build_cache(
 ) -> CacheReport:
     """Build the missing cache entries of ``manifest`` in parallel and write its index.
 
-    Rows that fail are listed (path and reason) in the report and the index; the others are
-    built. Interrupting is safe: finished entries are kept, nothing partial remains.
+    Rows that fail are listed (the manifest's name for the file, never its path when that is a key, and the reason)
+    in the report and the index; the others are built. Interrupting is safe: finished entries are kept, nothing
+    partial remains. A keyed manifest whose path map is missing stops the build with a :class:`ManifestError`.
     """
     start = time.perf_counter()
     cache_root = Path(cache_root)
@@ -215,15 +232,16 @@ def build_cache(
     keys: dict[str, str] = {}
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
     waiting: dict[str, list[ManifestRow]] = {}
-    path_of = {row.id: str(manifest.resolve(row)) for row in manifest.rows}
+    name_of = {row.id: row.path for row in manifest.rows}  # what reports say: a file key, never a mapped path
     for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
         try:
-            key = digests.key(row, manifest.resolve(row))
+            path = manifest.resolve(row)
+            key = digests.key(row, path)
         except DataError as exc:
-            report.errors.append((path_of[row.id], exc.reason))
+            report.errors.append((name_of[row.id], exc.reason))
             continue
         except OSError as exc:
-            report.errors.append((path_of[row.id], f"cannot read ({type(exc).__name__})"))
+            report.errors.append((name_of[row.id], f"cannot read ({type(exc).__name__})"))
             continue
         keys[row.id] = key
         if (directory / f"{key}.json").exists():
@@ -231,7 +249,7 @@ def build_cache(
         elif key in todo:
             waiting.setdefault(key, []).append(row)
         else:
-            todo[key] = (row, path_of[row.id], str(directory), key, config)
+            todo[key] = (row, str(path), str(directory), key, config)
     digests.save()
     failed: set[str] = set()
     try:
@@ -240,12 +258,12 @@ def build_cache(
                 report.built += 1
             else:
                 failed.add(keys[row_id])
-                report.errors.append((path_of[row_id], reason))
+                report.errors.append((name_of[row_id], reason))
     finally:
         for key, rows in waiting.items():
             for row in rows:
                 if key in failed:
-                    report.errors.append((path_of[row.id], "same content as a file that failed"))
+                    report.errors.append((name_of[row.id], "same content as a file that failed"))
                 else:
                     report.reused += 1
         index = {rid: key for rid, key in keys.items() if key not in failed}

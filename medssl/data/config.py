@@ -17,12 +17,15 @@ from medssl.runtime.configs import structured_config
 class DataConfig:
     """Where the data is, how it is preprocessed and how samples are drawn.
 
+    ``root``: the archive root (default: the one in the manifest's path map); ``path_map``: the manifest's path map
+    (default: the one the manifest names, ``<manifest stem>.paths.csv`` beside it).
     ``splits``: manifest splits used for pretraining (``""`` = rows without a split).
     ``background``/``target``: manifest ``group`` values for SepCLR's balanced batches.
     """
 
     manifest: str = "data_manifests/demo.csv"
     root: str | None = None
+    path_map: str | None = None
     cache_dir: str = "cache"
     cache_workers: int = 2
     splits: list[str] | None = None

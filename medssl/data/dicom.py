@@ -1,7 +1,9 @@
 """DICOM header reading and series assembly, without pixel data.
 
 Raw identifiers (PatientID, PatientName, ...) are read only to derive a keyed pseudonym and to
-check that they do not leak into file paths; they are never stored on the returned objects.
+tell whether a file's path holds one; they are never stored on the returned objects. Paths, which
+may name patients whether or not this check sees it, stay out of manifests through the path map
+(:mod:`medssl.data.pathmap`).
 """
 
 from __future__ import annotations

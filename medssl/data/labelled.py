@@ -4,8 +4,9 @@ A manifest row with a ``mask`` column (a label map on the image's grid, integer 
 read into a :class:`LabelledCase`: the image through the same readers and preprocessing as pretraining (RAS+
 ``[X, Y, Z]`` for volumes, rows x columns for 2D images; resampled to ``preprocess.spacing``; intensities to
 ``[0, 1]`` per modality), and the label map through the same reader, resampled with nearest neighbour onto the
-image's output grid. A bad case (unreadable file, mask of another shape, non-integer labels) is reported by path and
-skipped; the others go on.
+image's output grid. A bad case (unreadable file, mask of another shape, non-integer labels) is reported by the name
+the manifest gives the file (its file key, or its relative path in a manifest without a path map) and skipped; the
+others go on.
 
 Fine-tuning sets are small (tens to thousands of cases), so cases are held in memory.
 """
@@ -110,22 +111,35 @@ def resample_labels(labels: np.ndarray, spacing: Sequence[float], shape: Sequenc
     return sitk.GetArrayFromImage(resampled).T.copy()
 
 
-def load_case(row: ManifestRow, root: Path, config: PreprocessConfig) -> LabelledCase:
-    """Read, preprocess and pair one row's image and mask; :class:`DataError` names the file at fault."""
+def load_case(row: ManifestRow, source: Manifest | Path, config: PreprocessConfig) -> LabelledCase:
+    """Read, preprocess and pair one row's image and mask.
+
+    ``source``: the manifest (files resolved through its path map, if any), or the root of a manifest that holds
+    paths. :class:`DataError` names the file at fault as the manifest does (``row.path`` or ``row.mask``).
+    """
     if not row.mask:
-        raise DataError(root / row.path, "row has no mask (manifest column 'mask')")
-    image_path, mask_path = root / row.path, root / row.mask
-    loaded = read_row(row, image_path)
-    labels = read_label_map(mask_path, loaded.dims)
+        raise DataError(row.path, "row has no mask (manifest column 'mask')")
+    if isinstance(source, Manifest):
+        image_path, mask_path = source.resolve(row), source.resolve_mask(row)
+    else:
+        image_path, mask_path = Path(source) / row.path, Path(source) / row.mask
+    try:
+        loaded = read_row(row, image_path)
+    except DataError as exc:
+        raise DataError(row.path, exc.reason) from None
+    try:
+        labels = read_label_map(mask_path, loaded.dims)
+    except DataError as exc:
+        raise DataError(row.mask, exc.reason) from None
     if labels.array.shape != loaded.array.shape:
         raise DataError(
-            mask_path, f"mask shape {labels.array.shape} differs from its image's {loaded.array.shape} ({row.path})"
+            row.mask, f"mask shape {labels.array.shape} differs from its image's {loaded.array.shape} ({row.path})"
         )
     values = labels.array
     if np.any(values < 0) or not np.array_equal(values, np.round(values)):
-        raise DataError(mask_path, "mask values must be non-negative integers (class indices)")
+        raise DataError(row.mask, "mask values must be non-negative integers (class indices)")
     source_shape = loaded.array.shape
-    processed = preprocess(loaded, config, source=str(image_path))
+    processed = preprocess(loaded, config, source=row.path)
     shape = processed.array.shape[1:]
     mask = resample_labels(values.astype(np.int64), labels.spacing, shape).astype(np.int64)
     return LabelledCase(
@@ -162,7 +176,7 @@ def load_cases(
 
     def load(row: ManifestRow) -> LabelledCase | DataError:
         try:
-            return load_case(row, manifest.root, config)
+            return load_case(row, manifest, config)
         except DataError as exc:
             return exc
 

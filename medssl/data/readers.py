@@ -74,9 +74,9 @@ def read_dicom_series(folder: Path, series_key: str) -> LoadedImage:
     """A single-frame DICOM series, sorted by ImagePositionPatient (not file name or number)."""
     headers = series_headers_in_folder(folder, series_key)
     try:
-        geometry = assemble_series(headers, str(folder))
+        geometry = assemble_series(headers, "series")  # the reason must not quote the folder (it may name a patient)
     except ValueError as exc:
-        raise DataError(folder, str(exc).split(": ", 1)[-1]) from None
+        raise DataError(folder, str(exc).removeprefix("series: ")) from None
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in geometry.files])
     try:

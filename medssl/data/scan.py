@@ -4,6 +4,10 @@ DICOM files are grouped by SeriesInstanceUID. A single-frame file of a projectio
 (CR/DX/DR/MG/...) is a 2D image; a multi-frame file is a volume; a series of single-frame
 cross-sectional slices (CT/MR/PT/...) is one volume, sorted by position and checked for
 missing slices and mixed spacing. NIfTI and PNG/JPEG files are one row each.
+
+Rows and errors name files by their path relative to the root here; ``medssl manifest scan`` then replaces
+those paths by file keys and writes them to the path map (:func:`write_scan`, :mod:`medssl.data.pathmap`), so
+folders named after patients (PACS exports) scan like any other and no output but the map names them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from medssl.data.dicom import (
 )
 from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
-from medssl.data.manifest import SPLITS, ManifestRow
+from medssl.data.manifest import SPLITS, ManifestRow, write_csv, write_manifest
+from medssl.data.pathmap import default_map_path, key_paths, write_path_map
 from medssl.data.pseudonym import pseudonym
 from medssl.runtime.progress import progress
 
@@ -57,7 +62,7 @@ class ScanOptions:
 @dataclass
 class ScanResult:
     rows: list[ManifestRow]
-    errors: list[tuple[str, str]]  # (path relative to the root, reason)
+    errors: list[tuple[str, str]]  # (path relative to the root, reason): private until keyed by write_scan
     files_seen: int
     hidden_skipped: int = 0
 
@@ -260,15 +265,6 @@ def _dicom_rows(
         return path.relative_to(root).as_posix()
 
     for series_key, members in group_by_series(headers).items():
-        leaking = [h for h in members if h.path_has_identifier]
-        if leaking:
-            errors.extend(
-                (h.redacted_path, "path contains a patient identifier (PatientID/PatientName); rename it")
-                for h in leaking
-            )
-            members = [h for h in members if not h.path_has_identifier]
-            if not members:
-                continue
         singles = [h for h in members if h.frames <= 1]
         for header in (h for h in members if h.frames > 1):
             try:
@@ -330,7 +326,7 @@ def join_labels(
 
     Columns used when present: split, group, label, subject (pseudonymised here), modality, mask (a label map,
     relative to the CSV's folder or absolute; stored relative to ``root``).
-    Returns the new rows and warnings (unmatched entries, bad values).
+    Returns the new rows and warnings (unmatched entries, bad values), which name the CSV's lines, never a path.
     """
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
@@ -340,7 +336,7 @@ def join_labels(
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise DataError(labels_csv, "labels file needs a 'path' column")
         records = list(reader)
-    by_path: dict[str, dict[str, str]] = {}
+    by_path: dict[str, tuple[int, dict[str, str]]] = {}
     warnings: list[str] = []
     root_resolved = root.resolve()
     for line, record in enumerate(records, start=2):
@@ -349,18 +345,18 @@ def join_labels(
         try:
             key = target.resolve().relative_to(root_resolved).as_posix()
         except ValueError:
-            warnings.append(f"{labels_csv}:{line}: {record['path']} is outside the scanned folder")
+            warnings.append(f"{labels_csv}:{line}: the path is outside the scanned folder")
             continue
         split = (record.get("split") or "").strip()
         if split not in SPLITS:
             warnings.append(f"{labels_csv}:{line}: split {split!r} is not train/val/test; ignored")
             record["split"] = ""
-        by_path[key] = record
+        by_path[key] = (line, record)
     joined = []
     matched = 0
     for row in rows:
-        record = by_path.get(row.path)
-        if record is None:
+        line, record = by_path.get(row.path, (0, {}))
+        if not record:
             joined.append(row)
             continue
         matched += 1
@@ -375,7 +371,7 @@ def join_labels(
             try:
                 updates["mask"] = mask.relative_to(root_resolved).as_posix()
             except ValueError:
-                warnings.append(f"{labels_csv}: mask {record['mask']} of {row.path} is outside the scanned folder")
+                warnings.append(f"{labels_csv}:{line}: the mask is outside the scanned folder")
                 del updates["mask"]
         joined.append(replace(row, **updates))
     if matched < len(by_path):
@@ -388,7 +384,7 @@ def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[lis
 
     The Medical Segmentation Decathlon layout (``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz``) pairs this way.
     Rows inside ``masks`` itself are dropped (they are the label maps). Returns the rows and warnings (images
-    without a mask, ambiguous names).
+    without a mask, ambiguous names; counts only, never a name).
     """
     folder = (Path(root) / masks).resolve()
     if not folder.is_dir():
@@ -400,7 +396,7 @@ def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[lis
             by_name[path.name].append(path.relative_to(Path(root).resolve()).as_posix())
     paired: list[ManifestRow] = []
     warnings: list[str] = []
-    unmatched = 0
+    unmatched = ambiguous = 0
     for row in rows:
         if row.path.startswith(prefix):
             continue
@@ -408,10 +404,11 @@ def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[lis
         if len(candidates) == 1:
             paired.append(replace(row, mask=candidates[0]))
             continue
-        if len(candidates) > 1:
-            warnings.append(f"{row.path}: {len(candidates)} masks named {row.path.rsplit('/', 1)[-1]}; none taken")
+        ambiguous += len(candidates) > 1
         unmatched += 1
         paired.append(row)
+    if ambiguous:
+        warnings.append(f"{ambiguous} image(s) match several masks of their file name in {masks}; none taken")
     if unmatched:
         warnings.append(f"{unmatched} of {len(paired)} images have no mask in {masks}")
     return paired, warnings
@@ -451,3 +448,44 @@ def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt
             split = names[int(np.searchsorted(bounds, u, side="right").clip(0, len(names) - 1))]
         out.append(replace(row, split=split))
     return out
+
+
+@dataclass(frozen=True)
+class ScanOutputs:
+    """The files :func:`write_scan` wrote (``manifest`` only when there were rows)."""
+
+    manifest: Path | None
+    errors: Path
+    path_map: Path
+
+
+def errors_csv_path(manifest: Path) -> Path:
+    """``<manifest stem>.errors.csv`` beside the manifest."""
+    return manifest.with_name(manifest.name.removesuffix(".csv") + ".errors.csv")
+
+
+def write_scan(
+    out: Path,
+    rows: Sequence[ManifestRow],
+    errors: Iterable[tuple[str, str]],
+    root: Path,
+    salt: str,
+    path_map: Path | None = None,
+) -> ScanOutputs:
+    """Write a scan's outputs with every relative path replaced by its file key.
+
+    ``path_map`` (default ``<out stem>.paths.csv`` beside ``out``) gets the root and ``key -> relative path`` of
+    every row, mask and failed file, with permissions no wider than the archive's
+    (:func:`medssl.data.pathmap.write_path_map`); ``<out stem>.errors.csv`` names failures by key; the manifest
+    ``out`` (written only when there are rows, after the map) names its files by key and records where the map is.
+    """
+    out = Path(out)
+    keyed, keyed_errors, paths = key_paths(rows, errors, salt)
+    map_file = Path(path_map) if path_map is not None else default_map_path(out)
+    write_path_map(map_file, root, paths)
+    errors_file = errors_csv_path(out)
+    write_csv(errors_file, ("path", "reason"), keyed_errors)
+    if not keyed:
+        return ScanOutputs(manifest=None, errors=errors_file, path_map=map_file)
+    write_manifest(out, keyed, None, path_map=map_file)
+    return ScanOutputs(manifest=out, errors=errors_file, path_map=map_file)

@@ -1,20 +1,24 @@
 """``medssl demo``: assemble (or take) a folder of images, scan it, run a short joint pretraining, export the
-encoder as a MONAI bundle and fine-tune it (a linear probe of the phantoms' lesion label, against random init).
+encoder as a MONAI bundle and compare it with random initialisation on a labelled set of generated phantoms
+(:mod:`medssl.demo.evaluation`: a linear probe on frozen features, test AUROC with bootstrap 95% intervals), then
+say what the comparison shows and where the run's pictures are.
 
-Every step is the one a user runs on their own data (``manifest scan``, ``pretrain``, ``export``, ``finetune``),
-with the ``configs/demo.yaml`` settings; nothing is downloaded.
+Every step is the one a user runs on their own data (``manifest scan``, ``pretrain``, ``export``, the frozen-feature
+probe of ``finetune``), with the ``configs/demo.yaml`` settings; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medssl.data.manifest import ManifestRow, read_manifest, write_csv, write_manifest
 from medssl.data.pseudonym import SALT_FILE_NAME, resolve_salt
-from medssl.data.scan import ScanOptions, scan_folder
+from medssl.data.scan import ScanOptions, scan_folder, write_scan
+
+if TYPE_CHECKING:
+    from medssl.demo.evaluation import Comparison, PhantomSetSpec
 
 
 @dataclass
@@ -24,6 +28,7 @@ class DemoPlan:
     steps: int | None = None
     overrides: tuple[str, ...] = ()
     progress: bool = True
+    evaluation: PhantomSetSpec | None = None  # the closing comparison's labelled set; None: evaluation.DEFAULT_SPEC
 
 
 def prepare_manifest(plan: DemoPlan) -> tuple[Path, bool]:
@@ -50,10 +55,9 @@ def prepare_manifest(plan: DemoPlan) -> tuple[Path, bool]:
     for warning in warnings:
         print(f"warning: {warning}")
     manifest = out / "demo_manifest.csv"
-    write_csv(manifest.with_name("demo_manifest.errors.csv"), ("path", "reason"), result.errors)
+    write_scan(manifest, result.rows, result.errors, folder, salt)  # files named by key; paths in the private map
     if not result.rows:
         raise ValueError(f"--data: {folder}: no readable DICOM, NIfTI or PNG/JPEG image found")
-    write_manifest(manifest, result.rows, folder)
     n2d = sum(r.dims == 2 for r in result.rows)
     print(
         f"demo data: {len(result.rows)} items ({n2d} 2D images, {len(result.rows) - n2d} 3D volumes) from {folder} "
@@ -68,7 +72,8 @@ def prepare_manifest(plan: DemoPlan) -> tuple[Path, bool]:
 
 
 def run_demo(plan: DemoPlan):  # type: ignore[no-untyped-def]  # -> TrainResult (import kept lazy)
-    """Prepare the data and pretrain with ``configs/demo.yaml`` (plus ``plan.overrides``)."""
+    """Prepare the data, pretrain with ``configs/demo.yaml`` (plus ``plan.overrides``) and, when the run finished,
+    close with :func:`closing` (export, comparison, verdict, where the pictures are)."""
     from medssl.train.config import compose_pretrain_config
     from medssl.train.trainer import Trainer
 
@@ -87,61 +92,107 @@ def run_demo(plan: DemoPlan):  # type: ignore[no-untyped-def]  # -> TrainResult 
     config = compose_pretrain_config([*overrides, *plan.overrides], config_name="demo")
     result = Trainer(config).fit()
     if result.status == "finished":
-        downstream(plan, manifest, result.output_dir, config)
+        closing(plan, result, config)
     return result
 
 
-def labelled_rows(rows: list[ManifestRow], test_every: int = 3) -> list[ManifestRow]:
-    """The rows with a label, every ``test_every``-th of each label (in path order) in the test split, the others
-    in train; one subject per phantom, so the split is patient-disjoint."""
-    out: list[ManifestRow] = []
-    for label in sorted({r.label for r in rows if r.label}):
-        members = sorted((r for r in rows if r.label == label), key=lambda r: r.path)
-        out += [
-            replace(r, split="test" if i % test_every == test_every - 1 else "train") for i, r in enumerate(members)
-        ]
-    return out
+def closing(plan: DemoPlan, result: Any, config: Any) -> Comparison | None:
+    """The demo's last lines: with the embedded data, export the encoder and :func:`compare_with_random_init`;
+    then the backbone and the command that shows the run's pictures in MLflow. Returns the comparison (``None``
+    with ``--data``: the labelled phantoms are the embedded data's task, not a user folder's)."""
+    comparison = None
+    if plan.data is None:
+        comparison = compare_with_random_init(plan, result, config)
+    else:
+        print(
+            "demo: --data: no closing comparison (it probes generated phantoms, the embedded data's task); "
+            "probe labels of your own with medssl export and medssl finetune task=classification (README)"
+        )
+    print(f"demo finished: backbone {result.backbone}")
+    print(pictures_line(result, config, comparison is not None))
+    return comparison
 
 
-def downstream(plan: DemoPlan, manifest: Path, run_dir: Path, pretrain: Any) -> dict[str, dict[str, Any]]:
-    """Export the run's encoder and probe it on the labelled rows (linear probe, pretrained vs random init).
-
-    Skipped, with a message, when the data has fewer than two labels with a test and a training row each (a user
-    folder without labels)."""
-    from medssl.downstream.finetune import finetune_config, run_classification
+def compare_with_random_init(plan: DemoPlan, result: Any, config: Any) -> Comparison:
+    """Export the run's encoder as a MONAI bundle, then compare it with the same architecture at random
+    initialisation on labelled phantoms (:mod:`medssl.demo.evaluation`); print the set, both AUROCs and their
+    difference with 95% intervals, and the verdict; add them to the run's MLflow record. Returns the
+    :class:`~medssl.demo.evaluation.Comparison`."""
+    from medssl.demo import evaluation
+    from medssl.downstream.finetune import load_encoder
     from medssl.export.bundle import export_bundle
-    from medssl.train.config import to_container
+    from medssl.runtime.devices import resolve_device
+    from medssl.runtime.seeding import seed_everything
 
-    source = read_manifest(manifest)
-    rows = labelled_rows(source.rows)
-    splits = {(r.label, r.split) for r in rows}
-    labels = {r.label for r in rows}
-    if len(labels) < 2 or any((label, split) not in splits for label in labels for split in ("train", "test")):
-        print("demo: no labelled images to fine-tune on (a labels CSV with a 'label' column gives some); done")
-        return {}
-    bundle = export_bundle(str(run_dir), plan.out / "bundle")
+    bundle = export_bundle(str(result.output_dir), plan.out / "bundle")
     print(f"demo: exported the encoder as a MONAI bundle: {bundle}")
-    labelled = plan.out / "demo_labelled.csv"
-    write_manifest(labelled, rows, source.root)
-    data = to_container(pretrain)["data"]
-    values = {
-        "protocol": "linear",
-        "model": {"encoder": pretrain.model.encoder},
-        "data": {
-            "manifest": str(labelled),
-            "cache_dir": str(plan.out / "cache"),
-            "preprocess": data["preprocess"],
-            "size": data["views"]["global_size"],
-        },
-    }
-    results = {}
-    for name, pretrained in (("pretrained", str(bundle)), ("random init", "none")):
-        config = finetune_config(values, [f"model.pretrained={pretrained}"])
-        results[name] = run_classification(config)
-    counts = ", ".join(f"{n} {sum(r.label == n for r in rows)}" for n in sorted(labels))
+    spec = plan.evaluation or evaluation.DEFAULT_SPEC
+    start = time.perf_counter()
+    data = evaluation.phantom_images(spec, config.data.views.global_size, config.data.preprocess)
+    pretrained, loaded = load_encoder(str(bundle), config.model.encoder)
+    print(f"demo: pretrained encoder: {loaded}")
+    seed_everything(config.seed)
+    random_init, _ = load_encoder("none", config.model.encoder)
+    encoders = {"pretrained": pretrained, "random init": random_init}
+    comparison = evaluation.compare_encoders(encoders, data, resolve_device(config.trainer.device), config.seed)
+    boot = comparison.bootstrap
     print(
-        f"demo: linear probe of the label ({counts}; {sum(r.split == 'test' for r in rows)} held out): AUROC "
-        + ", ".join(f"{name} {r['auroc']:.3f}" for name, r in results.items())
-        + " (a smoke-scale check: a handful of images after a short run)"
+        f"demo: closing comparison on {data.describe()} that pretraining never saw: a linear probe of the label on "
+        f"frozen features of the pretrained encoder and of random initialisation (seed {config.seed}), both with "
+        f"BatchNorm statistics recomputed on the probe's training images; fitted on {comparison.n_train} images "
+        f"({comparison.train_subjects} phantoms), tested on {comparison.n_test} ({comparison.test_subjects} "
+        f"phantoms) [{time.perf_counter() - start:.0f} s]"
     )
-    return results
+    print(
+        f"demo: test AUROC (95% CI from {boot.resamples} bootstrap resamples of the test phantoms): pretrained "
+        f"{boot.a}, random init {boot.b}; difference {boot.difference.signed()}"
+    )
+    print(f"demo: {comparison.sentence}")
+    _log_comparison(comparison, result, config, data.describe())
+    return comparison
+
+
+def _log_comparison(comparison: Comparison, result: Any, config: Any, described: str) -> None:
+    """The comparison's metrics, numbers and figure (``pictures/demo_comparison.png``) in the pretraining run."""
+    if not result.run_id:
+        return
+    from medssl.runtime import tracking
+
+    uri = config.logging.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+    boot = comparison.bootstrap
+    tracker = tracking.Tracker(uri, config.logging.experiment, run_id=result.run_id)
+    try:  # the pretraining run stays FINISHED whatever happens here
+        tracker.log_metrics(comparison.metrics(), step=result.step)
+        tracker.log_dict(
+            {
+                "set": described,
+                "train_slices": comparison.n_train,
+                "test_slices": comparison.n_test,
+                "bootstrap_resamples": boot.resamples,
+                "auroc": {"pretrained": asdict(boot.a), "random init": asdict(boot.b)},
+                "difference": asdict(boot.difference),
+                "verdict": comparison.sentence,
+            },
+            "demo/comparison.json",
+        )
+        tracker.log_figure(comparison.figure(), "pictures/demo_comparison.png")
+    finally:
+        tracker.finish()
+
+
+def pictures_line(result: Any, config: Any, with_comparison: bool = False) -> str:
+    """Where the run's pictures are and the command that shows them (the demo's last line)."""
+    if not result.run_id:
+        return f"demo: no MLflow run (logging.mlflow is off); the run's files are in {result.output_dir}"
+    from medssl.runtime import tracking
+
+    uri = config.logging.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+    command = tracking.ui_command(uri)
+    if not uri.startswith(("http://", "https://")):
+        command += ", then open http://127.0.0.1:5000"
+    return (
+        f"demo: pictures of run {result.run_name} (experiment {config.logging.experiment}; artifacts pictures/: loss "
+        "and health curves, a PCA of the encoder features by modality and label, a prototype gallery"
+        + (", demo_comparison.png: the ROC curves and bootstrap of the comparison" if with_comparison else "")
+        + f"): {command}"
+    )

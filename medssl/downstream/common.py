@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from monai.networks.nets import ResNet
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -53,7 +52,8 @@ class LabelledDataConfig:
     """A manifest whose rows carry a ``mask`` (segmentation, detection)."""
 
     manifest: str = "data_manifests/labelled.csv"
-    root: str | None = None
+    root: str | None = None  # the archive root (default: the path map's)
+    path_map: str | None = None  # the manifest's path map (default: the one it names)
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(spacing=None, max_side_2d=None))
     train_split: str = "train"
     test_split: str = "test"
@@ -63,6 +63,10 @@ class LabelledDataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+
+
+BUNDLE_NETWORKS = ("monai.networks.nets.ResNet", "medssl.models.encoders.monai_resnet")
+"""The ``network_def`` targets a bundle may name (what ``medssl export`` writes)."""
 
 
 @dataclass
@@ -130,15 +134,13 @@ def load_backbone(
         with tempfile.TemporaryDirectory() as tmp:  # a run id: export its bundle first
             exported = export_bundle(pretrained, Path(tmp) / "bundle", tracking_uri=tracking_uri, log_to_mlflow=False)
             return load_backbone(str(exported), encoder, spatial_dims, depth_kernel=depth_kernel)
-    from monai.bundle import ConfigParser
+    from medssl.runtime.checkpoints import load_checkpoint
 
     inference = bundle / "configs" / "inference.json"
     if not inference.is_file():
         raise ValueError(f"model.pretrained={pretrained}: not a bundle folder (no configs/inference.json)")
-    parser = ConfigParser()
-    parser.read_config(str(inference))
-    network = parser.get_parsed_content("network_def")
-    weights = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network, kwargs = bundle_network(inference, pretrained)
+    weights = load_checkpoint(bundle / "models" / "model.pt")  # weights_only=True; its checksum when it has one
     expected = network.state_dict()
     matched = [k for k in expected if k in weights and weights[k].shape == expected[k].shape]
     if len(matched) != len(expected) or len(weights) != len(expected):
@@ -150,7 +152,6 @@ def load_backbone(
         )
     network.load_state_dict(weights, strict=True)
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8")).get("medssl", {})
-    kwargs = _bundle_kwargs(parser.get("network_def"))
     bundle_dims = int(kwargs.get("spatial_dims", 3))
     message = f"matched {len(matched)}/{len(expected)} pretrained tensors from {bundle} (run {metadata.get('run_id')})"
     if bundle_dims == spatial_dims:
@@ -161,6 +162,36 @@ def load_backbone(
 
     network_3d, kwargs_3d = inflate_resnet(network, kwargs, depth_kernel=depth_kernel)
     return LoadedBackbone(network_3d, kwargs_3d, f"{message}, inflated to 3D (I3D)", metadata)
+
+
+def bundle_network(inference: Path, pretrained: str) -> tuple[ResNet, dict[str, Any]]:
+    """The ResNet of a bundle's ``configs/inference.json`` -> ``network_def``, and its kwargs, built by medssl from
+    the arguments written there.
+
+    The config is read as JSON, never evaluated: to MONAI's ``ConfigParser`` a bundle config is code (``$``
+    expressions and any ``_target_`` run when parsed), so only the networks :mod:`medssl.export.bundle` writes are
+    accepted (:data:`BUNDLE_NETWORKS`).
+
+    Raises:
+        ValueError: no ``network_def``, or one that is not such a ResNet (the message names the file).
+    """
+    from medssl.models.encoders import monai_resnet
+
+    try:
+        network_def = json.loads(inference.read_text(encoding="utf-8"))["network_def"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model.pretrained={pretrained}: {inference}: no readable network_def ({exc})") from None
+    target = network_def.get("_target_") if isinstance(network_def, dict) else network_def
+    if target not in BUNDLE_NETWORKS:
+        raise ValueError(
+            f"model.pretrained={pretrained}: {inference}: network_def is {str(target)[:100]!r}, not one of the "
+            f"networks medssl loads ({', '.join(BUNDLE_NETWORKS)}); a bundle's config expressions are never run"
+        )
+    kwargs = _bundle_kwargs(network_def)
+    try:
+        return monai_resnet(kwargs), kwargs
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"model.pretrained={pretrained}: {inference}: bad ResNet arguments ({exc})") from None
 
 
 def _bundle_kwargs(network_def: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +250,7 @@ def labelled_train_test(data: LabelledDataConfig, seed: int, progress: bool = Tr
     path = Path(data.manifest)
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest")
-    manifest = read_manifest(path, data.root)
+    manifest = read_manifest(path, data.root, data.path_map)
     splits = [data.train_split, data.test_split]
     cases, errors = load_cases(manifest, data.preprocess, splits, workers=data.workers, progress=progress)
     for error in errors:

@@ -49,7 +49,8 @@ PROTOCOLS = ("linear", "knn", "finetune")
 @dataclass
 class FinetuneDataConfig:
     manifest: str = "data_manifests/labelled.csv"
-    root: str | None = None
+    root: str | None = None  # the archive root (default: the path map's)
+    path_map: str | None = None  # the manifest's path map (default: the one it names)
     cache_dir: str = "cache"
     cache_workers: int = 2
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -163,7 +164,7 @@ def labelled_splits(data: FinetuneDataConfig, progress: bool = True) -> tuple[li
     path = Path(data.manifest)
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest")
-    manifest = read_manifest(path, data.root)
+    manifest = read_manifest(path, data.root, data.path_map)
     build_cache(manifest, Path(data.cache_dir), data.preprocess, workers=data.cache_workers, progress=progress)
     train = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.train_split])
     test = cached_items(manifest, Path(data.cache_dir), data.preprocess, [data.test_split])

@@ -303,7 +303,8 @@ def write_bundle(exported: ExportedBackbone, out: Path) -> Path:
         (tmp / "docs").mkdir()
         atomic_write_text(tmp / "configs" / "metadata.json", json.dumps(bundle_metadata(exported), indent=2))
         atomic_write_text(tmp / "configs" / "inference.json", json.dumps(inference_config(exported), indent=2))
-        save_checkpoint(tmp / "models" / "model.pt", {k: v.detach().cpu() for k, v in exported.weights.items()})
+        weights = {k: v.detach().cpu() for k, v in exported.weights.items()}
+        save_checkpoint(tmp / "models" / "model.pt", weights, checksum=False)  # MONAI's layout; users replace it
         method = exported.config.get("method", {}).get("name", "?")
         channels = exported.network_kwargs.get("n_input_channels", 1)
         atomic_write_text(

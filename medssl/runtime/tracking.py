@@ -128,6 +128,21 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
     return Path(database)
 
 
+def local_store_folder(tracking_uri: str) -> Path | None:
+    """The local folder a tracking URI writes to (the SQLite database's folder, which also holds the artifacts; a
+    ``file:`` store; a plain path), or None for a tracking server and other remote stores."""
+    database = _sqlite_path(tracking_uri)
+    if database is not None:
+        return database.expanduser().resolve().parent
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(tracking_uri).path)).expanduser()
+    if "://" not in tracking_uri and not tracking_uri.startswith(("sqlite:", "databricks", "uc:")):
+        return Path(tracking_uri).expanduser()
+    return None
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Where new experiments keep their artifacts: next to a local SQLite database, else the store's choice."""
     database = _sqlite_path(tracking_uri)

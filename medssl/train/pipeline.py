@@ -44,7 +44,7 @@ def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True,
     path = Path(data.manifest)
     if not path.is_file():
         raise ManifestError(f"data.manifest: {path}: no such manifest (make one with `medssl manifest scan DIR`)")
-    manifest = read_manifest(path, data.root)
+    manifest = read_manifest(path, data.root, data.path_map)
     if build:
         report = build_cache(
             manifest, Path(data.cache_dir), data.preprocess, workers=data.cache_workers, progress=progress

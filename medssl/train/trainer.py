@@ -31,13 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 from medssl.models.joint import JointModel
 from medssl.objectives.joint import SepBatch, StackBatch
 from medssl.runtime.checkpoints import (
-    latest_checkpoint,
+    checkpoint_step,
+    checksum_path,
     load_checkpoint,
+    load_latest_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from medssl.runtime.files import atomic_write_text
+from medssl.runtime.preflight import check_free_space, check_writable, checkpoint_bytes
 from medssl.runtime.progress import Progress, progress
 from medssl.runtime.seeding import seed_everything
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
@@ -182,22 +185,33 @@ def default_run_name(config: PretrainConfig) -> str:
     return f"{config.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def find_resume_checkpoint(config: PretrainConfig, run_dir: Path | None) -> Path | None:
-    """What ``trainer.resume`` points at: ``auto`` (this run name's latest checkpoint, if any), a run folder,
-    a checkpoint file, or nothing (``null``)."""
+def load_resume_checkpoint(
+    config: PretrainConfig, run_dir: Path | None, warn: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any]] | None:
+    """What ``trainer.resume`` points at, read: ``auto`` (this run name's folder, if it has checkpoints), a run
+    folder, a checkpoint file, or nothing (``null``).
+
+    From a run folder the newest checkpoint that loads is used: one that is missing, truncated or fails its checksum is
+    skipped for the one before it, and ``warn`` names it. A checkpoint file given by name is used or refused as is.
+
+    Raises:
+        FileNotFoundError: ``trainer.resume`` names nothing there.
+        ValueError: no checkpoint of the folder loads, or one is not a plain weights file (never skipped).
+    """
     resume = config.trainer.resume
     if resume in (None, "", "none", "null"):
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir) if run_dir is not None else None
+        return load_latest_checkpoint(run_dir, warn) if run_dir is not None else None
     path = Path(resume)
     if path.is_file():
-        return path
+        return path, load_checkpoint(path)
     if path.is_dir():
-        found = latest_checkpoint(path) or latest_checkpoint(path.parent)
-        if found is None:
-            raise FileNotFoundError(f"trainer.resume: {path}: no checkpoints/latest in this folder")
-        return found
+        for folder in (path, path.parent):  # a run folder, or its checkpoints/ folder
+            found = load_latest_checkpoint(folder, warn)
+            if found is not None:
+                return found
+        raise FileNotFoundError(f"trainer.resume: {path}: no checkpoints/latest in this folder")
     raise FileNotFoundError(f"trainer.resume: {path}: no such checkpoint file or run folder")
 
 
@@ -308,13 +322,13 @@ class Trainer:
         device = ctx.device
         run_name = str(broadcast_object(cfg.run.name or default_run_name(cfg)))
         run_dir = self._paths(run_name)
-        resume_path = find_resume_checkpoint(cfg, run_dir)
-        checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
+        resume_path, checkpoint = self._load_resume(ctx, run_name, run_dir)
         if checkpoint is not None and checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"trainer.resume: {resume_path}: not a medssl pretraining checkpoint")
         if checkpoint is not None and cfg.run.name is None:
             run_name = str(checkpoint["run_name"])
             run_dir = self._paths(run_name)
+        self._on_main(ctx, lambda: self._preflight_folders(run_dir))  # before the cache build, which may take hours
 
         # Data: rank 0 builds the cache, the others wait and then open it.
         streams_needed = needed_streams(cfg)
@@ -356,11 +370,13 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         lr_schedule, wd_schedule = _schedules(cfg, tcfg.max_steps, opt.warmup_steps)
 
+        # Room on disk for two checkpoints of this objective (and its optimiser state) before the first step.
+        self._on_main(ctx, lambda: check_free_space(run_dir, checkpoint_bytes(objective), "run.output_dir"))
         state = RunState(run_name, run_dir, objective, optimizer, scaler, streams, streams_dropped=list(data.dropped))
         if checkpoint is not None:
             self._restore(state, checkpoint)
             if ctx.is_main:
-                log.info("resuming %s from %s at step %d", run_name, resume_path, state.step)
+                print(f"{run_name}: resuming from {resume_path} at step {state.step}", flush=True)
         # trainer.max_minutes: the run's length is calibrated after its first steps, or kept from the checkpoint.
         max_steps, warmup_steps = tcfg.max_steps, opt.warmup_steps
         if state.calibration is not None and tcfg.max_minutes is None:
@@ -643,6 +659,54 @@ class Trainer:
             "data/summary.json",
         )
 
+    def _load_resume(
+        self, ctx: DistributedContext, run_name: str, run_dir: Path
+    ) -> tuple[Path | None, dict[str, Any] | None]:
+        """Rank 0 finds the checkpoint to resume from (a skipped one is printed with why); every rank loads it."""
+        found: tuple[Path, dict[str, Any]] | None = None
+        choice: object = None
+        if ctx.is_main:
+            try:
+                found = load_resume_checkpoint(self.config, run_dir, lambda m: print(f"{run_name}: {m}", flush=True))
+                choice = str(found[0]) if found is not None else None
+            except (ValueError, FileNotFoundError) as exc:
+                choice = exc
+        choice = broadcast_object(choice)
+        if isinstance(choice, Exception):
+            raise choice
+        if found is not None:
+            return found
+        if choice is None:
+            return None, None
+        path = Path(str(choice))
+        return path, load_checkpoint(path)
+
+    def _preflight_folders(self, run_dir: Path) -> None:
+        """The run folder, the cache (rank 0 builds it) and a local MLflow store can be written."""
+        from medssl.runtime import tracking
+
+        check_writable(run_dir, "run.output_dir")
+        check_writable(Path(self.config.data.cache_dir), "data.cache_dir")
+        if self.config.logging.mlflow:
+            uri = self.config.logging.tracking_uri or tracking.default_tracking_uri(self.project_dir)
+            store = tracking.local_store_folder(uri)
+            if store is not None:
+                check_writable(store, "the MLflow store (logging.tracking_uri)")
+
+    @staticmethod
+    def _on_main(ctx: DistributedContext, check: Callable[[], None]) -> None:
+        """Run ``check`` on rank 0; its error (a ``ValueError``) is raised on every rank, so none waits for the
+        others at a barrier."""
+        error: ValueError | None = None
+        if ctx.is_main:
+            try:
+                check()
+            except ValueError as exc:
+                error = exc
+        error = broadcast_object(error)  # type: ignore[assignment]
+        if error is not None:
+            raise error
+
     def _restore(self, state: RunState, checkpoint: dict[str, Any]) -> None:
         state.objective.load_state_dict(checkpoint["objective"])
         state.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -679,9 +743,13 @@ class Trainer:
             directory = state.run_dir / "checkpoints"
             path = save_checkpoint(directory / f"step_{state.step:08d}.pt", content)
             atomic_write_text(directory / "latest", path.name + "\n")
-            kept = sorted(directory.glob("step_*.pt"))
-            for old in kept[: -self.config.trainer.keep_checkpoints]:
+            # Prune the oldest, never a file newer than this one (left by a run killed before it moved `latest`).
+            kept = sorted(
+                (step, old) for old in directory.glob("step_*.pt") if (step := checkpoint_step(old)) is not None
+            )
+            for _, old in [item for item in kept if item[0] <= state.step][: -self.config.trainer.keep_checkpoints]:
                 old.unlink(missing_ok=True)
+                checksum_path(old).unlink(missing_ok=True)
             if log_artifact:
                 tracker.log_artifact(path, "checkpoints")
         if ctx.enabled:

@@ -1,0 +1,197 @@
+"""The path map: where each file of a manifest is, kept apart from the manifest.
+
+Folder and file names in hospital archives often hold a patient's name, ID or study date (PACS exports:
+``DOE^JANE_123456/20240101_CT/...``). For DICOM the scanner could compare paths with the header, but for NIfTI,
+PNG or JPEG files nothing tells whether a folder name is a person's name. So a scanned manifest never holds a path:
+its ``path`` and ``mask`` columns hold **file keys**, keyed hashes (HMAC with the pseudonymisation salt) of the path
+relative to the archive root, and the map from key to relative path lives in a separate file::
+
+    # medssl-paths v1
+    # root: ../archive        <- the archive root, relative to this file's folder (or absolute)
+    key,path
+    p3f0c...,DOE^JANE_123456/20240101_CT
+    ...
+
+The map (``<manifest stem>.paths.csv`` beside the manifest unless ``--paths`` says otherwise) is written atomically
+with permissions no wider than the archive's own: readable by the group and others only when the archive root and
+every mapped file are, never writable by them. It also lists the files the scan could not use, under the keys the
+errors CSV names them by. Keys depend on the relative path and the salt only: moving the archive changes nothing
+but the map's ``root`` line (or pass ``--root`` / ``data.root``); the manifest, the cache and its keys stay as they
+are. The map is read only to open files (:meth:`medssl.data.manifest.Manifest.locate`) and to check or move them
+(``validate``, ``relocate``); it is never logged or copied into a run, a cache or a bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
+
+from medssl.data.errors import ManifestError
+from medssl.data.pseudonym import pseudonym
+from medssl.runtime.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from medssl.data.manifest import ManifestRow
+
+PATHS_MAGIC = "# medssl-paths v1"
+PATHS_SUFFIX = ".paths.csv"
+KEY_PREFIX = "p"
+
+
+def file_key(relative_path: str, salt: str) -> str:
+    """The opaque key of a file or series folder: a keyed hash of its path relative to the archive root.
+
+    >>> file_key("DOE^JANE/ct", "s") == file_key("DOE^JANE/ct", "s") != file_key("DOE^JANE/mr", "s")
+    True
+    """
+    return pseudonym(f"path:{relative_path}", salt, prefix=KEY_PREFIX, length=20)
+
+
+def default_map_path(manifest: Path) -> Path:
+    """``<manifest stem>.paths.csv`` beside the manifest."""
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.name.removesuffix(".csv") + PATHS_SUFFIX)
+
+
+@dataclass(frozen=True)
+class PathMap:
+    """A read path map: the archive root it names and ``key -> path relative to the root``."""
+
+    file: Path
+    root: Path
+    paths: Mapping[str, str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _check_relative(relative: str, where: str) -> None:
+    """Refuse an entry that could leave the root (empty, absolute, or with a ``..`` component for either separator);
+    the message never quotes it."""
+    windows = PureWindowsPath(relative)
+    absolute = PurePosixPath(relative).is_absolute() or bool(windows.drive or windows.root)
+    if not relative or absolute or ".." in windows.parts:
+        raise ManifestError(f"{where}: paths must be relative to the root, without '..' (found a bad entry)")
+
+
+def read_path_map(path: Path) -> PathMap:
+    """Read a path map; its ``root`` is resolved against the map's folder.
+
+    Raises:
+        ManifestError: the file is not a path map, or an entry is not a plain relative path (the message never
+            quotes an entry: they are the private part).
+    """
+    path = Path(path)
+    root: str | None = None
+    lines: list[str] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        first = handle.readline()
+        if first.rstrip("\r\n") != PATHS_MAGIC:
+            raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
+        for line in handle:
+            if line.startswith("#"):
+                if line.startswith("# root:"):
+                    root = line.split(":", 1)[1].strip()
+                continue
+            lines.append(line)
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is None or not {"key", "path"} <= set(reader.fieldnames):
+        raise ManifestError(f"{path}: a path map needs the columns key,path")
+    paths: dict[str, str] = {}
+    for line, record in enumerate(reader, start=4):
+        relative = record["path"] or ""
+        _check_relative(relative, f"{path}:{line}")
+        paths[record["key"]] = relative
+    if root is None:
+        raise ManifestError(f"{path}: no '# root:' line (the archive root, relative to this file or absolute)")
+    resolved = Path(root) if os.path.isabs(root) else path.parent / root
+    return PathMap(file=path, root=resolved, paths=paths)
+
+
+def private_mode(root: Path, relatives: Iterable[str] = ()) -> tuple[int, int | None]:
+    """Permission bits and group for a file that names the archive's files: no wider than the archive's own.
+
+    Owner read/write; group (and others) read only when the root folder is readable and searchable by them and
+    every listed file or folder is readable by them; nobody else ever writes. Returns ``(mode, group id)``; the group
+    is the root folder's (``None`` where the platform has no groups).
+    """
+    root_stat = Path(root).stat()
+    mode = stat.S_IRUSR | stat.S_IWUSR
+    for read, search in ((stat.S_IRGRP, stat.S_IXGRP), (stat.S_IROTH, stat.S_IXOTH)):
+        if root_stat.st_mode & read and root_stat.st_mode & search:
+            mode |= read
+    for relative in relatives:
+        if not mode & (stat.S_IRGRP | stat.S_IROTH):
+            break
+        try:
+            file_mode = (Path(root) / relative).stat().st_mode
+        except OSError:  # vanished since the scan: it grants nothing
+            continue
+        mode &= file_mode | stat.S_IRUSR | stat.S_IWUSR
+    group = root_stat.st_gid if hasattr(os, "getgid") else None
+    return mode, group
+
+
+def write_path_map(path: Path, root: Path, paths: Mapping[str, str]) -> Path:
+    """Write the map of ``paths`` (key -> path relative to ``root``) atomically, with :func:`private_mode`.
+
+    ``root`` is written relative to the map's folder when it can be (else absolute).
+    """
+    path = Path(path)
+    try:
+        written_root = os.path.relpath(Path(root).resolve(), path.resolve().parent)
+    except ValueError:  # another drive on Windows
+        written_root = str(Path(root).resolve())
+    buffer = io.StringIO()
+    buffer.write(f"{PATHS_MAGIC}\n# root: {written_root}\n")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("key", "path"))
+    for key in sorted(paths):
+        _check_relative(paths[key], str(path))
+        writer.writerow((key, paths[key]))
+    mode, group = private_mode(root, paths.values())
+    atomic_write_text(path, buffer.getvalue(), mode=mode, group=group)
+    return path
+
+
+def rewrite_root(path: Path, root: Path) -> Path:
+    """Point an existing map at a moved archive: the same keys and relative paths under the new ``root``."""
+    return write_path_map(path, root, read_path_map(path).paths)
+
+
+def map_wider_than_root(path_map: PathMap) -> bool:
+    """Whether the map file can be read by users the archive root does not let in (a warning for ``validate``)."""
+    try:
+        wanted, _ = private_mode(path_map.root)
+        actual = Path(path_map.file).stat().st_mode
+    except OSError:
+        return False
+    return bool(actual & (stat.S_IRGRP | stat.S_IROTH) & ~wanted)
+
+
+def key_paths(
+    rows: Sequence[ManifestRow], errors: Iterable[tuple[str, str]], salt: str
+) -> tuple[list[ManifestRow], list[tuple[str, str]], dict[str, str]]:
+    """Replace the relative paths of ``rows`` (``path`` and ``mask``) and of scan ``errors`` by file keys.
+
+    Returns the rows sorted by key (an order that says nothing about names), the errors sorted by key, and the map
+    ``key -> relative path`` of everything named.
+    """
+    paths: dict[str, str] = {}
+
+    def key(relative: str) -> str:
+        value = file_key(relative, salt)
+        if paths.setdefault(value, relative) != relative:  # a 80-bit collision: never expected, never silent
+            raise ManifestError("two paths share one file key; scan again with another salt")
+        return value
+
+    keyed = [replace(row, path=key(row.path), mask=key(row.mask) if row.mask else "") for row in rows]
+    keyed.sort(key=lambda row: (row.path, row.series))
+    keyed_errors = sorted((key(relative), reason) for relative, reason in errors)
+    return keyed, keyed_errors, paths
