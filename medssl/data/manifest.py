@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -120,6 +121,8 @@ class ManifestRow:
             dims = int(record["dims"])
         except (KeyError, ValueError) as exc:
             raise ManifestError(f"line {line}: bad value for dims/shape/spacing ({exc})") from exc
+        except TypeError:  # csv leaves the columns past the end of a short row as None
+            raise ManifestError(f"line {line}: the row has fewer fields than the header") from None
         known = {f.name for f in fields(cls)}
         values = {k: (v or "") for k, v in record.items() if k in known}
         values.update(shape=shape, spacing=spacing, dims=dims)
@@ -229,17 +232,23 @@ def _read_records(path: Path) -> tuple[list[dict[str, str]], list[str], dict[str
         raise ManifestError(f"{path}: manifest not found")
     comments: dict[str, str] = {}
     data_lines: list[str] = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("#"):
-                name, colon, value = line[1:].partition(":")
-                if colon and name.strip() in ("root", "paths"):
-                    comments[name.strip()] = value.strip()
-                continue
-            data_lines.append(line)
-    reader = csv.DictReader(data_lines)
-    header = list(reader.fieldnames or [])
-    return list(reader), header, comments
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("#"):
+                    name, colon, value = line[1:].partition(":")
+                    if colon and name.strip() in ("root", "paths"):
+                        comments[name.strip()] = value.strip()
+                    continue
+                data_lines.append(line)
+        reader = csv.DictReader(data_lines)
+        header = list(reader.fieldnames or [])
+        records = list(reader)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: unreadable CSV ({exc})") from None
+    return records, header, comments
 
 
 def read_manifest_records(path: Path) -> tuple[list[dict[str, str]], list[str], str | None]:
@@ -336,8 +345,8 @@ def validate_manifest(
             errors.append(f"{where}: dims must be 2 or 3, got {row.dims}")
         elif row.shape and len(row.shape) != row.dims:
             errors.append(f"{where}: shape {row.shape} does not have {row.dims} dimensions")
-        if row.spacing and any(s <= 0 for s in row.spacing):
-            errors.append(f"{where}: spacing must be positive, got {row.spacing}")
+        if row.spacing and not all(math.isfinite(s) and s > 0 for s in row.spacing):
+            errors.append(f"{where}: spacing must be positive and finite, got {row.spacing}")
         if row.split not in SPLITS:
             errors.append(f"{where}: split {row.split!r} is not one of train, val, test or empty")
         if not row.subject:

@@ -138,7 +138,7 @@ def read_nifti(path: Path) -> LoadedImage:
         raise DataError(path, f"{len(shape)}D NIfTI (shape {tuple(shape)}) is not supported; split it into 3D volumes")
     try:
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError) as exc:
         raise DataError(path, f"truncated or corrupt NIfTI data ({type(exc).__name__})") from None
     data = data.reshape(shape[:3])
     check_finite(data, path)

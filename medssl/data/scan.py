@@ -119,6 +119,8 @@ def nifti_info(path: Path) -> FileInfo:
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(path, f"{len(shape)}D NIfTI (shape {shape}) is not supported; split it into 3D volumes")
+    if min(shape) < 1:
+        raise DataError(path, f"NIfTI header gives shape {shape}: every dimension must be positive")
     # the loaded header's vox_offset is reset to 0; the array proxy keeps the offset in the file
     offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
     expected = offset + int(np.prod(shape)) * header.get_data_dtype().itemsize
@@ -126,7 +128,10 @@ def nifti_info(path: Path) -> FileInfo:
     if actual < expected:
         raise DataError(path, f"truncated NIfTI ({actual} of {expected} bytes)")
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
-    shape_c, spacing_c = canonical_shape_spacing(shape, zooms, image.affine)
+    try:
+        shape_c, spacing_c = canonical_shape_spacing(shape, zooms, image.affine)
+    except ValueError:  # a zero or non-finite axis in the affine: no orientation (numpy's LinAlgError included)
+        raise DataError(path, "NIfTI affine has a zero or non-finite axis; cannot orient the volume") from None
     return FileInfo(shape=shape_c, spacing=spacing_c)
 
 
