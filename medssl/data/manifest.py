@@ -25,10 +25,10 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from medssl.data.errors import DataError, ManifestError
-from medssl.data.pathmap import PathMap, map_wider_than_root, read_path_map
+from medssl.data.pathmap import PathMap, map_wider_than_root, read_path_map, root_escape
 from medssl.runtime.files import atomic_write_text
 
 MAGIC = "# medssl-manifest v1"
@@ -68,12 +68,8 @@ def resolve_under_root(root: Path, relative: str, manifest: Path | None = None) 
     Raises:
         RootEscapeError: the message names the path and the manifest.
     """
-    windows = PureWindowsPath(relative)  # splits on both separators and knows drives
-    if PurePosixPath(relative).is_absolute() or windows.drive or windows.root:
-        reason = "an absolute path"
-    elif ".." in windows.parts:
-        reason = "a path with a '..' component"
-    else:
+    reason = root_escape(relative)
+    if reason is None:
         return Path(root) / relative
     raise RootEscapeError(
         relative,

@@ -71,12 +71,20 @@ class PathMap:
         return len(self.paths)
 
 
+def root_escape(relative: str) -> str | None:
+    """Why ``relative`` could name a file outside its root, on the text alone: ``an absolute path`` (``/x``,
+    ``C:\\x``, ``\\\\server\\x``), ``a path with a '..' component`` (with either separator), or None."""
+    windows = PureWindowsPath(relative)  # splits on both separators and knows drives
+    if PurePosixPath(relative).is_absolute() or windows.drive or windows.root:
+        return "an absolute path"
+    if ".." in windows.parts:
+        return "a path with a '..' component"
+    return None
+
+
 def _check_relative(relative: str, where: str) -> None:
-    """Refuse an entry that could leave the root (empty, absolute, or with a ``..`` component for either separator);
-    the message never quotes it."""
-    windows = PureWindowsPath(relative)
-    absolute = PurePosixPath(relative).is_absolute() or bool(windows.drive or windows.root)
-    if not relative or absolute or ".." in windows.parts:
+    """Refuse an entry that could leave the root (empty, or :func:`root_escape`); the message never quotes it."""
+    if not relative or root_escape(relative) is not None:
         raise ManifestError(f"{where}: paths must be relative to the root, without '..' (found a bad entry)")
 
 

@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.runtime.files import atomic_write_text, atomic_write_with
+from medssl.runtime.files import atomic_write_text, atomic_write_with, file_sha256
 
 CHECKSUM_SUFFIX = ".sha256"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -63,15 +62,6 @@ def checksum_path(path: str | Path) -> Path:
     """Where the SHA-256 of the checkpoint ``path`` is kept: ``<path>.sha256``."""
     path = Path(path)
     return path.with_name(path.name + CHECKSUM_SUFFIX)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, as hexadecimal (read in chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], checksum: bool = True) -> Path:

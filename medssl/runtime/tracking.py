@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,8 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+
+from medssl.runtime.files import file_sha256
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -246,11 +247,7 @@ def manifest_fingerprint(path: Path) -> dict[str, str]:
 
     Only the hash: neither the rows nor the file name are returned.
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    full = digest.hexdigest()
+    full = file_sha256(path)
     return {"sha256": full, "sha256_short": full[:12]}
 
 
