@@ -78,6 +78,31 @@ def atomic_write_with(path: Path, write: Callable[[IO[bytes]], Any], durable: bo
     return path
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the temporary files of a writer that is gone can be removed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_binary` left in ``directory`` when its writer was killed mid-write
+    (``.<name>.<pid>.tmp`` whose process is gone; those of live writers are kept). Returns what was removed."""
+    removed = []
+    for tmp in directory.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, as hexadecimal (read in 1 MiB chunks)."""
     digest = hashlib.sha256()

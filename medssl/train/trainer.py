@@ -39,13 +39,19 @@ from medssl.runtime.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from medssl.runtime.files import atomic_write_text
+from medssl.runtime.files import atomic_write_text, remove_stale_temporaries
 from medssl.runtime.preflight import check_free_space, check_writable, checkpoint_bytes
 from medssl.runtime.progress import Progress, progress
 from medssl.runtime.seeding import seed_everything
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
 from medssl.train.config import PretrainConfig, optimizer_settings, to_container
-from medssl.train.distributed import DistributedContext, broadcast_object, setup_distributed, teardown_distributed
+from medssl.train.distributed import (
+    DistributedContext,
+    broadcast_object,
+    raise_any_rank_error,
+    setup_distributed,
+    teardown_distributed,
+)
 from medssl.train.initialise import initialise_model
 from medssl.train.loaders import StepTimer, Stream, to_device
 from medssl.train.methods import method_named
@@ -353,8 +359,12 @@ class Trainer:
                 print(f"{run_name}: trainer.init_from={tcfg.init_from} ignored: resuming from {resume_path} (resume "
                       "wins; set trainer.resume=null to start over from init_from)", flush=True)  # fmt: skip
         elif tcfg.init_from:
-            init_report = initialise_model(model, tcfg.init_from)  # every rank reads the file
-            init_note = init_report.message()
+            init_failure: Exception | None = None
+            try:
+                init_note = initialise_model(model, tcfg.init_from).message()  # every rank reads the file
+            except (ValueError, OSError) as exc:
+                init_failure = exc
+            raise_any_rank_error(init_failure)  # one rank that cannot read it stops them all, none waits
             if ctx.is_main:
                 print(f"{run_name}: {init_note}", flush=True)
         channels_last = tcfg.channels_last and device.type == "cuda"
@@ -666,6 +676,10 @@ class Trainer:
         found: tuple[Path, dict[str, Any]] | None = None
         choice: object = None
         if ctx.is_main:
+            removed = remove_stale_temporaries(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
+            if removed:
+                print(f"{run_name}: removed {len(removed)} unfinished checkpoint file(s) of a killed write: "
+                      f"{', '.join(p.name for p in removed)}", flush=True)  # fmt: skip
             try:
                 found = load_resume_checkpoint(self.config, run_dir, lambda m: print(f"{run_name}: {m}", flush=True))
                 choice = str(found[0]) if found is not None else None
@@ -674,12 +688,18 @@ class Trainer:
         choice = broadcast_object(choice)
         if isinstance(choice, Exception):
             raise choice
-        if found is not None:
-            return found
         if choice is None:
             return None, None
         path = Path(str(choice))
-        return path, load_checkpoint(path)
+        failure: Exception | None = None
+        if found is None:  # the other ranks read the file rank 0 chose; if one cannot, every rank stops
+            try:
+                found = path, load_checkpoint(path)
+            except (ValueError, OSError) as exc:
+                failure = exc
+        raise_any_rank_error(failure)
+        assert found is not None
+        return found
 
     def _preflight_folders(self, run_dir: Path) -> None:
         """The run folder, the cache (rank 0 builds it) and a local MLflow store can be written."""
