@@ -22,7 +22,7 @@ from medssl.runtime.checkpoints import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from medssl.runtime.preflight import PreflightError, check_free_space, check_writable, checkpoint_bytes
+from medssl.runtime.preflight import PreflightError, check_room, check_writable, checkpoint_bytes
 from medssl.train.config import compose_pretrain_config
 from medssl.train.trainer import Trainer
 
@@ -145,10 +145,24 @@ def test_too_little_free_space_names_the_folder_what_is_needed_and_what_is_free(
     estimate = checkpoint_bytes(model)
     assert estimate == 3 * (1000 * 1000 + 1000) * 4  # state dict + two optimiser slots
     with pytest.raises(PreflightError) as caught:
-        check_free_space(tmp_path, estimate, "run.output_dir")
+        check_room([(tmp_path, 2 * estimate, "run.output_dir")])
     message = str(caught.value)
     assert str(tmp_path) in message and "100.0 MiB free" in message and "needs at least 278.9 MiB" in message
-    check_free_space(tmp_path, estimate, "run.output_dir", margin=0)  # 2 x 11.5 MiB fit
+    check_room([(tmp_path, 2 * estimate, "run.output_dir")], margin=0)  # 2 x 11.5 MiB fit
+
+
+def test_places_on_one_file_system_add_up_and_a_folder_not_made_yet_counts_on_its_parent(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 300 << 20))
+    run_dir, store = tmp_path / "outputs" / "run", tmp_path / "not" / "made" / "mlruns"
+    check_room([(run_dir, 200 << 20, "run.output_dir")], margin=0)
+    check_room([(store, 200 << 20, "the MLflow store")], margin=0)
+    with pytest.raises(PreflightError) as caught:  # each fits alone, not both on the same disk
+        check_room([(run_dir, 200 << 20, "run.output_dir"), (store, 200 << 20, "the MLflow store")], margin=0)
+    message = str(caught.value)
+    assert "300.0 MiB free, this run needs at least 400.0 MiB" in message
+    listed = f"run.output_dir: {run_dir} needs about 200.0 MiB; the MLflow store: {store} needs about 200.0 MiB"
+    assert listed in message
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

@@ -60,17 +60,32 @@ def checkpoint_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
     return int(state + optimizer_slots * params)
 
 
-def check_free_space(folder: Path, checkpoint: int, what: str, copies: int = 2, margin: int = MARGIN_BYTES) -> None:
-    """``folder``'s file system has room for ``copies`` checkpoints of ``checkpoint`` bytes plus ``margin``.
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent (a folder not made yet lives on its parent's file system)."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_room(demands: list[tuple[Path, int, str]], margin: int = MARGIN_BYTES) -> None:
+    """Room for what a run will write, file system by file system: ``(folder, bytes, what)`` for each place (the
+    run's checkpoints, the MLflow store's artifacts, the cache); places on the same file system add up, with one
+    ``margin`` per file system.
 
     Raises:
-        PreflightError: less is free (the message says what was needed and what is free).
+        PreflightError: a file system has less free than its places need together (the message lists them).
     """
-    needed = copies * checkpoint + margin
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise PreflightError(
-            f"{what}: {folder} has {_size(free)} free, this run needs at least {_size(needed)} ({copies} checkpoints "
-            f"of about {_size(checkpoint)} each plus a {_size(margin)} margin); nothing was trained: free some space "
-            f"or point {what} to another disk"
-        )
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, size, what in demands:
+        by_device.setdefault(_existing(folder).stat().st_dev, []).append((folder, size, what))
+    for places in by_device.values():
+        needed = sum(size for _, size, _ in places) + margin
+        free = shutil.disk_usage(_existing(places[0][0])).free
+        if free < needed:
+            listed = "; ".join(f"{what}: {folder} needs about {_size(size)}" for folder, size, what in places)
+            raise PreflightError(
+                f"{places[0][2]}: {places[0][0]} has {_size(free)} free, this run needs at least {_size(needed)} "
+                f"there ({listed}; plus a {_size(margin)} margin); nothing was trained: free some space or point "
+                f"{' / '.join(what for _, _, what in places)} to another disk"
+            )

@@ -40,7 +40,7 @@ from medssl.runtime.checkpoints import (
     set_rng_state,
 )
 from medssl.runtime.files import atomic_write_text, remove_stale_temporaries
-from medssl.runtime.preflight import check_free_space, check_writable, checkpoint_bytes
+from medssl.runtime.preflight import check_room, check_writable, checkpoint_bytes
 from medssl.runtime.progress import Progress, progress
 from medssl.runtime.seeding import seed_everything
 from medssl.train.alarms import UniformPredictionAlarm, frozen_prototypes_warning
@@ -380,8 +380,9 @@ class Trainer:
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         lr_schedule, wd_schedule = _schedules(cfg, tcfg.max_steps, opt.warmup_steps)
 
-        # Room on disk for two checkpoints of this objective (and its optimiser state) before the first step.
-        self._on_main(ctx, lambda: check_free_space(run_dir, checkpoint_bytes(objective), "run.output_dir"))
+        # Room on disk for two checkpoints of this objective (and its optimiser state), and for what the MLflow store
+        # receives at the end (the backbone, the final checkpoint), before the first step.
+        self._on_main(ctx, lambda: self._preflight_space(run_dir, objective, model))
         state = RunState(run_name, run_dir, objective, optimizer, scaler, streams, streams_dropped=list(data.dropped))
         if checkpoint is not None:
             self._restore(state, checkpoint)
@@ -712,6 +713,22 @@ class Trainer:
             store = tracking.local_store_folder(uri)
             if store is not None:
                 check_writable(store, "the MLflow store (logging.tracking_uri)")
+
+    def _preflight_space(self, run_dir: Path, objective: nn.Module, model: nn.Module) -> None:
+        """``run.output_dir`` has room for two checkpoints, a local MLflow store for the backbone and the final
+        checkpoint it receives (the same file system's needs add up)."""
+        from medssl.runtime import tracking
+
+        checkpoint = checkpoint_bytes(objective)
+        demands = [(run_dir, 2 * checkpoint, "run.output_dir")]
+        if self.config.logging.mlflow:
+            uri = self.config.logging.tracking_uri or tracking.default_tracking_uri(self.project_dir)
+            store = tracking.local_store_folder(uri)
+            if store is not None:
+                logged = checkpoint_bytes(model, optimizer_slots=0)
+                logged += checkpoint if self.config.logging.log_checkpoints else 0
+                demands.append((store, logged, "the MLflow store (logging.tracking_uri)"))
+        check_room(demands)
 
     @staticmethod
     def _on_main(ctx: DistributedContext, check: Callable[[], None]) -> None:
