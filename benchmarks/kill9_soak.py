@@ -34,7 +34,7 @@ from training import tiny_overrides, write_training_data  # noqa: E402
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=300, help="the run's length in optimiser steps")
+    parser.add_argument("--steps", type=int, default=200, help="the run's length in optimiser steps")
     parser.add_argument("--seed", type=int, default=18, help="draws the kill moments")
     parser.add_argument("--max-delay", type=float, default=1.5, help="seconds after a start's first new checkpoint")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -53,7 +53,7 @@ def soak(folder: Path, kills: int, steps: int, seed: int, max_delay: float) -> d
                               f"run.name={name}")  # fmt: skip
 
     begin = time.monotonic()
-    reference = start(folder, "none", command("never-killed"))
+    reference = start(folder, "none", command("never-killed"), timeout=7200)
     if reference.returncode != 0:
         raise SystemExit(reference.stdout[-3000:] + reference.stderr[-3000:])
     records: list[dict[str, object]] = []
@@ -64,7 +64,7 @@ def soak(folder: Path, kills: int, steps: int, seed: int, max_delay: float) -> d
         if batch and batch[-1].get("latest") == steps:  # the run finished before a kill: start it over
             break
     last = check_records(records)
-    finish = start(folder, "none", command("killed"))
+    finish = start(folder, "none", command("killed"), timeout=7200)
     if finish.returncode != 0:
         raise SystemExit(finish.stdout[-3000:] + finish.stderr[-3000:])
     assert resumed_step(finish.stdout) == last

@@ -110,9 +110,10 @@ def environment() -> dict[str, str]:
     return env
 
 
-def start(folder: Path, kill: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+def start(folder: Path, kill: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the driver to its end (or its kill) in ``folder``."""
     command = [sys.executable, str(DRIVER), kill, *args]
-    return subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True, timeout=timeout)
 
 
 def resumed_step(stdout: str) -> int | None:
