@@ -21,7 +21,10 @@ Tasks (``--tasks``):
   10% and 100% of the labelled training cases (``--seg-steps`` each), each pretrained backbone (encoder at
   ``--seg-encoder-lr-scale`` x the decoder's learning rate, default 1 as in medssl finetune) and random init
   (supervised from scratch: the encoder at the full learning rate); methods random / simclr / swav2d / joint and the
-  joint ablations (no L_mask, no L_inter, full instead of deformable attention).
+  joint ablations (no L_mask, no L_inter, full instead of deformable attention),
+  ``joint-simclr`` (InfoNCE as the 2D term) and ``staged-simclr`` (``joint-simclr`` started with ``trainer.init_from``
+  from the study's finished SimCLR run, as the paper's code stages it; give both budgets, e.g. ``--steps
+  simclr=243,staged-simclr=125`` for half a budget each).
 * ``mednist``: 6-class MedNIST, kNN and linear-probe accuracy; methods random / simclr / swav2d.
 * ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
   pneumonia (file names) on the salient and the common space.
@@ -34,6 +37,7 @@ pretraining and fine-tuning run is in the MLflow store ``<out>/mlruns`` (plots i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -65,7 +69,10 @@ METHODS: dict[str, list[str]] = {  # name -> pretraining overrides (random init 
     "joint-full-attention": ["method=joint", "model.attention=full"],
     # the joint method on top of SimCLR's InfoNCE instead of 2D SwAV (issue 14): its 2D-only counterpart is simclr
     "joint-simclr": ["method=joint", "method.objective.intra_clustering=simclr", "data.views.n_local=0"],
+    # staged as the paper's released code does (issue 14): the 3D terms start from a finished 2D run of this study
+    "staged-simclr": ["method=joint", "method.objective.intra_clustering=simclr", "data.views.n_local=0"],
 }
+STARTS_FROM = {"staged-simclr": "simclr"}  # method -> the method of the same task whose finished run it starts from
 TASK_METHODS = {
     "cxr": ["random", "simclr", "swav2d"],
     "mednist": ["random", "simclr", "swav2d"],
@@ -78,6 +85,7 @@ TASK_METHODS = {
         "joint-no-inter",
         "joint-full-attention",
         "joint-simclr",
+        "staged-simclr",
     ],
     "sepclr": ["random", "sepclr"],
 }
@@ -225,6 +233,9 @@ def pretrain(settings: Settings, manifest: Path, task: str, method: str) -> Path
         print(f"quality: reusing the finished pretraining run {finished} (--reuse)", flush=True)
         return finished
     base = _pretrain_overrides(settings, manifest, task, method, name)
+    if method in STARTS_FROM:  # the 2D stage first (or its finished run), then this run from its weights
+        first = pretrain(dataclasses.replace(settings, reuse=True), manifest, task, STARTS_FROM[method])
+        base = [*base, f"trainer.init_from={first}"]
     fixed = step_budget(settings, method)
     if fixed is not None:
         print(f"quality: {name}: a budget of {fixed} optimiser steps (--steps, no wall-clock cap)", flush=True)

@@ -190,3 +190,35 @@ def test_calibrate_only_measures_the_budgets(tmp_path: Path, monkeypatch: pytest
     argv = ["--calibrate", "--tasks", "hippocampus", "--methods", "simclr,joint", "--budget-minutes", "15"]
     assert quality.main([*argv, "--out", str(tmp_path)]) == 0
     assert seen == {"methods": {"hippocampus": ["random", "simclr", "joint"]}, "minutes": 15.0}
+
+
+def test_the_staged_method_starts_from_the_study_s_finished_2d_run(tmp_path: Path, monkeypatch) -> None:
+    """``staged-simclr``: SimCLR's run of the same study first (reused when finished), then the joint method with
+    ``trainer.init_from`` at it, each at its own step budget."""
+    import medssl.train.trainer as trainer_module
+
+    started: list[tuple[str, int, str | None]] = []
+
+    class FakeTrainer:
+        def __init__(self, config) -> None:
+            self.config = config
+
+        def fit(self):
+            name = self.config.run.name
+            folder = tmp_path / "runs" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "backbone.pt").write_bytes(b"")
+            started.append((name, self.config.trainer.max_steps, self.config.trainer.init_from))
+            return type("Result", (), {"step": self.config.trainer.max_steps, "run_id": "r", "output_dir": folder})
+
+    monkeypatch.setattr(trainer_module, "Trainer", FakeTrainer)
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--steps", "simclr=240,staged-simclr=120"])
+    manifest = tmp_path / "m.csv"
+    quality.pretrain(settings, manifest, "hippocampus", "staged-simclr")
+    quality.pretrain(settings, manifest, "hippocampus", "staged-simclr")  # SimCLR's finished run is reused
+    simclr_run = str(tmp_path / "runs" / "hippocampus-simclr")
+    assert started == [
+        ("hippocampus-simclr", 240, None),
+        ("hippocampus-staged-simclr", 120, simclr_run),
+        ("hippocampus-staged-simclr", 120, simclr_run),
+    ]
