@@ -1,8 +1,12 @@
-"""Fuzzing (issue 18): mutated DICOM, NIfTI, PNG/JPEG files and manifest CSVs through scan, validate and cache build.
+"""Fuzzing (issue 18): mutated DICOM, NIfTI, PNG/JPEG files and manifest CSVs through scan, validate and cache build;
+multi-frame DICOM files the same way; labels CSVs through ``manifest scan --labels``; segmentation masks through the
+fine-tuning loader; path maps through reading, validate and cache build.
 
 Every case runs under a watchdog (no hang); the properties are: no uncaught exception, every bad file named in the
 errors with a reason, the CLI answers with an exit code (never a traceback), and the cache holds no partial entry.
-Hypothesis runs derandomized so CI is deterministic.
+Hypothesis runs derandomized so CI is deterministic. Bugs of medssl/data/scan.py that fuzzing found and that this
+module's author could not fix there are pinned by strict xfail tests (their reasons give the fix); a fuzz case that
+hits one is recorded as an event instead of failing. benchmarks/fuzz_atheris.py fuzzes the same calls with atheris.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL.Image import DecompressionBombError
 
 hypothesis = pytest.importorskip("hypothesis")
 from factories import random_volume, write_dicom_2d, write_dicom_series, write_jpeg, write_nifti, write_png  # noqa: E402
@@ -29,7 +34,7 @@ from medssl.cli import main  # noqa: E402
 from medssl.data.cache import build_cache  # noqa: E402
 from medssl.data.errors import DataError, ManifestError  # noqa: E402
 from medssl.data.manifest import read_manifest, validate_manifest  # noqa: E402
-from medssl.data.pathmap import read_path_map  # noqa: E402
+from medssl.data.pathmap import read_path_map, root_escape  # noqa: E402
 from medssl.data.preprocess import PreprocessConfig  # noqa: E402
 
 CASE_TIMEOUT_S = 30.0
@@ -41,6 +46,9 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 SALT = "fuzz-salt"
+# Cases write a few small files each (scan outputs, cache entries; several fsync'd): on a RAM disk where there is one,
+# ten times faster than on a slow /tmp, and nothing the properties depend on.
+FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def _with_watchdog(fn: Callable[[], Any], timeout: float = CASE_TIMEOUT_S) -> Any:
@@ -80,7 +88,7 @@ def _seeds() -> dict[str, dict[str, bytes]]:
     if _SEEDS:
         return _SEEDS
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
         root = Path(tmp)
         write_dicom_2d(root / "dx" / "img.dcm", rng.integers(0, 4000, size=(16, 12)), modality="DX")
         write_dicom_series(root / "ct" / "series", random_volume((3, 8, 8)), spacing=(1.0, 1.0, 2.0), modality="CT")
@@ -155,9 +163,11 @@ def _check_cache(cache: Path, manifest_path: Path, outcomes: list[str]) -> None:
         assert key in meta, f"index names entry {key} that is not in the cache"
 
 
-def _pipeline(work: Path, fmt: str, target: str, data: bytes, outcomes: list[str]) -> None:
+def _pipeline(
+    work: Path, fmt: str, target: str, data: bytes, outcomes: list[str], seeds: dict[str, bytes] | None = None
+) -> None:
     root = work / "archive"
-    for rel, seed in _seeds()[fmt].items():
+    for rel, seed in (_seeds()[fmt] if seeds is None else seeds).items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data if rel == target else seed)
     out = work / "m.csv"
@@ -189,9 +199,9 @@ def _fuzz_files(fmt: str, mutation: tuple[str, Any, Any], pick: float) -> None:
     files = sorted(_seeds()[fmt])
     target = files[min(int(pick * len(files)), len(files) - 1)]
     data = mutate(_seeds()[fmt][target], mutation)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
         outcomes: list[str] = []
-        _with_watchdog(lambda: _pipeline(Path(tmp), fmt, target, data, outcomes))
+        _with_watchdog(lambda: _pipeline_of(Path(tmp), fmt, target, data, outcomes))
     for outcome in outcomes:
         event(outcome)
 
@@ -341,7 +351,7 @@ def _manifest_pipeline(work: Path, data: bytes, outcomes: list[str]) -> None:
 @example(mutation=("cell", (0.0, 8 / 13), "nan"))  # found by this test: NaN spacing passed validation
 @example(mutation=("bytes", (0.09375, 0.0), b"\x00"))  # the '# paths:' line names a missing map
 def test_mutated_manifests_are_reported(mutation: tuple[str, Any, Any]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
         work = Path(tmp)
         _, lines = _manifest_seed(work)
         data = mutate_manifest(lines, mutation)
@@ -393,3 +403,768 @@ def test_nifti_with_a_degenerate_affine_or_negative_dimension_is_reported(tmp_pa
     assert [r.path for r in result.rows] == ["good.nii"]
     with pytest.raises(DataError):
         read_nifti(tmp_path / "negative.nii")
+
+
+# === multi-frame DICOM, labels CSVs, segmentation masks and the path map (issue 18, scope 2) =========================
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NATIVE = PreprocessConfig(spacing=None, max_side_2d=None)
+RESAMPLED = PreprocessConfig(spacing=[2.0, 2.0, 2.0], max_side_2d=8)  # also resamples every label map
+
+
+def _testdata_file(name: str) -> Path | None:
+    """A file of pydicom's test data (``rtdose.dcm`` ships with pydicom; ``emri_small.dcm`` with pydicom-data)."""
+    from pydicom.data import get_testdata_file
+
+    try:
+        found = get_testdata_file(name, download=False)
+    except Exception:  # no data source installed
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+EMRI = _testdata_file("emri_small.dcm")  # real Enhanced MR Image Storage, 10 frames of 64x64
+RTDOSE = _testdata_file("rtdose.dcm")  # real RT Dose, 15 frames of 10x10, implicit VR
+
+
+def write_multiframe(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, float], enhanced: bool) -> Path:
+    """One multi-frame MR file through pydicom: the legacy MR IOD with NumberOfFrames and the geometry at the top
+    level, or (``enhanced``) the Enhanced MR IOD with shared and per-frame functional groups."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    uid = "1.2.826.0.1.3680043.8.498.18"  # fixed UIDs: the same bytes on every run, for @example offsets
+    path.parent.mkdir(parents=True, exist_ok=True)
+    volume = np.asarray(volume_zyx, dtype=np.uint16)
+    sop_class = "1.2.840.10008.5.1.4.1.1.4.1" if enhanced else "1.2.840.10008.5.1.4.1.1.4"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid = f"{uid}.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = f"{uid}.0"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = f"{uid}.2", f"{uid}.3"
+    ds.Modality, ds.PatientID, ds.PatientName = "MR", "P0001", "Anon^Subject"
+    ds.NumberOfFrames = volume.shape[0]
+    ds.Rows, ds.Columns = volume.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    orientation, pixel_spacing = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [spacing[1], spacing[0]]
+    if enhanced:
+        plane, measures = Dataset(), Dataset()
+        plane.ImageOrientationPatient = orientation
+        measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = (
+            pixel_spacing,
+            spacing[2],
+            spacing[2],
+        )
+        shared = Dataset()
+        shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([plane]), Sequence([measures])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames = []
+        for k in range(volume.shape[0]):
+            position, frame = Dataset(), Dataset()
+            position.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
+            frame.PlanePositionSequence = Sequence([position])
+            frames.append(frame)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    else:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], orientation
+        ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = pixel_spacing, spacing[2], spacing[2]
+    ds.PixelData = volume.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+_MF_SEEDS: dict[str, dict[str, bytes]] = {}
+
+
+def _multiframe_seeds() -> dict[str, dict[str, bytes]]:
+    """Multi-frame archives (one file each): generated legacy (``mf``) and enhanced (``emf``) MR, and pydicom's real
+    RT Dose (``rtdose``) and Enhanced MR (``emri``) files where installed."""
+    if _MF_SEEDS:
+        return _MF_SEEDS
+    volume = random_volume((3, 8, 6), low=0, high=3000)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        for name, enhanced in (("mf", False), ("emf", True)):
+            path = write_multiframe(Path(tmp) / f"{name}.dcm", volume, (1.0, 1.0, 2.0), enhanced)
+            _MF_SEEDS[name] = {"mr/multiframe.dcm": path.read_bytes()}
+    for name, path in (("rtdose", RTDOSE), ("emri", EMRI)):
+        if path is not None:
+            _MF_SEEDS[name] = {f"{name}/{path.name}": path.read_bytes()}
+    return _MF_SEEDS
+
+
+def _seeds_of(fmt: str) -> dict[str, bytes]:
+    return _multiframe_seeds()[fmt] if fmt in ("mf", "emf", "rtdose", "emri") else _seeds()[fmt]
+
+
+def _known_scan_bug(path: Path) -> str | None:
+    """The known bug of medssl/data/scan.py (not editable in this change) that ``path`` hits, if any: a multi-frame
+    file whose direction SimpleITK reads as all zeros (``multiframe_info`` raises ValueError), or an image whose header
+    gives over 2 x 179 M pixels or is cut short (``image_info`` lets Pillow's DecompressionBombError or ValueError
+    out), stops the whole scan. Each is pinned by a strict xfail test
+    (``test_enhanced_multiframe_without_a_usable_orientation_is_reported``,
+    ``test_image_with_a_huge_or_truncated_header_is_reported``)."""
+    from PIL import Image
+
+    from medssl.data.dicom import read_header
+    from medssl.data.scan import file_kind, image_info, multiframe_info
+
+    kind = file_kind(path)
+    try:
+        if kind == "image":
+            image_info(path)
+        elif kind == "dicom" and read_header(path, SALT, path.name).frames > 1:
+            multiframe_info(path)
+    except (Image.DecompressionBombError, ValueError) as exc:
+        where = "image_info" if kind == "image" else "multiframe_info"
+        return f"known bug: scan.{where} let {type(exc).__name__} stop the scan"
+    except Exception:  # reported as it should be
+        return None
+    return None
+
+
+def _pipeline_of(work: Path, fmt: str, target: str, data: bytes, outcomes: list[str]) -> None:
+    """:func:`_pipeline` for any seed archive; a case that hits a known scan bug is an event, not a failure."""
+    try:
+        _pipeline(work, fmt, target, data, outcomes, _seeds_of(fmt))
+    except AssertionError:
+        known = None if (work / "m.paths.csv").exists() else _known_scan_bug(work / "archive" / target)
+        if known is None:
+            raise
+        outcomes.append(known)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "mf",
+        "emf",
+        pytest.param("rtdose", marks=pytest.mark.skipif(RTDOSE is None, reason="pydicom's rtdose.dcm not found")),
+        pytest.param("emri", marks=pytest.mark.skipif(EMRI is None, reason="pydicom-data (emri_small.dcm) missing")),
+    ],
+)
+@FUZZ
+@given(mutation=MUTATIONS)
+@example(mutation=("flip", [0.3563], 0x61))  # found: a bad VR (UI -> U() decoded only when read stopped the scan
+def test_mutated_multiframe_dicom_is_scanned_or_reported(fmt: str, mutation: tuple[str, Any, Any]) -> None:
+    target = sorted(_seeds_of(fmt))[0]
+    data = mutate(_seeds_of(fmt)[target], mutation)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        outcomes: list[str] = []
+        _with_watchdog(lambda: _pipeline_of(Path(tmp), fmt, target, data, outcomes))
+    for outcome in outcomes:
+        event(outcome)
+
+
+def test_dicom_whose_elements_fail_to_decode_is_reported(tmp_path: Path) -> None:
+    """pydicom decodes an element when it is first read: a bad VR or a non-integer NumberOfFrames raised from
+    ``read_header`` (stopping the whole scan) and from ``read_dicom_file`` (a bare ValueError at cache build)."""
+    from medssl.data.dicom import read_header
+    from medssl.data.readers import read_dicom_file
+    from medssl.data.scan import ScanOptions, scan_folder
+
+    seed = _multiframe_seeds()["mf"]["mr/multiframe.dcm"]
+    uid_vr = seed.index(b"\x08\x00\x18\x00UI") + 4  # SOPInstanceUID's VR
+    (tmp_path / "bad_vr.dcm").write_bytes(seed[:uid_vr] + b"U(" + seed[uid_vr + 2 :])
+    frames = seed.index(b"\x28\x00\x08\x00IS") + 8  # NumberOfFrames: "3 " -> "3Q"
+    (tmp_path / "bad_frames.dcm").write_bytes(seed[:frames] + b"3Q" + seed[frames + 2 :])
+    with pytest.raises(DataError, match="corrupt DICOM header"):
+        read_header(tmp_path / "bad_vr.dcm", SALT, "bad_vr.dcm")
+    with pytest.raises(DataError, match="corrupt DICOM file"):
+        read_dicom_file(tmp_path / "bad_frames.dcm")
+    result = scan_folder(tmp_path, ScanOptions(salt=SALT, workers=1, progress=False))
+    assert dict(result.errors)["bad_vr.dcm"].startswith("corrupt DICOM header"), result.errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="known bug in medssl/data/scan.py (not editable in this change): multiframe_info turns SimpleITK's "
+    "geometry into an orientation without a check, so an enhanced multi-frame file whose orientation is unusable "
+    "(SimpleITK reads an all-zero direction) raises ValueError and stops the whole scan. Fix: in multiframe_info, "
+    "wrap the lines from `direction = ...reshape(3, 3)` to `canonical_shape_spacing(...)` in `try: ... except "
+    'ValueError: raise DataError(path, "multi-frame DICOM without a usable orientation (zero or non-finite axis); '
+    'cannot orient the volume") from None`',
+)
+def test_enhanced_multiframe_without_a_usable_orientation_is_reported(tmp_path: Path) -> None:
+    import pydicom
+
+    from medssl.data.readers import read_dicom_file
+    from medssl.data.scan import ScanOptions, scan_folder
+
+    path = write_multiframe(tmp_path / "flat.dcm", random_volume((3, 8, 6), low=0), (1.0, 1.0, 2.0), enhanced=True)
+    ds = pydicom.dcmread(path)
+    ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 1, 0, 0]
+    ds.save_as(path)
+    with pytest.raises(DataError):  # the reader names it
+        read_dicom_file(path)
+    result = scan_folder(tmp_path, ScanOptions(salt=SALT, workers=1, progress=False))
+    assert "orient" in dict(result.errors)["flat.dcm"]
+
+
+def _huge_image(path: Path) -> Path:
+    """A TGA header (Pillow opens it whatever the file's name) giving 40000 x 40000 pixels, and a few bytes."""
+    import struct
+
+    header = bytes([0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]) + struct.pack("<HH", 40000, 40000) + bytes([8, 0])
+    path.write_bytes(header + bytes(64))  # grey, 8 bits
+    return path
+
+
+def test_image_reader_names_an_image_with_a_huge_header_size(tmp_path: Path) -> None:
+    """Found by the atheris harness: Pillow raises DecompressionBombError (not an OSError) for a header of over
+    2 x 179 M pixels, which escaped ``read_image_file`` (the cache build said only 'preprocessing failed')."""
+    from medssl.data.readers import read_image_file
+
+    with pytest.raises(DataError, match="more pixels than Pillow decodes safely"):
+        read_image_file(_huge_image(tmp_path / "big.png"))
+    with pytest.raises(DataError, match=r"unreadable or truncated image file \(ValueError\)"):
+        read_image_file(_truncated_png(tmp_path / "cut.png"))
+
+
+def _truncated_png(path: Path) -> Path:
+    """A PNG signature and an IHDR chunk of 4 bytes instead of 13."""
+    import struct
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 4) + b"IHDR" + bytes(8))
+    return path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(DecompressionBombError, ValueError),
+    reason="known bug in medssl/data/scan.py (not editable in this change): image_info catches UnidentifiedImageError, "
+    "OSError and SyntaxError, but Pillow also raises ValueError ('Truncated IHDR chunk') and DecompressionBombError "
+    "(a header of over 2 x 179 M pixels: a few corrupt bytes read as a TGA header give one), so one such file stops "
+    "the whole scan (both found by benchmarks/fuzz_atheris.py). Fix: image_info's except tuple becomes "
+    "(UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError), as read_image_file's",
+)
+@pytest.mark.parametrize("make", [_huge_image, _truncated_png], ids=["huge", "truncated-ihdr"])
+def test_image_with_a_huge_or_truncated_header_is_reported(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+    from medssl.data.scan import ScanOptions, scan_folder
+
+    make(tmp_path / "bad.png")
+    result = scan_folder(tmp_path, ScanOptions(salt=SALT, workers=1, progress=False))
+    assert dict(result.errors)["bad.png"].startswith("unreadable image file")
+
+
+# --- labels CSVs (``manifest scan --labels``: split/group/label/subject/modality/mask joined by path) ----------------
+
+# Known bugs of scan.join_labels (medssl/data/scan.py, not editable in this change), each pinned by a strict xfail
+# test below. A fuzz case that hits one is an event, not a failure; drop the entry when its fix lands.
+_LABELS_BUGS: tuple[tuple[type[BaseException], str, str], ...] = (
+    (UnicodeDecodeError, "", "not UTF-8: UnicodeDecodeError without the file's name"),
+    (csv.Error, "", "csv.Error (field over 128 KiB) escapes"),
+    (TypeError, "", "a row without its 'path' field: TypeError"),
+    (ValueError, "null byte", "NUL in a mask path: ValueError without the file's name"),
+)
+
+
+def _labels_bug(exc: BaseException) -> str | None:
+    import traceback
+
+    if "join_labels" not in {frame.name for frame in traceback.extract_tb(exc.__traceback__)}:
+        return None
+    for kind, text, what in _LABELS_BUGS:
+        if isinstance(exc, kind) and text in str(exc):
+            return what
+    return None
+
+
+_LABELS_SEEDS: dict[str, tuple[dict[str, bytes], str]] = {}
+
+
+def _labels_seeds() -> dict[str, tuple[dict[str, bytes], str]]:
+    """Archives with a labels CSV: files (relative to the work folder) and the CSV's relative path.
+
+    ``generated``: the DX/NIfTI/PNG seeds, a PNG label map (excluded from the scan), and a CSV beside the archive
+    with every column; ``mednist``: three real MedNIST JPEGs with the first rows of the real labels.csv, inside the
+    archive (as shipped), when ../shared/data is there.
+    """
+    if _LABELS_SEEDS:
+        return _LABELS_SEEDS
+    files = {f"archive/{fmt}/{rel}": data for fmt in ("dx", "nii", "png") for rel, data in _seeds()[fmt].items()}
+    files["archive/masks/img.png"] = files["archive/png/img.png"]
+    files["labels.csv"] = (
+        b"path,split,group,label,subject,modality,mask\n"
+        b"archive/dx/img.dcm,train,a,cat,person1,DX,\n"
+        b"archive/nii/vol.nii,val,b,dog,person2,MR,\n"
+        b"archive/png/img.png,test,a,cat,person3,,archive/masks/img.png\n"
+    )
+    _LABELS_SEEDS["generated"] = (files, "labels.csv")
+    mednist = SHARED / "mednist-subset"
+    if (mednist / "labels.csv").is_file():
+        lines = (mednist / "labels.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        rows = [lines[0], *(next(ln for ln in lines if ln.startswith(c)) for c in ("Hand/", "CXR/", "HeadCT/"))]
+        real = {f"archive/{line.split(',', 1)[0]}": (mednist / line.split(",", 1)[0]).read_bytes() for line in rows[1:]}
+        real["archive/labels.csv"] = "".join(rows).encode()
+        _LABELS_SEEDS["mednist"] = (real, "archive/labels.csv")
+    return _LABELS_SEEDS
+
+
+def _labels_pipeline(work: Path, seed: str, data: bytes, outcomes: list[str]) -> None:
+    from medssl.data.labelled import load_cases
+    from medssl.data.scan import ScanOptions, join_labels, scan_folder
+
+    files, labels_rel = _labels_seeds()[seed]
+    for rel, content in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data if rel == labels_rel else content)
+    root, labels = work / "archive", work / labels_rel
+    exclude = ["masks/*", "labels.csv"]
+    scanned = scan_folder(root, ScanOptions(salt=SALT, exclude=exclude, workers=1, progress=False))
+    try:
+        rows, warnings = join_labels(scanned.rows, labels, root, SALT)
+    except DataError as exc:
+        assert exc.path == str(labels) and exc.reason, exc
+        outcomes.append(f"labels: DataError ({exc.reason})")
+    except Exception as exc:
+        known = _labels_bug(exc)
+        if known is None:
+            raise
+        outcomes.append(f"known bug: join_labels, {known}")
+        return  # the command would stop with the same exception: nothing more to check
+    else:
+        assert all(w.startswith(f"{labels}:") for w in warnings), warnings
+        assert all(r.split in ("", "train", "val", "test") for r in rows)
+        outcomes.append("labels: joined with warnings" if warnings else "labels: joined")
+    out = work / "m.csv"
+    argv = ["manifest", "scan", str(root), "--out", str(out), "--labels", str(labels), "--salt", SALT]
+    code, _, err = _cli([*argv, *(f"--exclude={e}" for e in exclude), "--workers", "1", "--no-progress"])
+    assert code in (0, 2) and "Traceback" not in err, (code, err)
+    if code == 2:
+        assert str(labels) in err, err
+        return
+    code, _, err = _cli(["manifest", "validate", str(out)])
+    assert code in (0, 1) and "Traceback" not in err, (code, err)
+    manifest = read_manifest(out)
+    if any(row.mask for row in manifest.rows):  # what fine-tuning reads: every row a case or a named error
+        cases, errors = load_cases(manifest, NATIVE, workers=1, progress=False)
+        named = {e.path for e in errors}
+        assert all(e.reason for e in errors)
+        assert all(r.id in {c.id for c in cases} or {r.path, r.mask} & named for r in manifest.rows if r.mask)
+        outcomes.append(f"finetune: {len(cases)} cases, {len(errors)} named errors")
+
+
+LABELS_MUTATIONS = st.one_of(
+    MANIFEST_MUTATIONS,
+    st.tuples(st.just("duplicate_row"), _fraction, _BAD_VALUES),
+    st.tuples(st.just("blank_lines"), _fraction, st.integers(1, 3)),
+)
+
+
+def mutate_rows(lines: list[str], mutation: tuple[str, Any, Any]) -> bytes:
+    """Row-level mutations of a CSV (``duplicate_row``: a row again with its last field changed; ``blank_lines``),
+    else :func:`mutate_manifest`."""
+    kind, where, what = mutation
+    if kind == "duplicate_row":
+        table = list(csv.reader(lines))
+        r = 1 + min(int(where * (len(table) - 1)), len(table) - 2)
+        table.insert(r + 1, [*table[r][:-1], what])
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(table)
+        return buffer.getvalue().encode("utf-8", errors="surrogatepass")
+    if kind == "blank_lines":
+        i = 1 + min(int(where * (len(lines) - 1)), len(lines) - 1)
+        return "".join([*lines[:i], "\n" * what, *lines[i:]]).encode()
+    return mutate_manifest(lines, mutation)
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        "generated",
+        pytest.param(
+            "mednist",
+            marks=pytest.mark.skipif(
+                not (SHARED / "mednist-subset").is_dir(), reason=f"real data not available: {SHARED}/mednist-subset"
+            ),
+        ),
+    ],
+)
+@FUZZ
+@given(mutation=LABELS_MUTATIONS)
+def test_mutated_labels_csv_is_joined_or_reported(seed: str, mutation: tuple[str, Any, Any]) -> None:
+    files, labels_rel = _labels_seeds()[seed]
+    data = mutate_rows(files[labels_rel].decode().splitlines(keepends=True), mutation)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        outcomes: list[str] = []
+        _with_watchdog(lambda: _labels_pipeline(Path(tmp), seed, data, outcomes))
+    for outcome in outcomes:
+        event(outcome)
+
+
+def _labels_case(tmp_path: Path, text: bytes) -> tuple[Path, list[Any]]:
+    from medssl.data.scan import ScanOptions, scan_folder
+
+    files, _ = _labels_seeds()["generated"]
+    for rel, content in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(content)
+    (tmp_path / "labels.csv").write_bytes(text)
+    options = ScanOptions(salt=SALT, exclude=["masks/*"], workers=1, progress=False)
+    return tmp_path / "labels.csv", scan_folder(tmp_path / "archive", options).rows
+
+
+_LABELS_FIX = (
+    "known bug in scan.join_labels (medssl/data/scan.py, not editable in this change). Fix: read the CSV with "
+    "`try: ... except UnicodeDecodeError as exc: raise DataError(labels_csv, f'not a UTF-8 text file ({exc.reason})') "
+    "except csv.Error as exc: raise DataError(labels_csv, f'line {reader.line_num}: unreadable CSV ({exc})')`; "
+    "number records by `reader.line_num` while reading (not `enumerate(records, start=2)`, wrong after blank lines "
+    "or quoted newlines); a record whose 'path' is None (a row shorter than the header) is a warning "
+    "'{labels_csv}:{line}: the row has fewer fields than the header', skipped; and `mask.resolve()` moves inside "
+    "the try (ValueError: embedded null byte -> the 'mask is outside the scanned folder' warning)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_LABELS_FIX)
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(b"path,split\narchive/png/img.png,\xff\n", id="not-utf8"),
+        pytest.param(b'path,split\narchive/png/img.png,"' + b"x" * 140_000 + b'"\n', id="field-over-128KiB"),
+        pytest.param(b"split,path\ntrain\n", id="row-without-path"),
+        pytest.param(b"path,mask\narchive/png/img.png,archive/\x00.png\n", id="nul-in-mask"),
+    ],
+)
+def test_unreadable_labels_csv_is_a_data_error_naming_it(tmp_path: Path, text: bytes) -> None:
+    from medssl.data.scan import join_labels
+
+    labels, rows = _labels_case(tmp_path, text)
+    try:
+        _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
+    except DataError as exc:
+        assert exc.path == str(labels)
+    else:
+        assert warnings and all(w.startswith(f"{labels}:2:") for w in warnings), warnings
+
+
+@pytest.mark.xfail(strict=True, reason=_LABELS_FIX)
+def test_labels_warnings_name_the_line_in_the_file(tmp_path: Path) -> None:
+    from medssl.data.scan import join_labels
+
+    labels, rows = _labels_case(tmp_path, b"path,split\n\narchive/png/img.png,bogus\n")
+    _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
+    assert warnings == [f"{labels}:3: split 'bogus' is not train/val/test; ignored"]
+
+
+# --- segmentation masks (the manifest's ``mask`` column: a label map on the image's grid) ----------------------------
+
+_MASK_SEEDS: dict[str, tuple[dict[str, bytes], list[Any]]] = {}
+
+
+def _mask_seeds() -> dict[str, tuple[dict[str, bytes], list[Any]]]:
+    """Images with label maps: files (relative to the manifest's root) and manifest rows.
+
+    ``generated``: one MR volume (8x8x6, 2 mm slices) with three label maps of it (.nii uint8, .nii float32,
+    .nii.gz int16) and a PNG image with a PNG label map; ``hippocampus``: a real MSD case (T1 crop and its label
+    map, as shipped .nii.gz and decompressed .nii) when ../shared/data is there.
+    """
+    if _MASK_SEEDS:
+        return _MASK_SEEDS
+    from medssl.data.manifest import ManifestRow
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 8, 8), dtype=np.uint8)  # [z, y, x]
+    labels[2:4, 2:5, 3:6], labels[4, 5:7, 1:3] = 1, 2
+    labels_2d = np.zeros((12, 10), dtype=np.uint8)
+    labels_2d[3:6, 2:7] = 1
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        root = Path(tmp)
+        write_nifti(root / "vol.nii.gz", rng.normal(100, 10, (6, 8, 8)).astype(np.float32), spacing=(1.0, 1.0, 2.0))
+        masks = {"m8.nii": labels, "m32.nii": labels.astype(np.float32), "mgz.nii.gz": labels.astype(np.int16)}
+        for name, mask in masks.items():
+            write_nifti(root / "labels" / name, mask, spacing=(1.0, 1.0, 2.0))
+        write_png(root / "img.png", rng.integers(0, 255, (12, 10)).astype(np.uint8))
+        write_png(root / "labels" / "m.png", labels_2d)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    rows = [
+        ManifestRow(
+            id=f"v{i}",
+            path="vol.nii.gz",
+            format="nifti",
+            dims=3,
+            modality="MR",
+            subject=f"s{i}",
+            split="train",
+            mask=f"labels/{name}",
+        )
+        for i, name in enumerate(masks)
+    ]
+    rows.append(ManifestRow(id="i0", path="img.png", format="image", dims=2, subject="s9", mask="labels/m.png"))
+    _MASK_SEEDS["generated"] = (files, rows)
+    hippocampus = SHARED / "msd-hippocampus"
+    if (hippocampus / "labels" / "hippocampus_003.nii.gz").is_file():
+        import gzip
+
+        label = (hippocampus / "labels" / "hippocampus_003.nii.gz").read_bytes()
+        files = {
+            "images/h003.nii.gz": (hippocampus / "images" / "hippocampus_003.nii.gz").read_bytes(),
+            "labels/h003.nii.gz": label,
+            "labels/h003.nii": gzip.decompress(label),
+        }
+        rows = [
+            ManifestRow(
+                id=f"h{i}",
+                path="images/h003.nii.gz",
+                format="nifti",
+                dims=3,
+                modality="MR",
+                subject="h003",
+                split="train",
+                mask=f"labels/h003.{suffix}",
+            )
+            for i, suffix in enumerate(("nii.gz", "nii"))
+        ]
+        _MASK_SEEDS["hippocampus"] = (files, rows)
+    return _MASK_SEEDS
+
+
+def test_mask_seeds_load_clean(tmp_path: Path) -> None:
+    """The seeds' cases all load: a mutation is what makes a mask bad."""
+    for seed in _mask_seeds():
+        outcomes: list[str] = []
+        _mask_pipeline(tmp_path / seed, seed, "", b"", outcomes)
+        rows = len(_mask_seeds()[seed][1])
+        assert outcomes == [f"{rows} of {rows} cases loaded"] * 2, outcomes
+
+
+def _mask_pipeline(work: Path, seed: str, target: str, data: bytes, outcomes: list[str]) -> None:
+    from medssl.data.labelled import load_cases
+    from medssl.data.manifest import write_manifest
+
+    files, rows = _mask_seeds()[seed]
+    rows = [r for r in rows if r.mask == target or not target]  # the mutated mask's case (all for the seed check)
+    for rel, content in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data if rel == target else content)
+    write_manifest(work / "labelled.csv", rows, work)
+    report = validate_manifest(work / "labelled.csv")
+    assert all(report.errors), report.errors
+    manifest = read_manifest(work / "labelled.csv")
+    for config in (NATIVE, RESAMPLED):
+        cases, errors = load_cases(manifest, config, workers=1, progress=False)
+        reasons = {e.path: e.reason for e in errors}
+        assert all(reasons.values()) and len(reasons) == len(errors), errors
+        assert set(reasons) <= {target} - {""}, f"a file that was not mutated failed: {errors}"  # named by its mask
+        loaded = {c.id for c in cases}
+        assert all(r.id in loaded or r.mask in reasons for r in rows), (loaded, reasons)
+        for case in cases:
+            assert case.mask.dtype == np.int64 and case.mask.shape == case.image.shape[1:]
+            assert case.mask.min() >= 0 and np.isfinite(case.image).all()
+        outcomes.extend(f"mask: {reason}" for reason in reasons.values())
+        outcomes.append(f"{len(cases)} of {len(rows)} cases loaded")
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        "generated",
+        pytest.param(
+            "hippocampus",
+            marks=pytest.mark.skipif(
+                not (SHARED / "msd-hippocampus").is_dir(), reason=f"real data not available: {SHARED}/msd-hippocampus"
+            ),
+        ),
+    ],
+)
+@FUZZ
+@given(mutation=MUTATIONS, pick=_fraction)
+@example(mutation=("header", 0.7, b"\x00" * 8), pick=0.25)  # found: a zero affine axis raised OrientationError
+@example(mutation=("flip", [0.9], 0x7F), pick=0.25)  # found: a float label of 3e38 became class -2**63
+def test_mutated_masks_are_loaded_or_named(seed: str, mutation: tuple[str, Any, Any], pick: float) -> None:
+    files, rows = _mask_seeds()[seed]
+    masks = sorted({r.mask for r in rows})
+    target = masks[min(int(pick * len(masks)), len(masks) - 1)]
+    data = mutate(files[target], mutation)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        outcomes: list[str] = []
+        _with_watchdog(lambda: _mask_pipeline(Path(tmp), seed, target, data, outcomes))
+    for outcome in outcomes:
+        event(outcome)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "reason"),
+    [
+        ("shape", np.zeros((5, 8, 8), np.uint8), "mask shape (8, 8, 5) differs from its image's (8, 8, 6)"),
+        ("fraction", np.full((6, 8, 8), 0.5, np.float32), "mask values must be non-negative integers"),
+        ("negative", np.full((6, 8, 8), -1, np.int16), "mask values must be non-negative integers"),
+        ("nan", np.full((6, 8, 8), np.nan, np.float32), "voxel(s) are NaN or infinite"),
+        ("huge", np.full((6, 8, 8), 3e38, np.float32), "mask values must be class indices up to 2147483647"),
+        ("4d", np.zeros((2, 6, 8, 8), np.uint8), "4D NIfTI"),
+        ("truncated", None, "truncated or corrupt NIfTI data"),
+        ("flat", None, "NIfTI affine has a zero or non-finite axis"),
+        ("empty", None, "every dimension must be positive"),
+    ],
+)
+def test_bad_masks_are_named_with_a_reason(tmp_path: Path, name: str, labels: np.ndarray | None, reason: str) -> None:
+    """Each kind of bad label map, made on purpose: the case is skipped and the mask named, never a traceback."""
+    import nibabel as nib
+
+    from medssl.data.labelled import load_cases
+    from medssl.data.manifest import ManifestRow, write_manifest
+
+    files, _ = _mask_seeds()["generated"]
+    for rel in ("vol.nii.gz", "labels/m8.nii"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(files[rel])
+    mask = tmp_path / "labels" / f"{name}.nii"
+    if labels is not None:
+        nib.Nifti1Image(labels.T, np.diag([1.0, 1.0, 2.0, 1.0])).to_filename(mask)
+    else:
+        data = bytearray(files["labels/m8.nii"])
+        if name == "truncated":
+            data = data[:-100]
+        elif name == "flat":
+            data[280:296] = bytes(16)  # srow_x: no x axis
+        else:
+            data[46:48] = (0).to_bytes(2, "little")  # dim[2] = 0
+        mask.write_bytes(bytes(data))
+    rows = [
+        ManifestRow(id=i, path="vol.nii.gz", format="nifti", dims=3, modality="MR", mask=f"labels/{m}")
+        for i, m in (("good", "m8.nii"), ("bad", mask.name))
+    ]
+    write_manifest(tmp_path / "m.csv", rows, tmp_path)
+    cases, errors = load_cases(read_manifest(tmp_path / "m.csv"), NATIVE, workers=1, progress=False)
+    assert [c.id for c in cases] == ["good"]
+    assert [e.path for e in errors] == [f"labels/{mask.name}"] and reason in errors[0].reason, errors
+
+
+# --- the path map (``<manifest>.paths.csv``: the archive root and key -> relative path) ------------------------------
+
+MAP_MUTATIONS = st.one_of(
+    MANIFEST_MUTATIONS,  # cells (keys and paths: escaping, absolute, empty, NUL, ...), columns, rows, bytes
+    st.tuples(st.just("drop_line"), _fraction, st.none()),  # the magic line, the root line, the header, an entry
+    st.tuples(st.just("duplicate_line"), _fraction, st.none()),  # a duplicate key, a second root line
+    st.tuples(st.just("root"), st.none(), _BAD_VALUES),
+    st.tuples(st.just("duplicate_row"), _fraction, _BAD_VALUES),  # a key mapped twice
+)
+
+
+_SCANNED: dict[str, bytes] = {}
+
+
+def _scanned_seed() -> dict[str, bytes]:
+    """:func:`_manifest_seed` once: every file it wrote, relative path -> bytes (the manifest names its map, and the
+    map its root, relative to their own folder: they can be written anywhere)."""
+    if not _SCANNED:
+        with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+            _manifest_seed(Path(tmp))
+            _SCANNED.update(
+                {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+            )
+    return _SCANNED
+
+
+def mutate_map(lines: list[str], mutation: tuple[str, Any, Any]) -> bytes:
+    kind, where, what = mutation
+    if kind in ("drop_line", "duplicate_line"):
+        i = min(int(where * len(lines)), len(lines) - 1)
+        lines = [*lines[: i + 1], lines[i], *lines[i + 1 :]] if kind == "duplicate_line" else lines[:i] + lines[i + 1 :]
+        return "".join(lines).encode()
+    if kind == "root":
+        return "".join(f"# root: {what}\n" if ln.startswith("# root:") else ln for ln in lines).encode(
+            "utf-8", "replace"
+        )
+    if kind == "duplicate_row":
+        comments = [ln for ln in lines if ln.startswith("#")]
+        return "".join(comments).encode() + mutate_rows([ln for ln in lines if not ln.startswith("#")], mutation)
+    return mutate_manifest(lines, mutation)
+
+
+def _map_pipeline(work: Path, data: bytes, private: list[str], outcomes: list[str]) -> None:
+    map_file, manifest = work / "m.paths.csv", work / "m.csv"
+    map_file.write_bytes(data)
+    error: str | None = None
+    try:
+        path_map = read_path_map(map_file)
+    except ManifestError as exc:
+        error = str(exc)
+        assert error.startswith(str(map_file)), f"the message does not name the map: {error}"
+        outcomes.append(f"map: {error.removeprefix(str(map_file)).split(' (')[0].lstrip(':0123456789 ')}")
+    else:
+        assert all(p and root_escape(p) is None and "\x00" not in p for p in path_map.paths.values())
+        text = io.StringIO(data.decode(), newline="")  # lines as the reader splits them
+        records = list(csv.DictReader(ln for ln in text if not ln.startswith("#")))
+        keys = [r["key"] for r in records]
+        assert all(keys) and len(set(keys)) == len(keys), "a key that is empty or mapped twice was read"
+        outcomes.append("map: read")
+    try:
+        report = validate_manifest(manifest)
+    except ManifestError as exc:
+        assert error is not None and str(exc) == error, (error, exc)
+    else:
+        assert error is None and all(report.errors), report.errors
+    code, out, err = _cli(["manifest", "validate", str(manifest)])
+    assert code in (0, 1, 2) and "Traceback" not in err, (code, err)
+    printed = (out + err).replace(str(work), "")
+    assert not [p for p in private if p in printed], f"validate quotes an entry of the map: {printed}"
+    if error is not None:
+        assert code == 2 and str(map_file) in err, (code, err)
+        return
+    try:
+        _check_cache(work / "cache", manifest, outcomes)
+    except DataError as exc:  # the map's root is not a folder (a file, a name too long, ...)
+        outcomes.append(f"cache: DataError ({exc.reason})")
+
+
+@FUZZ
+@given(mutation=MAP_MUTATIONS)
+@example(mutation=("bytes", (0.5, 0.0), b"\xff"))  # found: not UTF-8 raised UnicodeDecodeError (not naming the map)
+@example(mutation=("duplicate_line", 0.99, None))  # found: a key mapped twice was read silently, the last one won
+@example(mutation=("cell", (0.0, 0.0), ""))  # found: an empty key was read silently
+@example(mutation=("root", None, "\x00"))  # found: a NUL in the root raised ValueError in validate
+@example(mutation=("cell", (0.0, 0.99), "x" * 140_000))  # found: csv.Error (field limit) escaped as a traceback
+def test_mutated_path_map_is_read_or_named(mutation: tuple[str, Any, Any]) -> None:
+    seed = _scanned_seed()
+    lines = seed["m.paths.csv"].decode().splitlines(keepends=True)
+    private = [row[1] for row in csv.reader(lines[3:])]  # the relative paths: never in a message
+    data = mutate_map(lines, mutation)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        work = Path(tmp)
+        for rel, content in seed.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_bytes(content)
+        outcomes: list[str] = []
+        _with_watchdog(lambda: _map_pipeline(work, data, private, outcomes))
+    for outcome in outcomes:
+        event(outcome)
+
+
+_MAP_HEAD = b"# medssl-paths v1\n# root: .\nkey,path\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_MAP_HEAD + b"p1,a.png\n\xff\n", r"m\.paths\.csv: not a UTF-8 text file"),
+        (_MAP_HEAD + b"p1,a.png\np1,b.png\n", r"m\.paths\.csv:5: the key on this line is also on line 4"),
+        (_MAP_HEAD + b",a.png\n", r"m\.paths\.csv:4: empty key"),
+        (_MAP_HEAD + b"p1\n", r"m\.paths\.csv:4: the row has fewer fields than the header"),
+        (_MAP_HEAD + b"\n# note\np1,../a.png\n", r"m\.paths\.csv:6: paths must be relative to the root"),
+        (_MAP_HEAD + b"p1,/etc/a.png\n", r"m\.paths\.csv:4: paths must be relative to the root"),
+        (_MAP_HEAD + b"p1,a\x00.png\n", r"m\.paths\.csv:4: paths must be relative to the root"),
+        (_MAP_HEAD + b'p1,"' + b"x" * 140_000 + b'"\n', r"m\.paths\.csv:4: unreadable CSV \(field larger"),
+        (b"# medssl-paths v1\n# root: .\nkey\np1\n", r"m\.paths\.csv: a path map needs the columns key,path"),
+        (b"# medssl-paths v1\nkey,path\np1,a.png\n", r"m\.paths\.csv: no '# root:' line"),
+        (b"# medssl-paths v1\n# root: a\x00\nkey,path\n", r"m\.paths\.csv: the '# root:' line holds a NUL"),
+        (b"key,path\np1,a.png\n", r"m\.paths\.csv: not a medssl path map"),
+        (b"# medssl-paths v1\n# root: .\npath,key\na.png,p1\n", None),  # columns in another order: fine
+    ],
+)
+def test_bad_path_map_is_a_manifest_error_naming_it(tmp_path: Path, text: bytes, message: str | None) -> None:
+    map_file = tmp_path / "m.paths.csv"
+    map_file.write_bytes(text)
+    if message is None:
+        assert dict(read_path_map(map_file).paths) == {"p1": "a.png"}
+        return
+    with pytest.raises(ManifestError, match=message) as caught:
+        read_path_map(map_file)
+    assert "a.png" not in str(caught.value)  # never quotes an entry

@@ -68,6 +68,16 @@ def read_header(path: Path, salt: str, relative_path: str) -> DicomHeader:
         raise DataError(path, "not a DICOM file (no DICOM preamble or header)") from None
     except Exception as exc:  # pydicom raises many types on corrupt input; their text may hold values
         raise DataError(path, f"corrupt DICOM header ({type(exc).__name__})") from None
+    try:
+        return _header(ds, path, salt, relative_path)
+    except (DataError, OSError):
+        raise
+    except Exception as exc:  # pydicom decodes an element when it is first read: a corrupt one raises here
+        raise DataError(path, f"corrupt DICOM header ({type(exc).__name__})") from None
+
+
+def _header(ds: Any, path: Path, salt: str, relative_path: str) -> DicomHeader:
+    """:func:`read_header` once the file is parsed."""
     pixel_tags = [tag for tag in _PIXEL_TAGS if tag in ds]
     if not pixel_tags:
         if "SOPClassUID" not in ds and "TransferSyntaxUID" not in ds.file_meta:

@@ -31,6 +31,8 @@ from medssl.runtime.progress import progress as progress_of
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_CLASS = int(np.iinfo(np.int32).max)
+"""The largest class index a label map may hold (labels are resampled as int32)."""
 
 
 @dataclass
@@ -138,6 +140,8 @@ def load_case(row: ManifestRow, source: Manifest | Path, config: PreprocessConfi
     values = labels.array
     if np.any(values < 0) or not np.array_equal(values, np.round(values)):
         raise DataError(row.mask, "mask values must be non-negative integers (class indices)")
+    if values.size and values.max() > MAX_CLASS:  # a float label map can hold integers no class index reaches
+        raise DataError(row.mask, f"mask values must be class indices up to {MAX_CLASS} (found {values.max():.3g})")
     source_shape = loaded.array.shape
     processed = preprocess(loaded, config, source=row.path)
     shape = processed.array.shape[1:]

@@ -83,8 +83,9 @@ def root_escape(relative: str) -> str | None:
 
 
 def _check_relative(relative: str, where: str) -> None:
-    """Refuse an entry that could leave the root (empty, or :func:`root_escape`); the message never quotes it."""
-    if not relative or root_escape(relative) is not None:
+    """Refuse an entry that could leave the root (empty, or :func:`root_escape`) or that no file system can hold (a
+    NUL character); the message never quotes it."""
+    if not relative or "\x00" in relative or root_escape(relative) is not None:
         raise ManifestError(f"{where}: paths must be relative to the root, without '..' (found a bad entry)")
 
 
@@ -92,32 +93,52 @@ def read_path_map(path: Path) -> PathMap:
     """Read a path map; its ``root`` is resolved against the map's folder.
 
     Raises:
-        ManifestError: the file is not a path map, or an entry is not a plain relative path (the message never
-            quotes an entry: they are the private part).
+        ManifestError: the file is not a path map (not UTF-8, not CSV, no ``root`` line, no ``key,path`` header), a
+            key is empty or repeated, or an entry is not a plain relative path. Messages name the map and the line,
+            never quote an entry (they are the private part).
     """
     path = Path(path)
     root: str | None = None
-    lines: list[str] = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        first = handle.readline()
-        if first.rstrip("\r\n") != PATHS_MAGIC:
-            raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
-        for line in handle:
-            if line.startswith("#"):
-                if line.startswith("# root:"):
-                    root = line.split(":", 1)[1].strip()
-                continue
-            lines.append(line)
-    reader = csv.DictReader(lines)
-    if reader.fieldnames is None or not {"key", "path"} <= set(reader.fieldnames):
-        raise ManifestError(f"{path}: a path map needs the columns key,path")
+    lines: list[tuple[int, str]] = []  # (line number in the file, text) of the CSV part
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            first = handle.readline()
+            if first.rstrip("\r\n") != PATHS_MAGIC:
+                raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
+            for number, line in enumerate(handle, start=2):
+                if line.startswith("#"):
+                    if line.startswith("# root:"):
+                        root = line.split(":", 1)[1].strip()
+                    continue
+                lines.append((number, line))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    reader = csv.DictReader(text for _, text in lines)
+
+    def line() -> int:  # the file's line the CSV reader is at (a quoted field may span lines: its last one)
+        return lines[min(max(reader.reader.line_num, 1), len(lines)) - 1][0] if lines else 1
+
     paths: dict[str, str] = {}
-    for line, record in enumerate(reader, start=4):
-        relative = record["path"] or ""
-        _check_relative(relative, f"{path}:{line}")
-        paths[record["key"]] = relative
+    line_of: dict[str, int] = {}
+    try:
+        if reader.fieldnames is None or not {"key", "path"} <= set(reader.fieldnames):
+            raise ManifestError(f"{path}: a path map needs the columns key,path")
+        for record in reader:
+            key, relative, where = record["key"], record["path"], f"{path}:{line()}"
+            if key is None or relative is None:  # csv gives None for the fields past the end of a short row
+                raise ManifestError(f"{where}: the row has fewer fields than the header key,path")
+            if not key:
+                raise ManifestError(f"{where}: empty key")
+            if key in line_of:
+                raise ManifestError(f"{where}: the key on this line is also on line {line_of[key]}")
+            _check_relative(relative, where)
+            paths[key], line_of[key] = relative, line()
+    except csv.Error as exc:
+        raise ManifestError(f"{path}:{line()}: unreadable CSV ({exc})") from None
     if root is None:
         raise ManifestError(f"{path}: no '# root:' line (the archive root, relative to this file or absolute)")
+    if "\x00" in root:
+        raise ManifestError(f"{path}: the '# root:' line holds a NUL character")
     resolved = Path(root) if os.path.isabs(root) else path.parent / root
     return PathMap(file=path, root=resolved, paths=paths)
 

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from nibabel.orientations import OrientationError
 from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -95,6 +96,16 @@ def read_dicom_file(path: Path, apply_voi: bool = True) -> LoadedImage:
         ds = pydicom.dcmread(path)
     except Exception as exc:
         raise DataError(path, f"unreadable DICOM file ({type(exc).__name__})") from None
+    try:
+        return _decode_dicom(ds, path, apply_voi)
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:  # pydicom decodes an element when it is first read: a corrupt one raises here
+        raise DataError(path, f"corrupt DICOM file ({type(exc).__name__})") from None
+
+
+def _decode_dicom(ds: pydicom.Dataset, path: Path, apply_voi: bool) -> LoadedImage:
+    """:func:`read_dicom_file` once the file is parsed."""
     modality = str(ds.get("Modality", "OT") or "OT").upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -136,13 +147,18 @@ def read_nifti(path: Path) -> LoadedImage:
         pass
     elif len(shape) != 3:
         raise DataError(path, f"{len(shape)}D NIfTI (shape {tuple(shape)}) is not supported; split it into 3D volumes")
+    if min(shape) < 1:
+        raise DataError(path, f"NIfTI header gives shape {tuple(shape)}: every dimension must be positive")
     try:
         data = np.asarray(image.dataobj, dtype=np.float32)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError) as exc:
         raise DataError(path, f"truncated or corrupt NIfTI data ({type(exc).__name__})") from None
     data = data.reshape(shape[:3])
     check_finite(data, path)
-    array, affine = to_canonical(data, image.affine)
+    try:
+        array, affine = to_canonical(data, image.affine)
+    except (ValueError, OrientationError):  # a zero or non-finite axis in the affine (LinAlgError is a ValueError)
+        raise DataError(path, "NIfTI affine has a zero or non-finite axis; cannot orient the volume") from None
     return LoadedImage(array=array, spacing=spacing_from_affine(affine), affine=affine, modality="OT")
 
 
@@ -158,6 +174,8 @@ def read_image_file(path: Path) -> LoadedImage:
                 array = rgb[..., 0] if is_grey else np.asarray(image.convert("L"), dtype=np.float32)
             else:  # L, I, I;16, F, 1
                 array = np.asarray(image, dtype=np.float32)
+    except Image.DecompressionBombError:  # not an OSError: Pillow refuses a header of over 2 x MAX_IMAGE_PIXELS
+        raise DataError(path, "image header gives more pixels than Pillow decodes safely (corrupt file?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"unreadable or truncated image file ({type(exc).__name__})") from None
     if array.ndim != 2:
