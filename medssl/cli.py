@@ -68,7 +68,9 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
     n2d = sum(r.dims == 2 for r in rows)
     n3d = sum(r.dims == 3 for r in rows)
     nseries = sum(r.format == "dicom_series" for r in rows)
-    print(f"scanned {result.files_seen} files under {args.folder} in {elapsed:.1f} s (pseudonym salt: {salt_origin})")
+    # the folder is not echoed: it is the archive root, which only the path map holds (PACS exports of one patient
+    # are folders named after the patient)
+    print(f"scanned {result.files_seen} files in {elapsed:.1f} s (pseudonym salt: {salt_origin})")
     print(f"  found {len(rows)} items: {n2d} 2D images, {n3d} 3D volumes ({nseries} DICOM series)")
     print(f"  subjects: {len({r.subject for r in rows if r.subject})}")
     if result.errors:
