@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -244,6 +245,13 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option that keeps buffers per process: ``forward_sync_buffers`` where PyTorch has it (``broadcast_buffers``
+    is deprecated there), ``broadcast_buffers`` before."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
 class Trainer:
     """Runs ``config`` to ``trainer.max_steps``, or to the length calibrated for ``trainer.max_minutes`` (or until
     SIGTERM/SIGINT, after a checkpoint).
@@ -411,7 +419,7 @@ class Trainer:
                 objective,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True,  # stages and methods leave heads unused
-                broadcast_buffers=False,  # queues, memory banks and BN statistics stay per process
+                **_no_buffer_sync(),  # queues, memory banks and BN statistics stay per process
             )
 
         # Tracking (rank 0).
