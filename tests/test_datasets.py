@@ -207,3 +207,22 @@ def test_stacks_of_different_sizes_share_a_padded_batch(tmp_path):
 def test_bad_view_settings_name_the_key(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_open_arrays_are_bounded_and_metadata_is_not_kept(tmp_path, monkeypatch):
+    # an epoch over 100,000 files kept every memory map (a file descriptor each) and every volume's metadata
+    import medssl.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_OPEN_ARRAYS", 3)
+    items = build(tmp_path, {"a": (padded_volume(), np.eye(4)), "b": (padded_volume(seed=1), np.eye(4))}, images=4)
+    dataset = MultiCropSliceDataset(items, views=MultiCropConfig(global_size=16, local_size=8, n_local=1))
+    stacks = TwoViewStackDataset(items, StackConfig(n_slices=4, size=16))
+    assert all(item.entry._meta is None for item in items), "the index reads each volume's metadata, keeps none"
+    for i in range(len(dataset)):
+        dataset[i]
+        assert len(dataset._arrays) <= 3
+    used = [int(item) for item in dataset.item_index]
+    assert set(dataset._arrays) == set(list(dict.fromkeys(reversed(used)))[:3]), "the three used last stay open"
+    for i in range(len(stacks)):
+        stacks[i]
+    assert all(item.entry._meta is None for item in items), "stacks keep five numbers a volume, not its metadata"

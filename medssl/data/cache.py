@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
-from medssl.data.manifest import Manifest, ManifestRow, write_csv
+from medssl.data.manifest import Manifest, ManifestRow, write_csv, write_text_atomically
 from medssl.data.preprocess import PreprocessConfig, preprocess
 from medssl.data.readers import read_row
 from medssl.runtime.files import atomic_write_text, atomic_write_with
@@ -229,19 +228,19 @@ def build_cache(
         errors_path=directory / "index" / f"{mdigest}.errors.csv",
     )
     digests = FileDigests(cache_root / "file_hashes.json")
-    keys: dict[str, str] = {}
+    keys: dict[str, str] = {}  # row id -> content key
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
     waiting: dict[str, list[ManifestRow]] = {}
-    name_of = {row.id: row.path for row in manifest.rows}  # what reports say: a file key, never a mapped path
+    # reports name a row by ``row.path``: a file key (or the manifest's own relative path), never a mapped path
     for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
         try:
             path = manifest.resolve(row)
             key = digests.key(row, path)
         except DataError as exc:
-            report.errors.append((name_of[row.id], exc.reason))
+            report.errors.append((row.path, exc.reason))
             continue
         except OSError as exc:
-            report.errors.append((name_of[row.id], f"cannot read ({type(exc).__name__})"))
+            report.errors.append((row.path, f"cannot read ({type(exc).__name__})"))
             continue
         keys[row.id] = key
         if (directory / f"{key}.json").exists():
@@ -252,22 +251,24 @@ def build_cache(
             todo[key] = (row, str(path), str(directory), key, config)
     digests.save()
     failed: set[str] = set()
+    built_rows = {task[0].id: task[0] for task in todo.values()}
     try:
         for row_id, reason in _run(list(todo.values()), workers, progress):
             if reason is None:
                 report.built += 1
             else:
                 failed.add(keys[row_id])
-                report.errors.append((name_of[row_id], reason))
+                report.errors.append((built_rows[row_id].path, reason))
     finally:
         for key, rows in waiting.items():
             for row in rows:
                 if key in failed:
-                    report.errors.append((name_of[row.id], "same content as a file that failed"))
+                    report.errors.append((row.path, "same content as a file that failed"))
                 else:
                     report.reused += 1
-        index = {rid: key for rid, key in keys.items() if key not in failed}
-        atomic_write_text(report.index_path, json.dumps({"settings": directory.name, "entries": index}))
+        index = {rid: key for rid, key in keys.items() if key not in failed} if failed else keys
+        entries = {"settings": directory.name, "entries": index}
+        write_text_atomically(report.index_path, lambda text: json.dump(entries, text))  # never all in one string
         write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
     report.seconds = time.perf_counter() - start
     return report
@@ -305,16 +306,33 @@ def _run(
         bar.close()
 
 
-@dataclass
+@dataclass(slots=True)
 class CacheEntry:
-    """One preprocessed item: a memory-mapped array and its metadata."""
+    """One preprocessed item: a memory-mapped array and its metadata.
+
+    ``dtype``: the storage dtype when the opener knows it (:func:`open_cache`: the settings'), so that :attr:`scale`
+    needs no metadata. :attr:`meta` is parsed once and kept; :meth:`read_meta` parses without keeping (the datasets
+    take what they need from it, a few numbers, instead of every entry's JSON).
+    """
 
     key: str
     directory: Path
+    dtype: str | None = field(default=None, compare=False)
+    _meta: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.directory / f"{self.key}.json").read_text(encoding="utf-8"))
+        """The entry's metadata (``dims``, ``shape``, ``dtype``, ``spacing``, ``affine``, ``modality``,
+        ``foreground``), read on first use and kept."""
+        if self._meta is None:
+            self._meta = self.read_meta()
+        return self._meta
+
+    def read_meta(self) -> dict[str, Any]:
+        """The entry's metadata, parsed from its ``.json`` now (kept only if :attr:`meta` was read before)."""
+        if self._meta is not None:
+            return self._meta
+        return json.loads((self.directory / f"{self.key}.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
     def array(self) -> np.ndarray:
         """Memory-mapped ``[C, X, Y, Z]`` or ``[C, H, W]`` (float16 or uint8; see ``to_float``)."""
@@ -322,11 +340,13 @@ class CacheEntry:
 
     @property
     def scale(self) -> float:
-        return 1.0 / 255.0 if self.meta["dtype"] == "uint8" else 1.0
+        dtype = self.dtype if self.dtype is not None else self.meta["dtype"]
+        return 1.0 / 255.0 if dtype == "uint8" else 1.0
 
 
 def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -> dict[str, CacheEntry]:
-    """Entries of a built cache by manifest row id (failed rows are absent)."""
+    """Entries of a built cache by manifest row id (failed rows are absent). Rows with the same content share one
+    :class:`CacheEntry` (one metadata, one key string)."""
     directory = Path(cache_root) / settings_digest(config)
     index_path = directory / "index" / f"{manifest_digest(manifest.rows)}.json"
     if not index_path.is_file():
@@ -335,4 +355,10 @@ def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -
             "no cache index for this manifest and these settings; run `medssl manifest preprocess` first",
         )
     entries = json.loads(index_path.read_text(encoding="utf-8"))["entries"]
-    return {rid: CacheEntry(key, directory) for rid, key in entries.items()}
+    by_key: dict[str, CacheEntry] = {}
+    for rid, key in entries.items():
+        entry = by_key.get(key)
+        if entry is None:
+            entry = by_key[key] = CacheEntry(key, directory, config.storage_dtype)
+        entries[rid] = entry
+    return entries  # type: ignore[no-any-return]

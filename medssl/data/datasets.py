@@ -14,12 +14,22 @@ Randomness is drawn from ``numpy.random.default_rng([seed, epoch, index])``: a s
 is the same whichever worker (or how many workers, on whichever device) produce it, and differs between epochs. The
 epoch is either set with ``set_epoch`` before iterating (as with ``DistributedSampler``) or carried by the index
 itself, ``dataset[(epoch, index)]``, which lets long-lived loader workers cross epochs.
+
+A cache entry that cannot be read while sampling (its ``.npy`` or ``.json`` deleted, truncated or corrupt since the
+cache was opened) does not stop the run: the sample is replaced by another one drawn from ``(seed, epoch, index)``
+(so the same one whichever worker draws it), the entry's key is logged once per process and listed in the sample's
+``"skipped"`` and in the batch's (:meth:`collate`), which :class:`SkippedEntries` counts for the trainer's reports.
+Keys are content hashes of the cache, never archive paths. More unreadable entries than ``max_unreadable`` (a
+fraction of the dataset's items) stop it with :class:`~medssl.data.errors.UnreadableCacheError`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +41,68 @@ from torch.utils.data import Dataset, default_collate
 
 from medssl.data.cache import CacheEntry, open_cache
 from medssl.data.device_views import ViewParams, draw_view_params, pad_planes, render_views
+from medssl.data.errors import DataError, UnreadableCacheError
 from medssl.data.geometry import PLANE_AXIS, slice_to_display
 from medssl.data.manifest import Manifest, ManifestRow
 from medssl.data.preprocess import PreprocessConfig
 from medssl.data.views import AugmentConfig, MultiCropConfig, check_ratio
 
+log = logging.getLogger(__name__)
 
-@dataclass
+MAX_OPEN_ARRAYS = 256
+"""Memory-mapped arrays a dataset keeps open per process, the most recently used: each holds a file descriptor and
+its mapped pages, and an epoch over 100,000 files would exhaust both."""
+MAX_UNREADABLE = 0.5
+"""Default ``max_unreadable``: the fraction of a dataset's items that may turn unreadable before it stops."""
+SUBSTITUTE_DRAWS = 16
+"""Draws for a readable substitute of an unreadable sample before giving up with :class:`UnreadableCacheError`."""
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError)
+"""What reading a damaged entry raises: missing or unreadable file (OSError), bad ``.npy`` header, file shorter than
+its array or bad JSON (ValueError), empty file (EOFError), metadata without a field or with a wrong type (the rest)."""
+
+
+@dataclass(slots=True)
 class CachedItem:
     row: ManifestRow
     entry: CacheEntry
+
+
+class UnreadableEntryError(DataError):
+    """One cache entry cannot be read (``path``: its key, a content hash); the dataset replaces its samples."""
+
+
+@dataclass
+class SkippedEntries:
+    """Samples a stream's dataset replaced because their cache entry could not be read, by entry key (a content hash
+    of the cache, never an archive path): over the run (``total``) and since the last :meth:`take_window`.
+
+    Fed from the batches' ``"skipped"`` lists (:meth:`add`), so it counts in the main process what loader workers
+    met."""
+
+    total: Counter[str] = field(default_factory=Counter)
+    window: Counter[str] = field(default_factory=Counter)
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Count one replaced sample per key in ``keys`` (a batch's ``"skipped"``)."""
+        for key in keys:
+            self.total[key] += 1
+            self.window[key] += 1
+
+    def take_window(self) -> Counter[str]:
+        """The counts since the previous call (the logging window), and start a new window."""
+        window, self.window = self.window, Counter()
+        return window
+
+    @staticmethod
+    def describe(counts: Counter[str], limit: int = 10) -> str:
+        """``"5 samples of 2 unreadable cache entries replaced (keys: ab12.. x3, cd34.. x2)"``; "" when none."""
+        if not counts:
+            return ""
+        shown = ", ".join(f"{key} x{n}" for key, n in counts.most_common(limit))
+        more = f", and {len(counts) - limit} more" if len(counts) > limit else ""
+        return (
+            f"{sum(counts.values())} samples of {len(counts)} unreadable cache entries replaced (keys: {shown}{more})"
+        )
 
 
 def cached_items(
@@ -98,23 +160,96 @@ class StackConfig:
 
 
 class _CachedDataset(Dataset, ABC):
-    """Holds the items and opens their memory-mapped arrays lazily, once per process."""
+    """Holds the items and opens their memory-mapped arrays lazily, once per process (at most
+    :data:`MAX_OPEN_ARRAYS` open at a time); replaces the samples of entries that cannot be read.
 
-    def __init__(self, items: Sequence[CachedItem], seed: int) -> None:
+    ``unreadable``: item -> entry key of the entries this process found unreadable; ``max_unreadable``: the fraction of
+    the items that may be unreadable before :class:`UnreadableCacheError` stops the dataset.
+    """
+
+    def __init__(self, items: Sequence[CachedItem], seed: int, max_unreadable: float = MAX_UNREADABLE) -> None:
         self.items = list(items)
         self.seed = int(seed)
         self.epoch = 0
-        self._arrays: dict[int, np.ndarray] = {}
+        self.max_unreadable = float(max_unreadable)
+        self.unreadable: dict[int, str] = {}
+        self._arrays: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def array(self, item: int) -> np.ndarray:
-        array = self._arrays.get(item)
-        if array is None:
-            array = self.items[item].entry.array()
-            self._arrays[item] = array
+        """The item's array, memory-mapped (kept open for its next samples).
+
+        Raises:
+            UnreadableEntryError: the entry cannot be read (now or before, in this process).
+            UnreadableCacheError: and too many entries cannot.
+        """
+        if item in self.unreadable:
+            raise UnreadableEntryError(self.unreadable[item], "unreadable (found before)")
+        array = self._arrays.pop(item, None)
+        try:
+            if array is None:
+                array = self.items[item].entry.array()
+            _check_mapped(array)
+        except _READ_ERRORS as exc:
+            raise self._unreadable_entry(item, exc) from None
+        self._arrays[item] = array  # most recently used last
+        if len(self._arrays) > MAX_OPEN_ARRAYS:
+            self._arrays.popitem(last=False)
         return array
+
+    def entry_scale(self, item: int) -> float:
+        """The item's storage scale (``entry.scale``), or :class:`UnreadableEntryError`."""
+        try:
+            return float(self.items[item].entry.scale)
+        except _READ_ERRORS as exc:
+            raise self._unreadable_entry(item, exc) from None
+
+    def entry_key(self, item: int) -> str:
+        """The item's cache entry key (a content hash; a row id for entries without one)."""
+        cached = self.items[item]
+        return str(getattr(cached.entry, "key", None) or getattr(cached.row, "id", item))
+
+    def _unreadable_entry(self, item: int, exc: BaseException) -> UnreadableEntryError:
+        """Record that ``item``'s entry cannot be read (logged once per entry and process); raise
+        :class:`UnreadableCacheError` when more than ``max_unreadable`` of the items cannot."""
+        key, reason = self.entry_key(item), _reason(exc)
+        if key not in self.unreadable.values():
+            log.warning("cache entry %s cannot be read (%s): its samples are replaced by others", key, reason)
+        self.unreadable[item] = key
+        if len(self.unreadable) > self.max_unreadable * len(self.items):
+            raise UnreadableCacheError(
+                f"{len(self.unreadable)} of the {len(self.items)} cache entries of this dataset cannot be read "
+                f"(more than max_unreadable={self.max_unreadable:g}); the last: {key} ({reason}). Rebuild the cache "
+                "(medssl manifest preprocess) or check its disk"
+            )
+        return UnreadableEntryError(key, reason)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The sample ``key`` (an index, or ``(epoch, index)``); one whose entry cannot be read is replaced by a
+        sample drawn from ``(seed, epoch, index)``, and ``"skipped"`` lists the keys of the entries met unreadable."""
+        epoch, index = self._key(key)
+        skipped: list[str] = []
+        chosen = index
+        for draw in range(SUBSTITUTE_DRAWS + 1):
+            try:
+                sample = self._sample(epoch, chosen)
+            except UnreadableEntryError as exc:
+                if exc.path not in skipped:
+                    skipped.append(exc.path)
+                chosen = int(np.random.default_rng([self.seed, epoch, index, draw + 1]).integers(len(self)))
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise UnreadableCacheError(
+            f"no readable sample in {SUBSTITUTE_DRAWS + 1} draws for sample {index} (unreadable cache entries: "
+            f"{', '.join(skipped)}); rebuild the cache (medssl manifest preprocess) or check its disk"
+        )
+
+    @abstractmethod
+    def _sample(self, epoch: int, index: int) -> dict[str, Any]:
+        """Sample ``index`` of ``epoch``; raises :class:`UnreadableEntryError` when its entry cannot be read."""
 
     def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
@@ -127,16 +262,18 @@ class _CachedDataset(Dataset, ABC):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arrays"] = {}
+        state["_arrays"] = OrderedDict()
         return state
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         """A list of samples -> a batch: ``pixels`` padded to the largest height and width (bottom, right),
-        ``params`` ``[B, V, N_PARAMS]``, ``scale`` ``[B]``, the rest as ``default_collate`` does it."""
+        ``params`` ``[B, V, N_PARAMS]``, ``scale`` ``[B]``, ``skipped`` the samples' unreadable entry keys (a list,
+        usually empty), the rest as ``default_collate`` does it."""
         pixels = pad_planes([s["pixels"] for s in samples])
-        rest = default_collate([{k: v for k, v in s.items() if k != "pixels"} for s in samples])
-        return {"pixels": pixels, **rest}
+        skipped = [key for s in samples for key in s.get("skipped", ())]
+        rest = default_collate([{k: v for k, v in s.items() if k not in ("pixels", "skipped")} for s in samples])
+        return {"pixels": pixels, **rest, "skipped": skipped}
 
     @staticmethod
     def float_pixels(batch: dict[str, Any], device: torch.device | str | None) -> Tensor:
@@ -159,7 +296,11 @@ class MultiCropSliceDataset(_CachedDataset):
 
     ``__getitem__`` returns ``{"pixels": [1, H, W] at storage precision, "scale": float (pixels * scale is in the
     preprocessed range), "params": [n_global + n_local, N_PARAMS] float64 (globals first), "source_dims", "group",
-    "label", "index"}``; :meth:`views` makes the views of a collated batch.
+    "label", "index", "skipped"}``; :meth:`views` makes the views of a collated batch.
+
+    The sample index (``item_index``, ``axis_index``, ``slice_index``, ``[S]`` each, 13 bytes a sample) is built
+    straight into numpy arrays; a volume's metadata is read for its foreground and not kept. A volume whose metadata
+    cannot be read gives no sample (logged, in ``unreadable``).
     """
 
     def __init__(
@@ -168,27 +309,47 @@ class MultiCropSliceDataset(_CachedDataset):
         views: MultiCropConfig | None = None,
         slices: SliceConfig | None = None,
         seed: int = 0,
+        max_unreadable: float = MAX_UNREADABLE,
     ) -> None:
-        super().__init__(items, seed)
+        super().__init__(items, seed, max_unreadable)
         self.views_config = views or MultiCropConfig()
         self.slices = slices or SliceConfig()
-        item_index, axis_index, slice_index = [], [], []
+        self.item_index, self.axis_index, self.slice_index = self._sample_index()
+
+    def _sample_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``item_index`` int64, ``axis_index`` int8 (-1: a 2D image) and ``slice_index`` int32 (-1), ``[S]`` each:
+        the item, plane axis and slice of every sample."""
+        index = _SampleIndex(len(self.items))
+        axes = [PLANE_AXIS[plane] for plane in self.slices.planes]
+        recent: dict[str, list[np.ndarray]] = {}  # foreground slices of the last entries (rows with one content)
+        images_from = 0  # the first of a run of 2D items, added together
         for i, cached in enumerate(self.items):
             if cached.row.dims == 2:
-                item_index.append(i)
-                axis_index.append(-1)
-                slice_index.append(-1)
                 continue
-            foreground = cached.entry.meta["foreground"]
-            for plane in self.slices.planes:
-                axis = PLANE_AXIS[plane]
-                keep = np.flatnonzero(np.asarray(foreground[axis]) >= self.slices.min_foreground)
-                item_index.extend([i] * len(keep))
-                axis_index.extend([axis] * len(keep))
-                slice_index.extend(keep.tolist())
-        self.item_index = np.asarray(item_index, dtype=np.int64)
-        self.axis_index = np.asarray(axis_index, dtype=np.int8)
-        self.slice_index = np.asarray(slice_index, dtype=np.int32)
+            index.add(np.arange(images_from, i), -1, -1)
+            images_from = i + 1
+            for axis, keep in zip(axes, self._foreground_slices(i, axes, recent), strict=False):
+                index.add(i, axis, keep)
+        index.add(np.arange(images_from, len(self.items)), -1, -1)
+        return index.arrays()
+
+    def _foreground_slices(self, item: int, axes: list[int], recent: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+        """The slices ``[K]`` of volume ``item`` along each of ``axes`` with enough foreground; none (and the entry
+        recorded as unreadable) when its metadata cannot be read. ``recent``: a small memo by entry key."""
+        key = self.entry_key(item)
+        kept = recent.get(key)
+        if kept is not None:
+            return kept
+        try:
+            foreground = _metadata(self.items[item].entry)["foreground"]
+            kept = [np.flatnonzero(np.asarray(foreground[axis]) >= self.slices.min_foreground) for axis in axes]
+        except _READ_ERRORS as exc:
+            self._unreadable_entry(item, exc)
+            return []
+        if len(recent) >= 256:
+            recent.clear()
+        recent[key] = kept
+        return kept
 
     def __len__(self) -> int:
         return len(self.item_index)
@@ -210,23 +371,24 @@ class MultiCropSliceDataset(_CachedDataset):
 
     def image(self, index: int, rng: np.random.Generator) -> Tensor:
         """The un-augmented sample ``[1, H, W]`` in display orientation, float32 in [0, 1]."""
-        scale = self.items[int(self.item_index[index])].entry.scale
+        scale = self.entry_scale(int(self.item_index[index]))
         return torch.from_numpy(np.ascontiguousarray(self.plane(index, rng), dtype=np.float32) * scale)[None]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = self._key(key)
+    def _sample(self, epoch: int, index: int) -> dict[str, Any]:
         rng = self.rng(index, epoch)
-        cached = self.items[int(self.item_index[index])]
+        item = int(self.item_index[index])
+        cached = self.items[item]
+        scale = self.entry_scale(item)
         plane = self.plane(index, rng)
         height, width = plane.shape
         cfg = self.views_config
         params = [
-            draw_view_params(rng, height, width, count, scale, cfg.ratio, cfg.augment)
-            for count, scale in ((cfg.n_global, cfg.global_scale), (cfg.n_local, cfg.local_scale))
+            draw_view_params(rng, height, width, count, scale_range, cfg.ratio, cfg.augment)
+            for count, scale_range in ((cfg.n_global, cfg.global_scale), (cfg.n_local, cfg.local_scale))
         ]
         return {
             "pixels": torch.from_numpy(np.array(plane))[None],  # a copy: the cache is mapped read-only
-            "scale": cached.entry.scale,
+            "scale": scale,
             "params": torch.from_numpy(np.concatenate(params)),
             "source_dims": cached.row.dims,
             "group": cached.row.group,
@@ -260,10 +422,18 @@ class TwoViewStackDataset(_CachedDataset):
     ``[B, N, 1, s, s]`` of a collated batch.
     """
 
-    def __init__(self, items: Sequence[CachedItem], config: StackConfig | None = None, seed: int = 0) -> None:
-        super().__init__([it for it in items if it.row.dims == 3], seed)
+    def __init__(
+        self,
+        items: Sequence[CachedItem],
+        config: StackConfig | None = None,
+        seed: int = 0,
+        max_unreadable: float = MAX_UNREADABLE,
+    ) -> None:
+        super().__init__([it for it in items if it.row.dims == 3], seed, max_unreadable)
         self.config = config or StackConfig()
         self.axis = PLANE_AXIS[self.config.plane]
+        # per volume, read on first use: depth, first and last foreground slice, origin and spacing along the axis
+        self._geometry = np.full((len(self.items), 5), np.nan)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -272,13 +442,32 @@ class TwoViewStackDataset(_CachedDataset):
     def groups(self) -> list[str]:
         return [it.row.group for it in self.items]
 
+    def geometry(self, index: int) -> tuple[int, int, int, float, float]:
+        """``(depth, low, high, origin, spacing)`` of volume ``index`` along the plane axis: its slices, its first and
+        last slice with enough foreground (all of them when none has), the position (mm) of slice 0 and the distance
+        between slices. From the entry's metadata, read once per process and kept as 5 numbers.
+
+        Raises:
+            UnreadableEntryError: the metadata cannot be read.
+        """
+        known = self._geometry[index]
+        if np.isnan(known[0]):
+            try:
+                meta = _metadata(self.items[index].entry)
+                depth = int(meta["shape"][1 + self.axis])
+                foreground = np.flatnonzero(np.asarray(meta["foreground"][self.axis]) >= self.config.min_foreground)
+                origin = float(meta["affine"][self.axis][3]) if meta["affine"] else 0.0
+                spacing = float(meta["spacing"][self.axis])
+            except _READ_ERRORS as exc:
+                raise self._unreadable_entry(index, exc) from None
+            low, high = (int(foreground[0]), int(foreground[-1])) if foreground.size else (0, depth - 1)
+            known[:] = (depth, low, high, origin, spacing)
+        return int(known[0]), int(known[1]), int(known[2]), float(known[3]), float(known[4])
+
     def slice_indices(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Indices along the plane axis of the stack's slices, and which of them exist."""
         cfg = self.config
-        meta = self.items[index].entry.meta
-        depth = int(meta["shape"][1 + self.axis])
-        foreground = np.flatnonzero(np.asarray(meta["foreground"][self.axis]) >= cfg.min_foreground)
-        low, high = (int(foreground[0]), int(foreground[-1])) if foreground.size else (0, depth - 1)
+        depth, low, high, _, _ = self.geometry(index)
         need = (cfg.n_slices - 1) * cfg.stride + 1
         if high - low + 1 >= need:
             start = int(rng.integers(low, high - need + 2))
@@ -287,10 +476,11 @@ class TwoViewStackDataset(_CachedDataset):
         indices = start + cfg.stride * np.arange(cfg.n_slices)
         return indices, indices < depth
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = self._key(key)
+    def _sample(self, epoch: int, index: int) -> dict[str, Any]:
         rng = self.rng(index, epoch)
         cached = self.items[index]
+        _, _, _, origin, spacing = self.geometry(index)
+        scale = self.entry_scale(index)
         array = self.array(index)
         channel = int(rng.integers(array.shape[0]))
         indices, valid = self.slice_indices(index, rng)
@@ -299,12 +489,10 @@ class TwoViewStackDataset(_CachedDataset):
         stack[valid] = slices
         cfg = self.config
         params = draw_view_params(rng, stack.shape[1], stack.shape[2], 2, cfg.scale, cfg.ratio, cfg.augment)
-        meta = cached.entry.meta
-        origin = meta["affine"][self.axis][3] if meta["affine"] else 0.0
-        positions = np.where(valid, origin + indices * float(meta["spacing"][self.axis]), 0.0)
+        positions = np.where(valid, origin + indices * spacing, 0.0)
         return {
             "pixels": torch.from_numpy(stack),
-            "scale": cached.entry.scale,
+            "scale": scale,
             "params": torch.from_numpy(params),
             "positions": torch.from_numpy(positions.astype(np.float32)),
             "mask": torch.from_numpy(valid),
@@ -321,3 +509,54 @@ class TwoViewStackDataset(_CachedDataset):
         rendered = render_views(pixels, params, self.config.size)  # [B, 2, N, S, S]
         keep = torch.as_tensor(batch["mask"], device=pixels.device)[:, :, None, None, None]
         return [(view.unsqueeze(2) * keep) for view in rendered.unbind(1)]
+
+
+class _SampleIndex:
+    """The growing ``(item, axis, slice)`` arrays of a sample index, doubled when full (never Python lists)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.size = 0
+        self.item = np.empty(max(capacity, 16), np.int64)
+        self.axis = np.empty(len(self.item), np.int8)
+        self.slice = np.empty(len(self.item), np.int32)
+
+    def add(self, items: np.ndarray | int, axis: int, slices: np.ndarray | int) -> None:
+        """``K`` samples: ``items`` ``[K]`` (2D images: ``axis`` and ``slices`` -1), or one volume ``items`` at
+        ``slices`` ``[K]`` along ``axis``."""
+        count = np.size(items) if np.ndim(items) else np.size(slices)
+        end = self.size + count
+        if end > len(self.item):
+            grown = max(end, 2 * len(self.item))
+            self.item, self.axis, self.slice = (np.resize(a, grown) for a in (self.item, self.axis, self.slice))
+        self.item[self.size : end] = items
+        self.axis[self.size : end] = axis
+        self.slice[self.size : end] = slices
+        self.size = end
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``item_index`` int64, ``axis_index`` int8, ``slice_index`` int32, ``[S]`` each (of the filled part)."""
+        return self.item[: self.size].copy(), self.axis[: self.size].copy(), self.slice[: self.size].copy()
+
+
+def _metadata(entry: Any) -> dict[str, Any]:
+    """An entry's metadata, read without keeping it where the entry can (:meth:`CacheEntry.read_meta`)."""
+    read = getattr(entry, "read_meta", None)
+    return read() if read is not None else entry.meta  # type: ignore[no-any-return]
+
+
+def _check_mapped(array: np.ndarray) -> None:
+    """Raise OSError when the file under a memory-mapped array has gone or no longer holds its bytes: reading a page
+    past the end of a truncated file kills the process (SIGBUS) instead of raising. Arrays in memory pass."""
+    filename = getattr(array, "filename", None)
+    if filename is None:
+        return
+    size = os.stat(filename).st_size
+    if size < int(getattr(array, "offset", 0)) + array.nbytes:
+        raise OSError(f"the file is shorter ({size} bytes) than its array")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why an entry cannot be read, without a path: ``FileNotFoundError: No such file or directory``."""
+    names_a_file = isinstance(exc, OSError) and exc.filename is not None  # its message would hold the path
+    detail = (exc.strerror or "") if names_a_file else str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -20,3 +20,9 @@ class DataError(Exception):
 
 class ManifestError(Exception):
     """The manifest as a whole is unusable (missing columns, unreadable CSV, nothing found)."""
+
+
+class UnreadableCacheError(Exception):
+    """Too many entries of the preprocessed cache could not be read while sampling (more than a dataset's
+    ``max_unreadable`` fraction, or no readable substitute found): training stops rather than go on with little data.
+    The message names cache entry keys (content hashes), never a file of the archive."""

@@ -18,18 +18,25 @@ same grid as the image, integer class values (0 background).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from medssl.data.errors import DataError, ManifestError
 from medssl.data.pathmap import PathMap, map_wider_than_root, read_path_map, root_escape
-from medssl.runtime.files import atomic_write_text
+from medssl.runtime.files import atomic_binary
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = "# medssl-manifest v1"
 COLUMNS: tuple[str, ...] = (
@@ -78,6 +85,38 @@ def resolve_under_root(root: Path, relative: str, manifest: Path | None = None) 
     )
 
 
+_T = TypeVar("_T")
+
+
+class SharedValues:
+    """One object per distinct value: a manifest's rows repeat a few formats, modalities, splits, groups, labels,
+    shapes and spacings (and a subject's pseudonym on each of its files), which then cost one pointer a row instead
+    of a string or tuple each. Lives while rows are read (``read_manifest``, the scan), not with them.
+
+    Values are kept apart by field (``name``): a shape ``(2, 2, 2)`` equals a spacing ``(2.0, 2.0, 2.0)`` but must stay
+    integers."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self) -> None:
+        self.fields: dict[str, dict[Any, Any]] = {}
+
+    def __call__(self, value: _T, name: str) -> _T:
+        """``value``, or the equal value of field ``name`` seen first."""
+        seen = self.fields.get(name)
+        if seen is None:
+            seen = self.fields[name] = {}
+        return seen.setdefault(value, value)  # type: ignore[no-any-return]
+
+
+SHARED_FIELDS = frozenset({"format", "modality", "subject", "split", "group", "label", "shape", "spacing"})
+"""The fields whose values repeat across rows (shared by :class:`SharedValues`); ``id`` and ``path`` never do."""
+
+
+def _unshared(value: _T, name: str) -> _T:
+    return value
+
+
 @dataclass
 class ManifestRow:
     """One image (``dims`` 2) or volume (``dims`` 3).
@@ -103,14 +142,15 @@ class ManifestRow:
     mask: str = ""  # label map (segmentation/detection): a file key or a relative path, like ``path``
 
     def to_record(self) -> dict[str, str]:
-        record = {k: ("" if v is None else v) for k, v in asdict(self).items()}
+        record = {c: getattr(self, c) for c in COLUMNS}
         record["shape"] = "x".join(str(int(s)) for s in self.shape)
         record["spacing"] = "x".join(f"{float(s):.6g}" for s in self.spacing)
-        record["dims"] = str(self.dims)
-        return {c: str(record[c]) for c in COLUMNS}
+        return {c: "" if v is None else str(v) for c, v in record.items()}
 
     @classmethod
-    def from_record(cls, record: dict[str, str], line: int) -> ManifestRow:
+    def from_record(cls, record: dict[str, str], line: int, share: SharedValues | None = None) -> ManifestRow:
+        """The row of a CSV record (``line``: its line, for messages); ``share``: reuse the values of earlier rows
+        for :data:`SHARED_FIELDS`."""
         try:
             shape = tuple(int(s) for s in record["shape"].split("x")) if record.get("shape") else ()
             spacing = tuple(float(s) for s in record["spacing"].split("x")) if record.get("spacing") else ()
@@ -119,10 +159,72 @@ class ManifestRow:
             raise ManifestError(f"line {line}: bad value for dims/shape/spacing ({exc})") from exc
         except TypeError:  # csv leaves the columns past the end of a short row as None
             raise ManifestError(f"line {line}: the row has fewer fields than the header") from None
-        known = {f.name for f in fields(cls)}
-        values = {k: (v or "") for k, v in record.items() if k in known}
-        values.update(shape=shape, spacing=spacing, dims=dims)
+        known = _field_names(cls)
+        same: Callable[[Any, str], Any] = share or _unshared
+        values = {k: same(v or "", k) if k in SHARED_FIELDS else (v or "") for k, v in record.items() if k in known}
+        values.update(shape=same(shape, "shape"), spacing=same(spacing, "spacing"), dims=dims)
         return cls(**values)
+
+
+@cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+class _Summary:
+    """The counts of :meth:`Manifest.summary`, added up row by row (rows need not be held: subjects are counted by
+    64-bit hash, 8 bytes a row)."""
+
+    def __init__(self) -> None:
+        self.rows = self.images_2d = self.volumes_3d = 0
+        self.subject_hashes = array("q")
+        self.formats: Counter[str] = Counter()
+        self.modalities: Counter[str] = Counter()
+        self.splits: Counter[str] = Counter()
+        self.groups: Counter[str] = Counter()
+
+    def add(self, row: ManifestRow) -> None:
+        self.rows += 1
+        self.images_2d += row.dims == 2
+        self.volumes_3d += row.dims == 3
+        if row.subject:
+            self.subject_hashes.append(hash(row.subject))
+        self.formats[row.format] += 1
+        self.modalities[row.modality] += 1
+        self.splits[row.split or "-"] += 1
+        self.groups[row.group or "-"] += 1
+
+    def result(self) -> dict[str, object]:
+        return {
+            "rows": self.rows,
+            "images_2d": self.images_2d,
+            "volumes_3d": self.volumes_3d,
+            "subjects": _distinct(self.subject_hashes),
+            "formats": dict(self.formats),
+            "modalities": dict(self.modalities),
+            "splits": dict(self.splits),
+            "groups": dict(self.groups),
+        }
+
+
+def _distinct(hashes: array) -> int:
+    """How many distinct values in ``hashes`` (int64)."""
+    return len(_unique_counts(hashes)[0])
+
+
+def _repeated(hashes: array) -> set[int]:
+    """The values that occur more than once in ``hashes`` (int64)."""
+    values, counts = _unique_counts(hashes)
+    return set(values[counts > 1].tolist())
+
+
+def _unique_counts(hashes: array) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values ``[K]`` of ``hashes`` and their counts ``[K]``."""
+    import numpy as np  # here: reading a manifest (the command line) need not load numpy
+
+    if not hashes:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
 
 
 @dataclass
@@ -170,16 +272,10 @@ class Manifest:
 
     def summary(self) -> dict[str, object]:
         """Counts only (no identifiers): safe to print and to log to an experiment tracker."""
-        return {
-            "rows": len(self.rows),
-            "images_2d": sum(r.dims == 2 for r in self.rows),
-            "volumes_3d": sum(r.dims == 3 for r in self.rows),
-            "subjects": len({r.subject for r in self.rows if r.subject}),
-            "formats": dict(Counter(r.format for r in self.rows)),
-            "modalities": dict(Counter(r.modality for r in self.rows)),
-            "splits": dict(Counter(r.split or "-" for r in self.rows)),
-            "groups": dict(Counter(r.group or "-" for r in self.rows)),
-        }
+        counts = _Summary()
+        for row in self.rows:
+            counts.add(row)
+        return counts.result()
 
 
 def _relative_root(root: Path, manifest_path: Path) -> str:
@@ -201,50 +297,104 @@ def missing_map_message(manifest: Path | None, expected: Path) -> str:
 def write_manifest(path: Path, rows: Sequence[ManifestRow], root: Path | None, path_map: Path | None = None) -> None:
     """Write ``rows`` as given; ``path_map``: they name files by key through that map (written separately, see
     :func:`medssl.data.pathmap.write_path_map`), and the manifest records only where the map is, not ``root``."""
-    buffer = io.StringIO()
     if path_map is not None:
-        buffer.write(f"{MAGIC}\n# paths: {_relative_root(Path(path_map), path)}\n")
+        preamble = f"{MAGIC}\n# paths: {_relative_root(Path(path_map), path)}\n"
     elif root is not None:
-        buffer.write(f"{MAGIC}\n# root: {_relative_root(root, path)}\n")
+        preamble = f"{MAGIC}\n# root: {_relative_root(root, path)}\n"
     else:
         raise ValueError("write_manifest: give the archive root or the path map")
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row.to_record())
-    atomic_write_text(path, buffer.getvalue())
+
+    def write(text: TextIO) -> None:
+        text.write(preamble)
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_record())
+
+    write_text_atomically(path, write)
 
 
 def write_csv(path: Path, header: Sequence[str], records: Iterable[Sequence[object]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(records)
-    atomic_write_text(path, buffer.getvalue())
+    def write(text: TextIO) -> None:
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(records)
+
+    write_text_atomically(path, write)
 
 
-def _read_records(path: Path) -> tuple[list[dict[str, str]], list[str], dict[str, str]]:
+def write_text_atomically(path: Path, write: Callable[[TextIO], None]) -> None:
+    """``write(text)`` into ``path`` atomically (:func:`medssl.runtime.files.atomic_binary`), as UTF-8 with newlines
+    as written, without holding the whole text (a manifest of 100,000 rows is 15 MB)."""
+    with atomic_binary(Path(path)) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        try:
+            write(text)
+        finally:
+            text.detach()  # flushes; atomic_binary closes (and renames) the file
+
+
+@dataclass
+class _RecordStream:
+    """A manifest's CSV records read one at a time: ``header`` (its columns), ``records`` (dicts, consumed once) and
+    ``comments`` (``root``/``paths`` lines, filled as the lines are read: those above the header are there once the
+    header is)."""
+
+    header: list[str]
+    records: Iterator[dict[str, str]]
+    comments: dict[str, str]
+    lines: Iterator[str]  # the data lines under ``records``: draining it reads the remaining comments only
+
+    def rows(self, share: SharedValues | None = None) -> Iterator[ManifestRow]:
+        """The rows, one at a time (``share``: see :meth:`ManifestRow.from_record`)."""
+        for line, record in enumerate(self.records, start=2):
+            yield ManifestRow.from_record(record, line, share)
+
+
+@contextlib.contextmanager
+def _record_stream(path: Path) -> Iterator[_RecordStream]:
+    """Open a manifest for reading record by record.
+
+    Raises:
+        ManifestError: no such file, not UTF-8 text, or unreadable CSV (also while the records are being read).
+    """
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     comments: dict[str, str] = {}
-    data_lines: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("#"):
-                    name, colon, value = line[1:].partition(":")
-                    if colon and name.strip() in ("root", "paths"):
-                        comments[name.strip()] = value.strip()
-                    continue
-                data_lines.append(line)
-        reader = csv.DictReader(data_lines)
-        header = list(reader.fieldnames or [])
-        records = list(reader)
+            lines = _data_lines(handle, comments)
+            reader = csv.DictReader(lines)
+            yield _RecordStream(list(reader.fieldnames or []), reader, comments, lines)
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
     except csv.Error as exc:
         raise ManifestError(f"{path}: unreadable CSV ({exc})") from None
-    return records, header, comments
+
+
+def _data_lines(lines: Iterable[str], comments: dict[str, str]) -> Iterator[str]:
+    """The lines that are not comments; ``# root:`` and ``# paths:`` values go to ``comments``."""
+    for line in lines:
+        if line.startswith("#"):
+            name, colon, value = line[1:].partition(":")
+            if colon and name.strip() in ("root", "paths"):
+                comments[name.strip()] = value.strip()
+            continue
+        yield line
+
+
+def _read_records(path: Path) -> tuple[list[dict[str, str]], list[str], dict[str, str]]:
+    with _record_stream(path) as stream:
+        records = list(stream.records)
+        return records, stream.header, stream.comments
+
+
+def _header_and_comments(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The columns and the ``root``/``paths`` comments of a manifest, without reading its records."""
+    with _record_stream(path) as stream:
+        for _ in stream.lines:
+            pass
+        return stream.header, stream.comments
 
 
 def read_manifest_records(path: Path) -> tuple[list[dict[str, str]], list[str], str | None]:
@@ -260,13 +410,38 @@ def _beside(manifest: Path, written: str) -> Path:
 def read_manifest(path: str | Path, root: str | Path | None = None, paths: str | Path | None = None) -> Manifest:
     """Read a manifest; ``root`` overrides the root written in the file (or in its path map), ``paths`` the path
     map's location (a manifest given a map names its files by key through it). A missing map is an error only when
-    a file is resolved (:meth:`Manifest.locate`): rows and cache lookups work without the archive."""
+    a file is resolved (:meth:`Manifest.locate`): rows and cache lookups work without the archive.
+
+    The file is read a line at a time and the rows share their repeated values (:class:`SharedValues`): reading holds
+    the rows and the path map, nothing more."""
     path = Path(path)
-    records, header, comments = _read_records(path)
-    missing = [c for c in ("id", "path", "format", "dims") if c not in header]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-    rows = [ManifestRow.from_record(rec, line=i + 2) for i, rec in enumerate(records)]
+    with _record_stream(path) as stream:
+        missing = [c for c in ("id", "path", "format", "dims") if c not in stream.header]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = list(stream.rows(SharedValues()))
+        comments = stream.comments
+    manifest = _located(path, rows, comments, root, paths)
+    if manifest.path_map is not None:
+        _share_file_keys(rows, manifest.path_map.paths)
+    return manifest
+
+
+def _share_file_keys(rows: list[ManifestRow], paths: Mapping[str, str]) -> None:
+    """Point the rows' ``path`` and ``mask`` at the path map's own key strings: one string per file key, not one in
+    the rows and another in the map."""
+    keys = {key: key for key in paths}
+    for row in rows:
+        row.path = keys.get(row.path, row.path)
+        if row.mask:
+            row.mask = keys.get(row.mask, row.mask)
+
+
+def _located(
+    path: Path, rows: list[ManifestRow], comments: dict[str, str], root: str | Path | None, paths: str | Path | None
+) -> Manifest:
+    """The :class:`Manifest` of ``rows`` read from ``path``: its root and path map from ``comments``, or from the
+    ``root`` and ``paths`` given (which win)."""
     if paths is not None or "paths" in comments:
         map_file = Path(paths) if paths is not None else _beside(path, comments["paths"])
         path_map = read_path_map(map_file) if map_file.is_file() else None
@@ -298,11 +473,14 @@ def validate_manifest(
     path: str | Path, root: str | Path | None = None, check_files: bool = True, paths: str | Path | None = None
 ) -> ValidationReport:
     """Check columns, values, files (through the path map of a keyed manifest), duplicates and split leakage across
-    subjects. Messages name rows by line and file key, never by a path that a map keeps private."""
+    subjects. Messages name rows by line and file key, never by a path that a map keeps private.
+
+    The rows are checked as they are read, never all held: duplicates and leakage are found from 64-bit hashes
+    (8 bytes a row) and confirmed, with their values, by a second read when some hash repeats."""
     path = Path(path)
     errors: list[str] = []
     warnings: list[str] = []
-    _, header, _ = read_manifest_records(path)
+    header, comments = _header_and_comments(path)
     missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         errors.append(f"{path}: missing column(s): {', '.join(missing)}")
@@ -310,7 +488,7 @@ def validate_manifest(
     unknown = [c for c in header if c not in COLUMNS]
     if unknown:
         warnings.append(f"{path}: extra column(s) ignored: {', '.join(unknown)}")
-    manifest = read_manifest(path, root, paths)
+    manifest = _located(path, [], comments, root, paths)  # where the files are; the rows are streamed
     if check_files and manifest.path_map_file is not None:
         if manifest.path_map is None:
             errors.append(missing_map_message(path, manifest.path_map_file))
@@ -320,41 +498,118 @@ def validate_manifest(
                 f"{manifest.path_map_file}: the path map is readable by users the archive root does not let in "
                 "(chmod go-r it)"
             )
-    if not manifest.rows:
+    checks = _RowChecks(manifest if check_files else None)
+    with _record_stream(path) as stream:
+        for line, row in enumerate(stream.rows(), start=2):
+            checks.add(line, row)
+    if not checks.summary.rows:
         errors.append(f"{path}: manifest has no rows")
-    ids = Counter(r.id for r in manifest.rows)
-    keys = Counter((r.path, r.series) for r in manifest.rows)
-    for ident, count in ids.items():
-        if count > 1:
-            errors.append(f"duplicate id {ident!r} ({count} rows)")
-    for (rel, series), count in keys.items():
-        if count > 1:
-            errors.append(f"{rel}: listed {count} times" + (f" (series {series})" if series else ""))
-    splits_of_subject: dict[str, set[str]] = defaultdict(set)
-    for line, row in enumerate(manifest.rows, start=2):
+    errors.extend(checks.repeats(path))
+    errors.extend(checks.errors)
+    errors.extend(checks.leakage(path))
+    warnings.extend(checks.warnings)
+    return ValidationReport(errors, warnings, checks.summary.result())
+
+
+_SPLIT_BITS = {"train": 1, "val": 2, "test": 4}
+_OTHER_SPLIT = 8  # a split name that is none of the above (already an error): leakage is then checked by name
+
+
+class _RowChecks:
+    """:func:`validate_manifest`'s checks of rows streamed one at a time.
+
+    Per row: values (``errors``, ``warnings``, in row order) and files (``files``: the manifest that locates them, or
+    None). Across rows, without holding them: the hashes ``[N]`` of ids and of (path, series), and per subject
+    (hash) the bit set of its splits; :meth:`repeats` and :meth:`leakage` name the values by reading the manifest
+    again, only when some hash repeats or some subject has several splits.
+    """
+
+    def __init__(self, files: Manifest | None) -> None:
+        self.files = files
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.summary = _Summary()
+        self.id_hashes = array("q")
+        self.key_hashes = array("q")
+        self.split_bits: dict[int, int] = {}
+
+    def add(self, line: int, row: ManifestRow) -> None:
+        """Check one row (``line``: its line in the file, for messages)."""
+        self.summary.add(row)
+        self.id_hashes.append(hash(row.id))
+        self.key_hashes.append(hash(_file_name(row)))
         where = f"line {line} ({row.path})"
-        if not row.id:
-            errors.append(f"{where}: empty id")
-        if row.format not in FORMATS:
-            errors.append(f"{where}: format {row.format!r} is not one of {', '.join(FORMATS)}")
-        if row.dims not in (2, 3):
-            errors.append(f"{where}: dims must be 2 or 3, got {row.dims}")
-        elif row.shape and len(row.shape) != row.dims:
-            errors.append(f"{where}: shape {row.shape} does not have {row.dims} dimensions")
-        if row.spacing and not all(math.isfinite(s) and s > 0 for s in row.spacing):
-            errors.append(f"{where}: spacing must be positive and finite, got {row.spacing}")
-        if row.split not in SPLITS:
-            errors.append(f"{where}: split {row.split!r} is not one of train, val, test or empty")
+        self.errors.extend(f"{where}: {problem}" for problem in _value_problems(row))
         if not row.subject:
-            warnings.append(f"{where}: no subject; splits cannot be checked for leakage")
+            self.warnings.append(f"{where}: no subject; splits cannot be checked for leakage")
         elif row.split:
-            splits_of_subject[row.subject].add(row.split)
-        if check_files:
-            errors.extend(f"{where}: {problem}" for problem in _file_problems(manifest, row))
-    for subject, splits in sorted(splits_of_subject.items()):
-        if len(splits) > 1:
-            errors.append(f"subject {subject} appears in several splits ({', '.join(sorted(splits))}): split leakage")
-    return ValidationReport(errors, warnings, manifest.summary())
+            subject = hash(row.subject)
+            self.split_bits[subject] = self.split_bits.get(subject, 0) | _SPLIT_BITS.get(row.split, _OTHER_SPLIT)
+        if self.files is not None:
+            self.errors.extend(f"{where}: {problem}" for problem in _file_problems(self.files, row))
+
+    def repeats(self, path: Path) -> list[str]:
+        """Duplicate ids, then files listed more than once, each in the order of its first row."""
+        ids, names = _repeated(self.id_hashes), _repeated(self.key_hashes)
+        if not ids and not names:
+            return []
+        id_counts: Counter[str] = Counter()
+        name_counts: Counter[str | tuple[str, str]] = Counter()
+        for row in _stream_rows(path):  # again, for the values behind the repeated hashes
+            if hash(row.id) in ids:
+                id_counts[row.id] += 1
+            name = _file_name(row)
+            if hash(name) in names:
+                name_counts[name] += 1
+        problems = [f"duplicate id {ident!r} ({count} rows)" for ident, count in id_counts.items() if count > 1]
+        for name, count in name_counts.items():
+            if count > 1:
+                rel, series = (name, "") if isinstance(name, str) else name
+                problems.append(f"{rel}: listed {count} times" + (f" (series {series})" if series else ""))
+        return problems
+
+    def leakage(self, path: Path) -> list[str]:
+        """Subjects with rows in several splits, by subject."""
+        suspects = {h for h, bits in self.split_bits.items() if bits & _OTHER_SPLIT or bits & (bits - 1)}
+        if not suspects:
+            return []
+        splits_of_subject: dict[str, set[str]] = defaultdict(set)
+        for row in _stream_rows(path):
+            if row.subject and row.split and hash(row.subject) in suspects:
+                splits_of_subject[row.subject].add(row.split)
+        return [
+            f"subject {subject} appears in several splits ({', '.join(sorted(splits))}): split leakage"
+            for subject, splits in sorted(splits_of_subject.items())
+            if len(splits) > 1
+        ]
+
+
+def _file_name(row: ManifestRow) -> str | tuple[str, str]:
+    """What makes a row's file unique: its path, with its series when it has one (no tuple a row otherwise)."""
+    return (row.path, row.series) if row.series else row.path
+
+
+def _stream_rows(path: Path) -> Iterator[ManifestRow]:
+    with _record_stream(path) as stream:
+        yield from stream.rows()
+
+
+def _value_problems(row: ManifestRow) -> list[str]:
+    """What is wrong with the values of ``row`` (empty id, unknown format or split, dims, shape, spacing)."""
+    problems = []
+    if not row.id:
+        problems.append("empty id")
+    if row.format not in FORMATS:
+        problems.append(f"format {row.format!r} is not one of {', '.join(FORMATS)}")
+    if row.dims not in (2, 3):
+        problems.append(f"dims must be 2 or 3, got {row.dims}")
+    elif row.shape and len(row.shape) != row.dims:
+        problems.append(f"shape {row.shape} does not have {row.dims} dimensions")
+    if row.spacing and not all(math.isfinite(s) and s > 0 for s in row.spacing):
+        problems.append(f"spacing must be positive and finite, got {row.spacing}")
+    if row.split not in SPLITS:
+        problems.append(f"split {row.split!r} is not one of train, val, test or empty")
+    return problems
 
 
 def _file_problems(manifest: Manifest, row: ManifestRow) -> list[str]:

@@ -19,11 +19,12 @@ import os
 import re
 import struct
 import zlib
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -41,11 +42,13 @@ from medssl.data.dicom import (
 )
 from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
-from medssl.data.manifest import SPLITS, ManifestRow, write_csv, write_manifest
+from medssl.data.manifest import SPLITS, ManifestRow, SharedValues, write_csv, write_manifest
 from medssl.data.pathmap import default_map_path, key_paths, write_path_map
 from medssl.data.pseudonym import pseudonym
 from medssl.runtime.progress import progress
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
@@ -84,20 +87,28 @@ def file_kind(path: Path) -> str:
 
 def walk(root: Path, exclude: Sequence[str]) -> tuple[list[Path], int]:
     """Files under ``root`` in a stable order; hidden files and folders are skipped."""
-    files: list[Path] = []
+    relatives, hidden = walk_relative(root, exclude)
+    return [root / rel for rel in relatives], hidden
+
+
+def walk_relative(root: Path, exclude: Sequence[str]) -> tuple[list[str], int]:
+    """:func:`walk` as paths relative to ``root`` (``/``-separated strings: a fraction of a ``Path``'s memory, and
+    what the rows keep), and the number of hidden files and folders skipped."""
+    files: list[str] = []
     hidden = 0
     for folder, dirs, names in os.walk(root):
         hidden += sum(d.startswith(".") for d in dirs)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        where = Path(folder).relative_to(root).as_posix()
+        prefix = "" if where == "." else f"{where}/"
         for name in sorted(names):
             if name.startswith("."):
                 hidden += 1
                 continue
-            path = Path(folder) / name
-            rel = path.relative_to(root).as_posix()
+            rel = prefix + name
             if any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
                 continue
-            files.append(path)
+            files.append(rel)
     return files, hidden
 
 
@@ -186,61 +197,73 @@ def multiframe_info(path: Path) -> FileInfo:
     return FileInfo(shape=shape, spacing=spacing_c)
 
 
-def _probe(path: Path, root: Path, salt: str) -> tuple[Path, str, object]:
+def _probe(root: Path, rel: str, salt: str) -> tuple[str, str, object]:
+    """``(rel, kind, header or file info or DataError)`` of the file ``root / rel``."""
+    path = root / rel
     kind = file_kind(path)
-    rel = path.relative_to(root).as_posix()
     try:
         if kind == "dicom":
-            return path, kind, read_header(path, salt, rel)
+            return rel, kind, read_header(path, salt, rel)
         if kind == "nifti":
-            return path, kind, nifti_info(path)
+            return rel, kind, nifti_info(path)
         if kind == "image":
-            return path, kind, image_info(path)
+            return rel, kind, image_info(path)
     except DataError as exc:
-        return path, kind, exc
+        return rel, kind, exc
     except OSError as exc:
-        return path, kind, DataError(path, f"cannot read file ({type(exc).__name__})")
+        return rel, kind, DataError(path, f"cannot read file ({type(exc).__name__})")
     suffix = "".join(path.suffixes[-1:]) or "no extension"
-    return path, kind, DataError(path, f"unsupported file type ({suffix})")
+    return rel, kind, DataError(path, f"unsupported file type ({suffix})")
+
+
+def _in_order(pool: ThreadPoolExecutor, function: Callable[[_T], _R], items: Iterable[_T], ahead: int) -> Iterator[_R]:
+    """``pool.map(function, items)`` with at most ``ahead`` items in flight (``map`` submits every item at once: a
+    future and its result per file, all held until they are consumed)."""
+    pending: deque[Future[_R]] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
-    """Scan ``root`` and return manifest rows (paths relative to ``root``) and per-file errors."""
+    """Scan ``root`` and return manifest rows (paths relative to ``root``) and per-file errors.
+
+    Files are probed ``4 x workers`` at a time; the rows share their repeated values (:class:`SharedValues`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "folder not found")
-    files, hidden = walk(root, options.exclude)
+    files, hidden = walk_relative(root, options.exclude)
     rows: list[ManifestRow] = []
     errors: list[tuple[str, str]] = []
     dicom_headers: list[DicomHeader] = []
-
-    def rel(path: Path) -> str:
-        return path.relative_to(root).as_posix()
-
-    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        probes = pool.map(lambda p: _probe(p, root, options.salt), files)
-        for path, kind, result in progress(
-            probes, total=len(files), desc="scan", unit="file", enabled=options.progress
-        ):
+    share = SharedValues()
+    modality = share((options.modality or "OT").upper(), "modality")
+    workers = max(1, options.workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        probes = _in_order(pool, lambda rel: _probe(root, rel, options.salt), files, 4 * workers)
+        for rel, kind, result in progress(probes, total=len(files), desc="scan", unit="file", enabled=options.progress):
             if isinstance(result, DataError):
-                errors.append((rel(path), result.reason))
+                errors.append((rel, result.reason))
             elif kind == "dicom":
                 dicom_headers.append(result)  # type: ignore[arg-type]
             else:
                 info: FileInfo = result  # type: ignore[assignment]
                 rows.append(
                     ManifestRow(
-                        id=pseudonym(f"file:{rel(path)}", options.salt, prefix="i"),
-                        path=rel(path),
+                        id=pseudonym(f"file:{rel}", options.salt, prefix="i"),
+                        path=rel,
                         format=kind,
                         dims=len(info.shape),
-                        modality=(options.modality or "OT").upper(),
-                        subject=_file_subject(rel(path), options),
-                        shape=info.shape,
-                        spacing=info.spacing,
+                        modality=modality,
+                        subject=share(_file_subject(rel, options), "subject"),
+                        shape=share(info.shape, "shape"),
+                        spacing=share(info.spacing, "spacing"),
                     )
                 )
-    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options)
+    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options, share)
     rows.extend(dicom_rows)
     errors.extend(dicom_errors)
     rows.sort(key=lambda r: (r.path, r.series))
@@ -261,7 +284,7 @@ def _file_subject(rel: str, options: ScanOptions) -> str:
 
 
 def _dicom_rows(
-    headers: Sequence[DicomHeader], root: Path, options: ScanOptions
+    headers: Sequence[DicomHeader], root: Path, options: ScanOptions, share: SharedValues | None = None
 ) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
     rows: list[ManifestRow] = []
     errors: list[tuple[str, str]] = []
@@ -277,13 +300,13 @@ def _dicom_rows(
             except DataError as exc:
                 errors.append((rel(header.path), exc.reason))
                 continue
-            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options))
+            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options, share))
         if not singles:
             continue
         if singles[0].modality in MODALITIES_2D or len(singles) == 1:
             for header in singles:
                 shape = (header.rows, header.columns)
-                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options))
+                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options, share))
             continue
         folders = {h.path.parent for h in singles}
         if len(folders) > 1:
@@ -296,7 +319,7 @@ def _dicom_rows(
         except ValueError as exc:
             errors.append((folder, str(exc)))
             continue
-        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options)
+        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options, share)
         rows.append(replace(row, id=pseudonym(f"series:{series_key}", options.salt, prefix="i"), series=series_key))
     return rows, errors
 
@@ -308,16 +331,18 @@ def _dicom_row(
     shape: Sequence[int],
     spacing: Sequence[float],
     options: ScanOptions,
+    share: SharedValues | None = None,
 ) -> ManifestRow:
+    same = share or SharedValues()
     return ManifestRow(
         id=pseudonym(f"instance:{header.instance_key}", options.salt, prefix="i"),
         path=rel,
         format=fmt,
         dims=len(shape),
-        modality=header.modality,
-        subject=header.subject,
-        shape=tuple(int(s) for s in shape),
-        spacing=tuple(float(s) for s in spacing),
+        modality=same(header.modality, "modality"),
+        subject=same(header.subject, "subject"),
+        shape=same(tuple(int(s) for s in shape), "shape"),
+        spacing=same(tuple(float(s) for s in spacing), "spacing"),
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from medssl.data.datasets import SkippedEntries
 from medssl.data.samplers import BalancedGroupBatchSampler
 
 
@@ -123,6 +124,9 @@ class Stream:
 
     ``consumed`` counts global batches (optimiser steps) taken from the stream; :meth:`restore` moves to a
     count without reading any sample. ``next_step()`` returns the ``accumulate`` micro-batches of one step.
+    ``skipped`` counts the samples this process's batches had replaced because their cache entry could not be read
+    (from the batches' ``"skipped"`` keys, whichever loader worker met them): ``skipped.take_window()`` per logging
+    window, ``skipped.total`` for the run.
     """
 
     name: str
@@ -131,6 +135,7 @@ class Stream:
     num_workers: int = 0
     pin_memory: bool = False
     consumed: int = field(default=0, init=False)
+    skipped: SkippedEntries = field(default_factory=SkippedEntries, init=False)
     _iterator: Iterator[Any] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -174,6 +179,9 @@ class Stream:
             self._open()
         micro = [next(self._iterator) for _ in range(self.sampler.accumulate)]  # type: ignore[arg-type]
         self.consumed += 1
+        for batch in micro:
+            if isinstance(batch, dict):
+                self.skipped.add(batch.get("skipped", ()))
         return micro
 
 

@@ -1,0 +1,180 @@
+"""Manifests at scale (issue 18): reading shares repeated values and streams the CSV, validation streams the rows
+(duplicates and leakage from hashes, named by a second read), writing never holds the whole text; what they report
+is what they reported when every row and record was held."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from medssl.data.manifest import COLUMNS, ManifestRow, read_manifest, validate_manifest, write_manifest
+from medssl.data.pathmap import write_path_map
+
+
+def keyed_manifest(folder: Path, rows: list[ManifestRow]) -> Path:
+    """``rows`` (``path``: file keys) written with a path map that puts key ``k`` at ``site/k.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "archive").mkdir(exist_ok=True)
+    write_path_map(folder / "m.paths.csv", folder / "archive", {r.path: f"site/{r.path}.png" for r in rows})
+    write_manifest(folder / "m.csv", rows, None, path_map=folder / "m.paths.csv")
+    return folder / "m.csv"
+
+
+def many_rows(n: int) -> list[ManifestRow]:
+    """``n`` distinct files of 20 per subject, half images, half volumes, three shapes."""
+    return [
+        ManifestRow(
+            id=f"i{i:016x}",
+            path=f"p{i:020x}",
+            format="image" if i % 2 else "nifti",
+            dims=2 if i % 2 else 3,
+            modality="MR",
+            subject=f"s{i // 20:016x}",
+            shape=(64, 64) if i % 2 else (32, 32, 12 + (i // 2) % 2),
+            spacing=(1.0, 1.0) if i % 2 else (1.0, 1.0, 2.0),
+            split="train",
+        )
+        for i in range(n)
+    ]
+
+
+def test_read_rows_share_their_repeated_values_and_the_map_keys(tmp_path):
+    manifest = read_manifest(keyed_manifest(tmp_path, many_rows(60)))
+    rows = manifest.rows
+    assert rows == many_rows(60), "the same rows as written"
+    distinct = {"format": 2, "modality": 1, "split": 1, "spacing": 2, "shape": 3, "subject": 3}
+    for name, count in distinct.items():
+        assert len({id(getattr(r, name)) for r in rows}) == count, f"one object per distinct {name}"
+    assert manifest.path_map is not None
+    keys = {id(key) for key in manifest.path_map.paths}
+    assert all(id(r.path) in keys for r in rows), "a row's file key is the path map's own string"
+
+
+def test_a_shape_and_an_equal_spacing_stay_apart(tmp_path):
+    # (2, 2, 2) == (2.0, 2.0, 2.0): shared as one value, the spacing would turn into integers (or the shape into floats)
+    rows = [
+        ManifestRow(id=f"r{i}", path=f"p{i}", format="nifti", dims=3, shape=(2, 2, 2), spacing=(2.0, 2.0, 2.0))
+        for i in range(2)
+    ]
+    for row in read_manifest(keyed_manifest(tmp_path, rows)).rows:
+        assert [type(v) for v in row.shape] == [int] * 3 and [type(v) for v in row.spacing] == [float] * 3
+
+
+def test_validation_names_duplicates_in_the_order_of_their_first_row(tmp_path):
+    ids = ["a", "b", "b", "c", "a", "c", "c", "d"]
+    paths = ["p1", "p2", "p3", "p2", "p4", "p1", "p5", "p1"]
+    series = ["", "", "", "", "", "", "", "s"]  # p1 of series s is another file than p1
+    rows = [
+        ManifestRow(id=i, path=p, format="image", dims=2, subject=f"s{n}", series=s)
+        for n, (i, p, s) in enumerate(zip(ids, paths, series, strict=True))
+    ]
+    report = validate_manifest(keyed_manifest(tmp_path, rows), check_files=False)
+    assert report.errors == [
+        "duplicate id 'a' (2 rows)",
+        "duplicate id 'b' (2 rows)",
+        "duplicate id 'c' (3 rows)",
+        "p1: listed 2 times",
+        "p2: listed 2 times",
+    ]
+
+
+def test_validation_finds_leakage_by_subject_whatever_the_split_names(tmp_path):
+    splits = {"s1": ["train", "test"], "s2": ["train", "train"], "s3": ["bogus", "train"], "s4": ["bogus", "bogus"]}
+    rows = [
+        ManifestRow(id=f"{subject}{k}", path=f"p{subject}{k}", format="image", dims=2, subject=subject, split=split)
+        for subject, names in splits.items()
+        for k, split in enumerate(names)
+    ]
+    report = validate_manifest(keyed_manifest(tmp_path, rows), check_files=False)
+    leaks = [e for e in report.errors if "split leakage" in e]
+    assert leaks == [
+        "subject s1 appears in several splits (test, train): split leakage",
+        "subject s3 appears in several splits (bogus, train): split leakage",
+    ]
+    assert sum("split 'bogus' is not one of" in e for e in report.errors) == 3
+
+
+def test_the_summary_counts_as_before(tmp_path):
+    rows = many_rows(50)
+    rows[3].group, rows[4].split, rows[5].subject = "target", "", ""
+    path = keyed_manifest(tmp_path, rows)
+    expected = {
+        "rows": 50,
+        "images_2d": 25,
+        "volumes_3d": 25,
+        "subjects": len({r.subject for r in rows if r.subject}),
+        "formats": dict(Counter(r.format for r in rows)),
+        "modalities": {"MR": 50},
+        "splits": dict(Counter(r.split or "-" for r in rows)),
+        "groups": dict(Counter(r.group or "-" for r in rows)),
+    }
+    assert read_manifest(path).summary() == expected
+    report = validate_manifest(path, check_files=False)
+    assert report.summary == expected and report.ok and len(report.warnings) == 1  # the row without a subject
+
+
+def test_a_manifest_is_written_as_before(tmp_path):
+    rows = many_rows(5)
+    rows[2].label, rows[3].mask = 'a "quoted", label', "p-mask"
+    write_manifest(tmp_path / "m.csv", rows, tmp_path)
+    lines = (tmp_path / "m.csv").read_bytes().decode("utf-8").split("\n")
+    assert lines[:3] == ["# medssl-manifest v1", "# root: .", ",".join(COLUMNS)]
+    row_2 = "i0000000000000002,p00000000000000000002,,nifti,3,MR,s0000000000000000,32x32x13,1x1x2,train,,"
+    assert lines[5] == row_2 + '"a ""quoted"", label",'
+    assert lines[6].endswith(",train,,,p-mask") and lines[-1] == "" and len(lines) == 3 + 5 + 1
+
+
+def _per_row(function, small: int, large: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Held and peak Python heap bytes per row of ``function(n)``, as the slope between ``small`` and ``large`` (after
+    a first call: imports and caches out of the figures)."""
+    function(small)
+    figures = []
+    for n in (small, large):
+        gc.collect()
+        tracemalloc.start()
+        kept = function(n)
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del kept
+        figures.append((held, peak))
+    (h0, p0), (h1, p1) = figures
+    return (h1 - h0) / (large - small), (p1 - p0) / (large - small)
+
+
+@pytest.mark.parametrize("step", ["read", "validate"])
+def test_reading_and_validating_cost_a_few_hundred_bytes_a_row(tmp_path, step):
+    manifests = {n: keyed_manifest(tmp_path / str(n), many_rows(n)) for n in (1000, 5000)}
+    if step == "read":
+        held, peak = _per_row(lambda n: read_manifest(manifests[n]), 1000, 5000)
+        # the rows (~250 bytes: the row, its id, its key shared with the map) and the path map (~210 bytes, and
+        # twice that while it is read); were 1180 held and 1870 at peak (every CSV record held as a dict first,
+        # every value its own string)
+        assert held < 800 and peak < 1300, (held, peak)
+    else:
+        held, peak = _per_row(lambda n: validate_manifest(manifests[n], check_files=False), 1000, 5000)
+        # no row is kept (hashes: 8 bytes a row; "held" also counts the interpreter's tuple free lists, bounded);
+        # the peak is the path map's reading; was 1630 at peak (every row and CSV record held)
+        assert held < 100 and peak < 800, (held, peak)
+
+
+def test_validation_reads_the_manifest_again_only_for_repeats(tmp_path, monkeypatch):
+    import medssl.data.manifest as manifest_module
+
+    reads: defaultdict[str, int] = defaultdict(int)
+    real = manifest_module._record_stream
+
+    def counting(path: Path):  # type: ignore[no-untyped-def]
+        reads[path.name] += 1
+        return real(path)
+
+    monkeypatch.setattr(manifest_module, "_record_stream", counting)
+    rows = many_rows(30)
+    assert validate_manifest(keyed_manifest(tmp_path / "clean", rows), check_files=False).ok
+    assert reads["m.csv"] == 2  # the header (and its comments), then the rows
+    rows[7].id = rows[3].id
+    assert not validate_manifest(keyed_manifest(tmp_path / "repeats", rows), check_files=False).ok
+    assert reads["m.csv"] == 2 + 3
