@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medssl import __version__
-from medssl.data.errors import DataError, ManifestError
+from medssl.data.errors import DataError, ManifestError, UnreadableCacheError
 
 log = logging.getLogger("medssl")
 
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except (DataError, ManifestError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ManifestError, UnreadableCacheError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

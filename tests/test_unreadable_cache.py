@@ -198,3 +198,46 @@ def test_the_stream_counts_what_its_workers_skipped(tmp_path):
     window = stream.skipped.take_window()
     assert set(window) == bad_keys and window == stream.skipped.total
     assert not stream.skipped.take_window(), "a new window starts empty"
+
+
+def test_a_pretraining_run_goes_on_past_an_entry_that_turns_unreadable_and_reports_its_key(tmp_path, capsys):
+    """Through the trainer: after step 1 one image's cache file is deleted; the run finishes, the console names the
+    entry's key (never a path) in the window's warning and at the end, and MLflow holds the counts and a tag."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from training import tiny_overrides, write_training_data
+
+    from medssl.train.config import compose_pretrain_config
+    from medssl.train.trainer import Trainer
+
+    manifest = write_training_data(tmp_path, volumes=2, images=8)
+    damaged: list[str] = []
+
+    def delete_one_image_entry(step: int, metrics: dict[str, float]) -> None:
+        if step != 1:
+            return
+        for meta in sorted((tmp_path / "cache").glob("*/*.json")):
+            if json.loads(meta.read_text(encoding="utf-8")).get("dims") == 2:
+                meta.with_suffix(".npy").unlink()
+                damaged.append(meta.stem)
+                return
+
+    overrides = tiny_overrides(manifest, tmp_path, "method=simclr", "trainer.max_steps=6", "run.name=damaged")
+    result = Trainer(compose_pretrain_config(overrides), project_dir=tmp_path,
+                     callbacks=[delete_one_image_entry]).fit()  # fmt: skip
+    assert result.status == "finished" and result.step == 6 and damaged
+    out = capsys.readouterr().out
+    key = damaged[0]
+    assert "damaged: warning: images stream: " in out and f"{key} x" in out
+    assert "damaged: warning: images stream, this start: " in out and "medssl manifest preprocess" in out
+    assert str(tmp_path / "data") not in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    skipped = int(run.data.tags["medssl.skipped_samples"])
+    assert skipped >= 1
+    logged = json.loads(Path(client.download_artifacts(result.run_id, "data/skipped_entries.json", str(tmp_path)))
+                        .read_text(encoding="utf-8"))  # fmt: skip
+    assert logged == {"images": {key: skipped}}
+    history = client.get_metric_history(result.run_id, "data/skipped_samples_images")
+    assert sum(m.value for m in history) == skipped

@@ -23,6 +23,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medssl.data.datasets import UnreadableEntryError
 from medssl.runtime.checks import at_least
 
 __all__ = [
@@ -439,13 +440,20 @@ def embedding_snapshot(
     if length == 0:
         raise ValueError("the dataset is empty")
     core = model if hasattr(model, "encode") else getattr(model, "module", model)
-    indices = balanced_indices(np.asarray(dataset.item_index), min(int(n_samples), length))
-    images = torch.stack(
-        [
-            _fit_square(dataset.image(int(i), np.random.default_rng([int(generator_seed), int(i)])), size)
-            for i in indices
-        ]
-    )  # [N, 1, size, size]
+    chosen = balanced_indices(np.asarray(dataset.item_index), min(int(n_samples), length))
+    readable, pictures = [], []
+    for i in chosen:  # a cache entry that turned unreadable during the run is left out of the picture
+        try:
+            pictures.append(
+                _fit_square(dataset.image(int(i), np.random.default_rng([int(generator_seed), int(i)])), size)
+            )
+        except UnreadableEntryError:
+            continue
+        readable.append(i)
+    if not pictures:
+        raise ValueError("no sample of the embedding snapshot can be read from the cache")
+    indices = np.asarray(readable, dtype=np.int64)
+    images = torch.stack(pictures)  # [N, 1, size, size]
     rows = [dataset.items[int(dataset.item_index[int(i)])].row for i in indices]
     in_channels = int(getattr(getattr(core, "config", None), "in_channels", 1) or 1)
     modes = [(m, m.training) for m in model.modules()]

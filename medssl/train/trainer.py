@@ -17,6 +17,7 @@ import math
 import signal
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from medssl.data.datasets import SkippedEntries
 from medssl.models.joint import JointModel
 from medssl.objectives.joint import SepBatch, StackBatch
 from medssl.runtime.checkpoints import (
@@ -243,6 +245,21 @@ class _StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _skipped_entries(run: _Run, window: bool) -> dict[str, Counter[str]]:
+    """Per stream, the samples replaced because their cache entry could not be read, summed over every rank: since the
+    last logging window (``window``) or since this start. A collective under DDP: every rank calls it at the same
+    steps."""
+    local = {
+        name: stream.skipped.take_window() if window else Counter(stream.skipped.total)
+        for name, stream in run.streams.items()
+    }
+    if not run.ctx.enabled:
+        return local
+    gathered: list[Any] = [None] * run.ctx.world_size
+    dist.all_gather_object(gathered, local)
+    return {name: sum((rank[name] for rank in gathered), Counter()) for name in local}
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -479,6 +496,14 @@ class Trainer:
         """The last checkpoint; for a finished run the backbone and the final pictures; the MLflow run's status."""
         ctx, state, tracker, status = run.ctx, loop.state, run.tracker, loop.status
         run.bar.close()
+        skipped = {name: counts for name, counts in _skipped_entries(run, window=False).items() if counts}
+        if skipped:  # the run went on past unreadable cache entries: say which (keys, never archive paths)
+            tracker.log_dict({name: dict(counts) for name, counts in skipped.items()}, "data/skipped_entries.json")
+            tracker.set_tags({"medssl.skipped_samples": str(sum(sum(c.values()) for c in skipped.values()))})
+            if ctx.is_main:
+                for name, counts in skipped.items():
+                    print(f"{state.run_name}: warning: {name} stream, this start: {SkippedEntries.describe(counts)}; "
+                          "rebuild the cache (medssl manifest preprocess) to restore them", flush=True)  # fmt: skip
         for stream in run.streams.values():
             stream.close()
         log_artifact = status == "finished" and self.config.logging.log_checkpoints
@@ -578,6 +603,13 @@ class Trainer:
         if step % self.config.trainer.log_every and step != loop.max_steps:
             return False
         metrics = loop.last_metrics = loop.window.close(run.primary.epoch)
+        for name, counts in _skipped_entries(
+            run, window=True
+        ).items():  # cache entries unreadable since the last window
+            if counts:
+                metrics[f"data/skipped_samples_{name}"] = float(sum(counts.values()))
+                if run.ctx.is_main:
+                    run.bar.write(f"{loop.state.run_name}: warning: {name} stream: {SkippedEntries.describe(counts)}")
         run.tracker.log_metrics(metrics, step)
         for stream, warning in run.alarm.update(step, metrics):
             if run.ctx.is_main:
