@@ -183,3 +183,35 @@ def test_cache_of_identifying_dicoms_holds_no_identifier(tmp_path):
     blobs = b"".join(p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
     for identifier in IDENTIFIERS:
         assert identifier.encode() not in blobs, f"{identifier} reached the cache"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [PreprocessConfig(), PreprocessConfig(spacing=[0.5, 2.0, 1.0], max_side_2d=16, storage_dtype="uint8")],
+    ids=["native", "resampled"],
+)
+def test_the_entry_size_estimate_is_close_to_what_is_written(tmp_path, config):
+    """What the free-space check counts: each entry's array (after resampling) and metadata, within 10%."""
+    from medssl.data.cache import estimated_entry_bytes
+
+    manifest = scan_to_manifest(make_archive(tmp_path / "data"), tmp_path / "m.csv")
+    build_cache(manifest, tmp_path / "cache", config, workers=1, progress=False)
+    entries = open_cache(manifest, tmp_path / "cache", config)
+    for row in manifest.rows:
+        entry = entries[row.id]
+        written = sum(p.stat().st_size for p in entry.directory.glob(f"{entry.key}.*"))
+        assert 0.9 * written <= estimated_entry_bytes(row, config) <= 1.1 * written + 1024, row
+
+
+def test_a_cache_build_without_room_stops_before_writing_any_entry(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from medssl.runtime.preflight import PreflightError
+
+    manifest = scan_to_manifest(make_archive(tmp_path / "data"), tmp_path / "m.csv")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(PreflightError, match=r"data\.cache_dir: .* has 4\.0 KiB free, this run needs at least"):
+        build_cache(manifest, tmp_path / "cache", PreprocessConfig(), workers=1, progress=False)
+    assert not list((tmp_path / "cache").rglob("*.npy"))

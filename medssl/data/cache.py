@@ -18,11 +18,10 @@ every entry (the files are hashed again, not preprocessed again).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
-import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -35,9 +34,10 @@ import numpy as np
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
 from medssl.data.manifest import Manifest, ManifestRow, write_csv, write_text_atomically
-from medssl.data.preprocess import PreprocessConfig, preprocess
+from medssl.data.preprocess import CT_MODALITIES, PreprocessConfig, preprocess
 from medssl.data.readers import read_row
-from medssl.runtime.files import atomic_write_text, atomic_write_with
+from medssl.runtime.files import atomic_write_text, atomic_write_with, remove_stale_temporaries
+from medssl.runtime.preflight import check_room
 from medssl.runtime.progress import progress as progress_of
 
 CACHE_FORMAT_VERSION = 1
@@ -179,27 +179,6 @@ class CacheReport:
     seconds: float = 0.0
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (temporaries of dead writers can be removed)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporaries left by interrupted builds (those whose writing process is gone)."""
-    for tmp in directory.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and process_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 def build_cache(
     manifest: Manifest,
     cache_root: Path,
@@ -217,7 +196,7 @@ def build_cache(
     cache_root = Path(cache_root)
     directory = cache_root / settings_digest(config)
     (directory / "index").mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(directory)
+    remove_stale_temporaries(directory)  # left by an interrupted build
     settings_path = directory / "settings.json"
     if not settings_path.exists():
         atomic_write_text(settings_path, json.dumps(config.to_dict(), indent=2))
@@ -250,6 +229,9 @@ def build_cache(
         else:
             todo[key] = (row, str(path), str(directory), key, config)
     digests.save()
+    # Room for the entries this build writes, before it writes any (a clear error now, not a full disk later).
+    check_room([(directory, sum(estimated_entry_bytes(task[0], config) for task in todo.values()), "data.cache_dir")],
+               margin=0)  # fmt: skip
     failed: set[str] = set()
     built_rows = {task[0].id: task[0] for task in todo.values()}
     try:
@@ -272,6 +254,22 @@ def build_cache(
         write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def estimated_entry_bytes(row: ManifestRow, config: PreprocessConfig) -> int:
+    """About what the cache entry of ``row`` takes on disk: its array after resampling (``preprocess.spacing`` for
+    volumes, ``preprocess.max_side_2d`` for images), one channel per CT window, at the storage dtype's size, plus its
+    metadata (foreground fractions per slice). 0 for a row without a shape."""
+    if not row.shape or any(n <= 0 for n in row.shape):
+        return 0
+    sizes = [float(n) for n in row.shape]
+    if row.dims == 3 and config.spacing is not None and len(row.spacing) == len(sizes):
+        sizes = [n * s / t if t else n for n, s, t in zip(sizes, row.spacing, config.spacing, strict=True)]
+    elif row.dims == 2 and config.max_side_2d is not None and max(sizes) > config.max_side_2d:
+        sizes = [n * config.max_side_2d / max(sizes) for n in sizes]
+    channels = len(config.ct_windows) if row.modality in CT_MODALITIES else 1
+    itemsize = np.dtype(config.storage_dtype).itemsize
+    return int(channels * math.prod(max(1.0, round(n)) for n in sizes) * itemsize + 8 * sum(sizes) + 1024)
 
 
 def _run(

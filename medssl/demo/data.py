@@ -54,11 +54,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from medssl.data.cache import process_alive
 from medssl.data.dicom import read_header
 from medssl.data.scan import ScanOptions, ScanResult, join_labels, scan_folder
 from medssl.runtime.checks import at_least
-from medssl.runtime.files import atomic_write_text
+from medssl.runtime.files import atomic_write_text, process_alive
 
 LABELS_NAME = "labels.csv"
 README_NAME = "README.txt"
