@@ -7,8 +7,10 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch only for the annotation: the cache build imports this module without needing torch
+    from torch import nn
 
 MiB = 1 << 20
 MARGIN_BYTES = 256 * MiB  # beyond two checkpoints: the backbone, pictures, logs, the MLflow store
