@@ -26,8 +26,7 @@ crash, and an input that runs past ``-timeout`` (10 s unless given) a hang. libF
 the input to ``<workdir>/<target>-crash-<sha1>`` (to reproduce, give that file instead of the options:
 ``python benchmarks/fuzz_atheris.py --target image <workdir>/image-crash-...``). Inputs that reach new code are added
 to ``<workdir>/corpus-<target>`` (seeded on the first run; keep it between runs); ``<workdir>/scratch-<target>`` holds
-the files of the input being run. ``<workdir>`` defaults to ``$TMPDIR/medssl-atheris``. Known bugs of
-medssl/data/scan.py (``KNOWN``, each pinned by a strict xfail test) are not crashes unless ``--strict``. Every other
+the files of the input being run. ``<workdir>`` defaults to ``$TMPDIR/medssl-atheris``. Every other
 argument goes to libFuzzer (``-max_total_time``, ``-runs``, ``-jobs``, ``-help=1``, ...).
 """
 
@@ -38,7 +37,6 @@ import gzip
 import subprocess
 import sys
 import tempfile
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,25 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SALT = "atheris"
 TARGETS = ("dicom", "nifti", "image", "mask", "labels", "pathmap", "manifest")
-
-KNOWN: tuple[tuple[str, str, str], ...] = (
-    # (function in the traceback, exception type's name, text in its message): bugs in medssl/data/scan.py, pinned
-    # by strict xfail tests in tests/test_fuzz_inputs.py; drop an entry when its fix lands
-    ("multiframe_info", "ValueError", ""),
-    ("image_info", "DecompressionBombError", ""),
-    ("image_info", "ValueError", ""),
-    ("join_labels", "UnicodeDecodeError", ""),
-    ("join_labels", "Error", ""),  # csv.Error
-    ("join_labels", "TypeError", ""),
-    ("join_labels", "ValueError", "null byte"),
-)
-
-
-def _known(exc: BaseException) -> bool:
-    frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
-    kind = type(exc).__name__
-    return any(name in frames and kind == known and text in str(exc) for name, known, text in KNOWN)
-
 
 # --- seeds -----------------------------------------------------------------------------------------------------------
 
@@ -271,17 +250,13 @@ def instrument(packages: list[str]) -> None:
         import medssl.data.scan  # noqa: F401
 
 
-def fuzz(harness: Harness, strict: bool, libfuzzer_args: list[str]) -> None:
+def fuzz(harness: Harness, libfuzzer_args: list[str]) -> None:
     import atheris
 
     def one_input(data: bytes) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every odd value it reads
-            try:
-                harness.run(data)
-            except Exception as exc:
-                if strict or not _known(exc):
-                    raise
+            harness.run(data)
 
     atheris.Setup([sys.argv[0], *libfuzzer_args], one_input)
     atheris.Fuzz()
@@ -291,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=[*TARGETS, "all"], required=True)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medssl-atheris")
-    parser.add_argument("--strict", action="store_true", help="report the known bugs (KNOWN) as crashes too")
     parser.add_argument(
         "--instrument", default="medssl,pydicom,nibabel", help="packages whose branches guide the fuzzer (comma list)"
     )
@@ -302,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"=== {target}", flush=True)
             command = [sys.executable, __file__, "--target", target, "--workdir", str(args.workdir)]
             command += ["--instrument", args.instrument]
-            codes.append(subprocess.call([*command, *(["--strict"] if args.strict else []), *libfuzzer]))
+            codes.append(subprocess.call([*command, *libfuzzer]))
         print(
             "results: "
             + ", ".join(f"{t} {'ok' if c == 0 else f'FAILED ({c})'}" for t, c in zip(TARGETS, codes, strict=True))
@@ -318,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"-timeout": "10", "-rss_limit_mb": "4096", "-artifact_prefix": f"{args.workdir}/{args.target}-"}
     options += [f"{k}={v}" for k, v in defaults.items() if not any(a.startswith(f"{k}=") for a in options)]
     inputs = [a for a in libfuzzer if not a.startswith("-")] or [str(corpus)]
-    fuzz(Harness(args.target, args.workdir / f"scratch-{args.target}"), args.strict, [*options, *inputs])
+    fuzz(Harness(args.target, args.workdir / f"scratch-{args.target}"), [*options, *inputs])
     return 0
 
 

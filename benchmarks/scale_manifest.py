@@ -290,6 +290,7 @@ def run(
         "batch_size": batch_size,
         "workers": workers,
         "sizes": {},
+        "load": [_load_average()],
     }
     breakdown_at = min([n for n in rows if n >= 10_000] or [max(rows)])
     for n in rows:
@@ -314,7 +315,14 @@ def run(
         results["sizes"][n] = entry
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
+    results["load"].append(_load_average())
     return results
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (None where the platform has none): the seconds depend on it (a shared
+    machine), the peaks do not."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def growth(results: dict[str, Any], phase: str) -> tuple[float, float, float]:
@@ -340,7 +348,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"{results['workers']} header threads; stream = the trainer's 2D multi-crop dataset over all N rows, "
         f"{results['samples']} samples loaded in batches of {results['batch_size']} (0 workers). Each phase in a "
         "fresh process; start = RSS after imports, peak = the process's `VmHWM` (or its children's `ru_maxrss`, if "
-        "larger).",
+        f"larger).{_load_note(results)}",
         "",
         "| rows | phase | seconds | rows/s | start RSS MiB | peak RSS MiB | peak - start MiB | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -398,6 +406,17 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_note(results: dict[str, Any]) -> str:
+    """`` Load average ...`` for the machine line, where the run recorded it."""
+    load = [value for value in results.get("load", []) if value is not None]
+    if len(load) != 2:
+        return ""
+    return (
+        f" 1-minute load average {load[0]:.1f} at the start of the run and {load[1]:.1f} at its end "
+        f"({results['machine'].split(', ')[1]}): the seconds depend on it, the peaks do not."
+    )
+
+
 BEFORE_BYTES_PER_ROW = {"scan": 2324, "validate": 1760, "cache": 1921, "stream": 3851}
 """Peak RSS growth per row from 1000 to 100000 rows before the memory work of issue 18 (commit b4e1d43)."""
 BEFORE_BREAKDOWN = {
@@ -409,41 +428,79 @@ BEFORE_BREAKDOWN = {
 """The heap breakdown of commit b4e1d43's code at 10000 rows, measured as :func:`phase_breakdown` measures now."""
 
 
+FIRST_PASS_BYTES_PER_ROW = {"scan": 1028, "validate": 344, "cache": 859, "stream": 830}
+"""Peak RSS growth per row from 1000 to 100000 rows after the first pass of that work (commit ac6e744)."""
+FIRST_PASS_BREAKDOWN = {
+    "read_manifest": (467, 754),
+    "cached_items": (57, 230),
+    "MultiCropSliceDataset": (53, 105),
+    "validate_manifest": (25, 408),
+}
+"""The heap breakdown of commit ac6e744's code at 10000 rows (held / peak bytes a row)."""
+WRITE_SCAN_PEAK = (496, 174)
+"""``write_scan``'s Python heap peak (``tracemalloc``, bytes a row) for 100,000 rows, before and after it stopped
+holding a keyed copy of every row and the map's text (measured apart from this benchmark; the same files written)."""
+
+
+def _breakdown_peak(results: dict[str, Any], step: str) -> str:
+    """The peak bytes a row of ``step`` in this run's breakdown, or ``?`` where it has none."""
+    held_peak = results.get("breakdown", {}).get("steps", {}).get(step)
+    return f"{held_peak[1]:.0f}" if held_peak else "?"
+
+
 def _what_rows_cost(results: dict[str, Any]) -> list[str]:
     """The section's closing prose: before and after, what changed, what a row still costs and why."""
     now = {phase: growth(results, phase)[2] for phase in PHASES}
     before = ", ".join(f"{BEFORE_BYTES_PER_ROW[p]} ({p})" for p in PHASES)
+    first = ", ".join(f"{FIRST_PASS_BYTES_PER_ROW[p]} ({p})" for p in PHASES)
     after = ", ".join(f"{now[p]:.0f} ({p})" for p in PHASES)
     breakdown = ", ".join(f"`{name}` {held} / {peak}" for name, (held, peak) in BEFORE_BREAKDOWN.items())
+    first_breakdown = ", ".join(f"`{name}` {held} / {peak}" for name, (held, peak) in FIRST_PASS_BREAKDOWN.items())
+    read_peak, validate_peak = _breakdown_peak(results, "read_manifest"), _breakdown_peak(results, "validate_manifest")
     return [
         f"Before and after: the peaks grew by {before} bytes a row before the memory work of issue 18 (commit "
-        f"b4e1d43, same archive and method); now by {after}. The heap breakdown of that code, measured as above at "
-        f"10000 rows (held / peak bytes a row): {breakdown}. (The breakdown leaves out the interpreter's table of "
-        "interned strings, which pathlib fills with every path part and which is reallocated whole, about 4 MB, when "
-        "full of dead entries: memory the process had before, counted as new by `tracemalloc`.)",
+        f"b4e1d43, same archive and method); by {first} after its first pass (commit ac6e744); now by {after}. The "
+        f"heap breakdown, measured as above at 10000 rows (held / peak bytes a row), of b4e1d43's code: {breakdown}; "
+        f"of ac6e744's: {first_breakdown}. (The breakdown leaves out the interpreter's table of interned strings, "
+        "which pathlib fills with every path part and which is reallocated whole, about 4 MB, when full of dead "
+        "entries: memory the process had before, counted as new by `tracemalloc`.)",
         "",
-        "What changed: `read_manifest` streams the CSV (no list of lines, no list of record dicts) and the rows share "
-        "their repeated values: format, modality, subject, split, group, label, shape and spacing are one object per "
-        "distinct value, and a row's file key is the path map's own string. `validate_manifest` holds no row: "
-        "values are checked as they are read, ids and file names are kept as 64-bit hashes (8 bytes a row each), "
-        "and only when a hash repeats, or a subject has several splits, is the manifest read again to name them. "
-        "Manifests and the cache index are written as streams, never as one string. `scan` walks to relative "
+        "What changed in the first pass: `read_manifest` streams the CSV (no list of lines, no list of record dicts) "
+        "and the rows share their repeated values: format, modality, subject, split, group, label, shape and spacing "
+        "are one object per distinct value, and a row's file key is the path map's own string. `validate_manifest` "
+        "holds no row: values are checked as they are read, ids and file names are kept as 64-bit hashes (8 bytes a "
+        "row each), and only when a hash repeats, or a subject has several splits, is the manifest read again to name "
+        "them. Manifests and the cache index are written as streams, never as one string. `scan` walks to relative "
         "strings (no `Path` per file) and probes 4 x workers files at a time (`ThreadPoolExecutor.map` made a "
         "future per file at once). Rows with the same content share one `CacheEntry`, which knows its storage "
         "dtype and keeps no metadata the datasets read: the 2D index takes a volume's foreground slices straight "
         "into numpy arrays (13 bytes a sample), the 3D dataset 5 numbers a volume. A dataset keeps at most 256 "
         "memory maps open per process (each held a file descriptor: an epoch over 100,000 files kept them all).",
         "",
-        "Not flat, and why: every phase holds the rows, about 460 bytes a row of Python heap: a `ManifestRow` "
-        "(~185 bytes; `slots=True` would save ~40 more but drops `row.__dict__`, which helpers use to copy rows), "
-        "its id (~80) and its file key (shared with the path map), and the path map (~210: key, relative path, "
-        "dict entry); RSS adds the allocator's slack. The peaks add what is transient: the path map is read whole "
-        "before it is parsed (~230 bytes a row: the largest transient of the read, cache and stream peaks; "
-        "`validate`'s peak is the path map being read); `scan` also holds a keyed copy of every row and the key -> "
-        "path map (`key_paths`) and the map's whole text while writing it (`write_path_map`); `cache` the row -> "
-        "content key dict. `validate` "
-        "imports numpy at its end (16 MiB, in its peak at every size, not in the slope). O(1) in the rows would "
-        "need them streamed through every phase (the datasets index every row, the cache index maps every row).",
+        "What changed since: the path map is read line by line (`read_path_map` held every line of the file before "
+        "parsing it, about 230 bytes a row, the largest transient of every read; for a repeated key it now reads the "
+        "file again to name the first line, instead of keeping a line number per entry): `read_manifest`'s heap "
+        f"peak went from 754 to {read_peak} bytes a row and `validate_manifest`'s from 408 to {validate_peak}. The "
+        "map is written as a stream into its atomic private file (`write_path_map` built the whole text), and "
+        "`scan`'s `key_paths` makes the keyed rows one at a time as the manifest is written (it held a keyed copy "
+        "of every row), keeping only the rows' keys and their order (two lists, about 45 bytes a row): "
+        f"`write_scan`'s heap peak for 100,000 rows went from {WRITE_SCAN_PEAK[0]} to {WRITE_SCAN_PEAK[1]} bytes a "
+        "row (`tracemalloc`, measured apart from this table; the same files, byte for byte). The `scan`, `cache` "
+        "and `validate` slopes fell with them; the `stream` slope hardly moved: its peak comes later, with the "
+        "dataset index on top of the rows.",
+        "",
+        "Not flat, and why: every phase but `validate` holds the rows, about 460 bytes a row of Python heap: a "
+        "`ManifestRow` (~185 bytes; `slots=True` would save ~40 more but drops `row.__dict__`, which helpers use to "
+        "copy rows), its id (~80) and its file key (shared with the path map), and the path map (~180-200: key, "
+        "relative path, dict entry); RSS adds the allocator's slack. `validate` holds the path map (to check the "
+        "files) and the hashes. The peaks add the rest: reading a manifest about 100 bytes a row that it drops (the "
+        "rows' own key strings until they are pointed at the map's, and the key -> key dict that does it), now its "
+        "largest transient; `scan` its rows with their relative paths and the walk's list, and while writing the "
+        "key -> path map and the keys and order of the rows; `cache` the row -> content key dict; `stream` the "
+        "dataset index and an epoch of shuffled batches (8 bytes a sample). `validate` imports numpy at its end "
+        "(16 MiB, in its peak at every "
+        "size, not in the slope). O(1) in the rows would need them streamed through every phase (the datasets index "
+        "every row, the cache index maps every row).",
     ]
 
 

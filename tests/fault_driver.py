@@ -113,7 +113,8 @@ def environment() -> dict[str, str]:
 def start(folder: Path, kill: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the driver to its end (or its kill) in ``folder``."""
     command = [sys.executable, str(DRIVER), kill, *args]
-    return subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)  # fmt: skip
 
 
 def resumed_step(stdout: str) -> int | None:
@@ -154,7 +155,8 @@ def kill_at_random_moments(
     for _ in range(kills):
         before = pointer(run_dir)
         process = subprocess.Popen([sys.executable, str(DRIVER), "none", *args], cwd=folder, env=environment(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   encoding="utf-8", errors="replace")  # fmt: skip
         begin = time.monotonic()
         while time.monotonic() - begin < 120 and process.poll() is None and pointer(run_dir) == before:
             time.sleep(0.01)

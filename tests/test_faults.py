@@ -119,7 +119,8 @@ def test_torchrun_max_restarts_turns_a_killed_worker_into_a_finished_run(data):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
         "--monitor-interval=0.5", str(DRIVER), "rank1-step:5", *args,
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True, timeout=420)
+    done = subprocess.run(command, cwd=folder, env=environment(), capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=420)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert re.search(r"resuming from \S+step_(\d+)\.pt at step (4|5)", output), output[-4000:]

@@ -4,9 +4,8 @@ fine-tuning loader; path maps through reading, validate and cache build.
 
 Every case runs under a watchdog (no hang); the properties are: no uncaught exception, every bad file named in the
 errors with a reason, the CLI answers with an exit code (never a traceback), and the cache holds no partial entry.
-Hypothesis runs derandomized so CI is deterministic. Bugs of medssl/data/scan.py that fuzzing found and that this
-module's author could not fix there are pinned by strict xfail tests (their reasons give the fix); a fuzz case that
-hits one is recorded as an event instead of failing. benchmarks/fuzz_atheris.py fuzzes the same calls with atheris.
+Hypothesis runs derandomized so CI is deterministic. Each bug fuzzing found has a test of its own (and often an
+``@example`` of the input that found it). benchmarks/fuzz_atheris.py fuzzes the same calls with atheris.
 """
 
 from __future__ import annotations
@@ -503,41 +502,9 @@ def _seeds_of(fmt: str) -> dict[str, bytes]:
     return _multiframe_seeds()[fmt] if fmt in ("mf", "emf", "rtdose", "emri") else _seeds()[fmt]
 
 
-def _known_scan_bug(path: Path) -> str | None:
-    """The known bug of medssl/data/scan.py (not editable in this change) that ``path`` hits, if any: a multi-frame
-    file whose direction SimpleITK reads as all zeros (``multiframe_info`` raises ValueError), or an image whose header
-    gives over 2 x 179 M pixels or is cut short (``image_info`` lets Pillow's DecompressionBombError or ValueError
-    out), stops the whole scan. Each is pinned by a strict xfail test
-    (``test_enhanced_multiframe_without_a_usable_orientation_is_reported``,
-    ``test_image_with_a_huge_or_truncated_header_is_reported``)."""
-    from PIL import Image
-
-    from medssl.data.dicom import read_header
-    from medssl.data.scan import file_kind, image_info, multiframe_info
-
-    kind = file_kind(path)
-    try:
-        if kind == "image":
-            image_info(path)
-        elif kind == "dicom" and read_header(path, SALT, path.name).frames > 1:
-            multiframe_info(path)
-    except (Image.DecompressionBombError, ValueError) as exc:
-        where = "image_info" if kind == "image" else "multiframe_info"
-        return f"known bug: scan.{where} let {type(exc).__name__} stop the scan"
-    except Exception:  # reported as it should be
-        return None
-    return None
-
-
 def _pipeline_of(work: Path, fmt: str, target: str, data: bytes, outcomes: list[str]) -> None:
-    """:func:`_pipeline` for any seed archive; a case that hits a known scan bug is an event, not a failure."""
-    try:
-        _pipeline(work, fmt, target, data, outcomes, _seeds_of(fmt))
-    except AssertionError:
-        known = None if (work / "m.paths.csv").exists() else _known_scan_bug(work / "archive" / target)
-        if known is None:
-            raise
-        outcomes.append(known)
+    """:func:`_pipeline` for any seed archive."""
+    _pipeline(work, fmt, target, data, outcomes, _seeds_of(fmt))
 
 
 @pytest.mark.parametrize(
@@ -582,17 +549,9 @@ def test_dicom_whose_elements_fail_to_decode_is_reported(tmp_path: Path) -> None
     assert dict(result.errors)["bad_vr.dcm"].startswith("corrupt DICOM header"), result.errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="known bug in medssl/data/scan.py (not editable in this change): multiframe_info turns SimpleITK's "
-    "geometry into an orientation without a check, so an enhanced multi-frame file whose orientation is unusable "
-    "(SimpleITK reads an all-zero direction) raises ValueError and stops the whole scan. Fix: in multiframe_info, "
-    "wrap the lines from `direction = ...reshape(3, 3)` to `canonical_shape_spacing(...)` in `try: ... except "
-    'ValueError: raise DataError(path, "multi-frame DICOM without a usable orientation (zero or non-finite axis); '
-    'cannot orient the volume") from None`',
-)
 def test_enhanced_multiframe_without_a_usable_orientation_is_reported(tmp_path: Path) -> None:
+    """Found by fuzzing: SimpleITK reads an all-zero direction for an enhanced multi-frame file whose orientation is
+    unusable, and ``multiframe_info``'s ValueError stopped the whole scan."""
     import pydicom
 
     from medssl.data.readers import read_dicom_file
@@ -605,7 +564,7 @@ def test_enhanced_multiframe_without_a_usable_orientation_is_reported(tmp_path: 
     with pytest.raises(DataError):  # the reader names it
         read_dicom_file(path)
     result = scan_folder(tmp_path, ScanOptions(salt=SALT, workers=1, progress=False))
-    assert "orient" in dict(result.errors)["flat.dcm"]
+    assert dict(result.errors)["flat.dcm"].startswith("multi-frame DICOM without a usable orientation")
 
 
 def _huge_image(path: Path) -> Path:
@@ -636,46 +595,25 @@ def _truncated_png(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(DecompressionBombError, ValueError),
-    reason="known bug in medssl/data/scan.py (not editable in this change): image_info catches UnidentifiedImageError, "
-    "OSError and SyntaxError, but Pillow also raises ValueError ('Truncated IHDR chunk') and DecompressionBombError "
-    "(a header of over 2 x 179 M pixels: a few corrupt bytes read as a TGA header give one), so one such file stops "
-    "the whole scan (both found by benchmarks/fuzz_atheris.py). Fix: image_info's except tuple becomes "
-    "(UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError), as read_image_file's",
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(_huge_image, DecompressionBombError), (_truncated_png, ValueError)],
+    ids=["huge", "truncated-ihdr"],
 )
-@pytest.mark.parametrize("make", [_huge_image, _truncated_png], ids=["huge", "truncated-ihdr"])
-def test_image_with_a_huge_or_truncated_header_is_reported(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+def test_image_with_a_huge_or_truncated_header_is_reported(
+    tmp_path: Path, make: Callable[[Path], Path], kind: type[Exception]
+) -> None:
+    """Found by benchmarks/fuzz_atheris.py: Pillow raises ValueError ('Truncated IHDR chunk') and
+    DecompressionBombError (a header of over 2 x 179 M pixels), which ``image_info`` let out: one such file stopped
+    the whole scan."""
     from medssl.data.scan import ScanOptions, scan_folder
 
     make(tmp_path / "bad.png")
     result = scan_folder(tmp_path, ScanOptions(salt=SALT, workers=1, progress=False))
-    assert dict(result.errors)["bad.png"].startswith("unreadable image file")
+    assert dict(result.errors)["bad.png"] == f"unreadable image file ({kind.__name__})"
 
 
 # --- labels CSVs (``manifest scan --labels``: split/group/label/subject/modality/mask joined by path) ----------------
-
-# Known bugs of scan.join_labels (medssl/data/scan.py, not editable in this change), each pinned by a strict xfail
-# test below. A fuzz case that hits one is an event, not a failure; drop the entry when its fix lands.
-_LABELS_BUGS: tuple[tuple[type[BaseException], str, str], ...] = (
-    (UnicodeDecodeError, "", "not UTF-8: UnicodeDecodeError without the file's name"),
-    (csv.Error, "", "csv.Error (field over 128 KiB) escapes"),
-    (TypeError, "", "a row without its 'path' field: TypeError"),
-    (ValueError, "null byte", "NUL in a mask path: ValueError without the file's name"),
-)
-
-
-def _labels_bug(exc: BaseException) -> str | None:
-    import traceback
-
-    if "join_labels" not in {frame.name for frame in traceback.extract_tb(exc.__traceback__)}:
-        return None
-    for kind, text, what in _LABELS_BUGS:
-        if isinstance(exc, kind) and text in str(exc):
-            return what
-    return None
-
 
 _LABELS_SEEDS: dict[str, tuple[dict[str, bytes], str]] = {}
 
@@ -723,13 +661,7 @@ def _labels_pipeline(work: Path, seed: str, data: bytes, outcomes: list[str]) ->
         rows, warnings = join_labels(scanned.rows, labels, root, SALT)
     except DataError as exc:
         assert exc.path == str(labels) and exc.reason, exc
-        outcomes.append(f"labels: DataError ({exc.reason})")
-    except Exception as exc:
-        known = _labels_bug(exc)
-        if known is None:
-            raise
-        outcomes.append(f"known bug: join_labels, {known}")
-        return  # the command would stop with the same exception: nothing more to check
+        outcomes.append(f"labels: DataError ({exc.reason.split(' (')[0]})")
     else:
         assert all(w.startswith(f"{labels}:") for w in warnings), warnings
         assert all(r.split in ("", "train", "val", "test") for r in rows)
@@ -812,46 +744,67 @@ def _labels_case(tmp_path: Path, text: bytes) -> tuple[Path, list[Any]]:
     return tmp_path / "labels.csv", scan_folder(tmp_path / "archive", options).rows
 
 
-_LABELS_FIX = (
-    "known bug in scan.join_labels (medssl/data/scan.py, not editable in this change). Fix: read the CSV with "
-    "`try: ... except UnicodeDecodeError as exc: raise DataError(labels_csv, f'not a UTF-8 text file ({exc.reason})') "
-    "except csv.Error as exc: raise DataError(labels_csv, f'line {reader.line_num}: unreadable CSV ({exc})')`; "
-    "number records by `reader.line_num` while reading (not `enumerate(records, start=2)`, wrong after blank lines "
-    "or quoted newlines); a record whose 'path' is None (a row shorter than the header) is a warning "
-    "'{labels_csv}:{line}: the row has fewer fields than the header', skipped; and `mask.resolve()` moves inside "
-    "the try (ValueError: embedded null byte -> the 'mask is outside the scanned folder' warning)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_LABELS_FIX)
 @pytest.mark.parametrize(
-    "text",
+    ("text", "error", "warning"),
     [
-        pytest.param(b"path,split\narchive/png/img.png,\xff\n", id="not-utf8"),
-        pytest.param(b'path,split\narchive/png/img.png,"' + b"x" * 140_000 + b'"\n', id="field-over-128KiB"),
-        pytest.param(b"split,path\ntrain\n", id="row-without-path"),
-        pytest.param(b"path,mask\narchive/png/img.png,archive/\x00.png\n", id="nul-in-mask"),
+        pytest.param(b"path,split\narchive/png/img.png,\xff\n", "not a UTF-8 text file", None, id="not-utf8"),
+        pytest.param(
+            b'path,split\narchive/png/img.png,"' + b"x" * 140_000 + b'"\n',
+            "line 2: unreadable CSV (field larger than field limit",
+            None,
+            id="field-over-128KiB",
+        ),
+        pytest.param(b"split,path\ntrain\n", None, "the row has fewer fields than the header", id="row-without-path"),
+        pytest.param(
+            b"path,mask\narchive/png/img.png,archive/\x00.png\n",
+            None,
+            "the mask holds a NUL character",
+            id="nul-in-mask",
+        ),
+        pytest.param(b"path,split\narchive/\x00.png,train\n", None, "the path holds a NUL character", id="nul-in-path"),
     ],
 )
-def test_unreadable_labels_csv_is_a_data_error_naming_it(tmp_path: Path, text: bytes) -> None:
+def test_unreadable_labels_csv_is_a_data_error_naming_it(
+    tmp_path: Path, text: bytes, error: str | None, warning: str | None
+) -> None:
+    """Found by fuzzing: each of these stopped ``manifest scan --labels`` with an exception that did not name the
+    labels file (UnicodeDecodeError, csv.Error, TypeError, ValueError from a NUL)."""
     from medssl.data.scan import join_labels
 
     labels, rows = _labels_case(tmp_path, text)
-    try:
-        _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
-    except DataError as exc:
-        assert exc.path == str(labels)
-    else:
-        assert warnings and all(w.startswith(f"{labels}:2:") for w in warnings), warnings
+    if error is not None:
+        with pytest.raises(DataError) as caught:
+            join_labels(rows, labels, tmp_path / "archive", SALT)
+        assert caught.value.path == str(labels) and caught.value.reason.startswith(error), caught.value
+        return
+    _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
+    assert warnings and all(w.startswith(f"{labels}:2:") for w in warnings), warnings
+    assert warning in warnings[0] and "\x00" not in "".join(warnings)
 
 
-@pytest.mark.xfail(strict=True, reason=_LABELS_FIX)
 def test_labels_warnings_name_the_line_in_the_file(tmp_path: Path) -> None:
+    """The line a record ends on, as the CSV reader counts it: right after blank lines and quoted newlines."""
     from medssl.data.scan import join_labels
 
     labels, rows = _labels_case(tmp_path, b"path,split\n\narchive/png/img.png,bogus\n")
     _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
     assert warnings == [f"{labels}:3: split 'bogus' is not train/val/test; ignored"]
+    text = b'path,label,split\narchive/png/img.png,"two\nlines",val\narchive/dx/img.dcm,cat,bogus\n'
+    labels, rows = _labels_case(tmp_path, text)
+    _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
+    assert warnings == [f"{labels}:4: split 'bogus' is not train/val/test; ignored"]
+
+
+def test_a_file_listed_twice_in_the_labels_is_a_warning_naming_both_lines(tmp_path: Path) -> None:
+    """A path on two lines was overwritten silently (the last line won): it still wins, with a warning."""
+    from medssl.data.scan import join_labels
+
+    text = b"path,split,label\narchive/png/img.png,train,cat\narchive/dx/img.dcm,val,\n./archive/png/img.png,test,dog\n"
+    labels, rows = _labels_case(tmp_path, text)
+    joined, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
+    assert warnings == [f"{labels}:4: the same file as line 2; the values of line 4 are used"]
+    png = next(r for r in joined if r.path == "png/img.png")
+    assert (png.split, png.label) == ("test", "dog")
 
 
 # --- segmentation masks (the manifest's ``mask`` column: a label map on the image's grid) ----------------------------

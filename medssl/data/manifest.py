@@ -294,9 +294,10 @@ def missing_map_message(manifest: Path | None, expected: Path) -> str:
     )
 
 
-def write_manifest(path: Path, rows: Sequence[ManifestRow], root: Path | None, path_map: Path | None = None) -> None:
-    """Write ``rows`` as given; ``path_map``: they name files by key through that map (written separately, see
-    :func:`medssl.data.pathmap.write_path_map`), and the manifest records only where the map is, not ``root``."""
+def write_manifest(path: Path, rows: Iterable[ManifestRow], root: Path | None, path_map: Path | None = None) -> None:
+    """Write ``rows`` as given (iterated once, one row at a time); ``path_map``: they name files by key through that
+    map (written separately, see :func:`medssl.data.pathmap.write_path_map`), and the manifest records only where
+    the map is, not ``root``."""
     if path_map is not None:
         preamble = f"{MAGIC}\n# paths: {_relative_root(Path(path_map), path)}\n"
     elif root is not None:
@@ -613,7 +614,8 @@ def _value_problems(row: ManifestRow) -> list[str]:
 
 
 def _file_problems(manifest: Manifest, row: ManifestRow) -> list[str]:
-    """Missing files of ``row``; the path is shown only for manifests that hold paths themselves."""
+    """Missing files of ``row``; the path is shown only for manifests that hold paths themselves (a keyed one names
+    the file by its key and the root by a phrase: the root may be named after a patient too)."""
     problems = []
     for name, what in ((row.path, "file"), (row.mask, "mask file")):
         if not name:
@@ -628,9 +630,11 @@ def _file_problems(manifest: Manifest, row: ManifestRow) -> list[str]:
             continue
         if manifest.path_map_file is None:
             problems.append(f"{what} not found: {target}")
-        else:
+        else:  # the root may be named after a patient (a one-patient PACS export): never printed, like the paths
+            given = manifest.path_map is None or Path(manifest.root) != Path(manifest.path_map.root)
+            where = "the root given (--root)" if given else "the path map's root"
             problems.append(
-                f"{what} not found: key {name} under the root {manifest.root} (moved? rewrite the root of "
-                f"{manifest.path_map_file.name} or pass --root)"
+                f"{what} not found: key {name} under {where} (moved? rewrite the root of "
+                f"{manifest.path_map_file.name} with `medssl manifest relocate` or pass --root)"
             )
     return problems

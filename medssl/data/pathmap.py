@@ -27,14 +27,14 @@ import csv
 import io
 import os
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from medssl.data.errors import ManifestError
 from medssl.data.pseudonym import pseudonym
-from medssl.runtime.files import atomic_write_text
+from medssl.runtime.files import atomic_binary
 
 if TYPE_CHECKING:
     from medssl.data.manifest import ManifestRow
@@ -89,52 +89,75 @@ def _check_relative(relative: str, where: str) -> None:
         raise ManifestError(f"{where}: paths must be relative to the root, without '..' (found a bad entry)")
 
 
+class _MapFile:
+    """A path map read line by line: :meth:`records` gives its entries as they are read (the file is never held
+    whole), :attr:`root` its ``# root:`` line once they all were (a comment line may come anywhere)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root: str | None = None
+        self.line = 1  # the file's line of the last CSV line read: where the CSV reader is (a quoted field may span
+        # lines: its last one)
+
+    def _csv_lines(self, handle: TextIO) -> Iterator[str]:
+        """The lines after the first that are not comments; keeps the ``root`` line and :attr:`line`."""
+        for number, text in enumerate(handle, start=2):
+            if text.startswith("#"):
+                if text.startswith("# root:"):
+                    self.root = text.split(":", 1)[1].strip()
+                continue
+            self.line = number
+            yield text
+
+    def records(self) -> Iterator[tuple[int, str, str]]:
+        """``(line, key, relative path)`` of every entry, each checked on its own (the repeated key and the ``root``
+        line are :func:`read_path_map`'s checks).
+
+        Raises:
+            ManifestError: see :func:`read_path_map`.
+        """
+        path = self.path
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                if handle.readline().rstrip("\r\n") != PATHS_MAGIC:
+                    raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
+                reader = csv.DictReader(self._csv_lines(handle))
+                try:
+                    if reader.fieldnames is None or not {"key", "path"} <= set(reader.fieldnames):
+                        raise ManifestError(f"{path}: a path map needs the columns key,path")
+                    for record in reader:
+                        key, relative, where = record["key"], record["path"], f"{path}:{self.line}"
+                        if key is None or relative is None:  # csv gives None for the fields past a short row's end
+                            raise ManifestError(f"{where}: the row has fewer fields than the header key,path")
+                        if not key:
+                            raise ManifestError(f"{where}: empty key")
+                        _check_relative(relative, where)
+                        yield self.line, key, relative
+                except csv.Error as exc:
+                    raise ManifestError(f"{path}:{self.line}: unreadable CSV ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+
+
 def read_path_map(path: Path) -> PathMap:
-    """Read a path map; its ``root`` is resolved against the map's folder.
+    """Read a path map line by line (never the whole file at once); its ``root`` is resolved against the map's
+    folder.
 
     Raises:
         ManifestError: the file is not a path map (not UTF-8, not CSV, no ``root`` line, no ``key,path`` header), a
             key is empty or repeated, or an entry is not a plain relative path. Messages name the map and the line,
-            never quote an entry (they are the private part).
+            never quote an entry (they are the private part). The first problem met in reading is the one reported
+            (bytes that are not UTF-8 are met when the block of the file holding them is decoded).
     """
     path = Path(path)
-    root: str | None = None
-    lines: list[tuple[int, str]] = []  # (line number in the file, text) of the CSV part
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            first = handle.readline()
-            if first.rstrip("\r\n") != PATHS_MAGIC:
-                raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
-            for number, line in enumerate(handle, start=2):
-                if line.startswith("#"):
-                    if line.startswith("# root:"):
-                        root = line.split(":", 1)[1].strip()
-                    continue
-                lines.append((number, line))
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    reader = csv.DictReader(text for _, text in lines)
-
-    def line() -> int:  # the file's line the CSV reader is at (a quoted field may span lines: its last one)
-        return lines[min(max(reader.reader.line_num, 1), len(lines)) - 1][0] if lines else 1
-
+    source = _MapFile(path)
     paths: dict[str, str] = {}
-    line_of: dict[str, int] = {}
-    try:
-        if reader.fieldnames is None or not {"key", "path"} <= set(reader.fieldnames):
-            raise ManifestError(f"{path}: a path map needs the columns key,path")
-        for record in reader:
-            key, relative, where = record["key"], record["path"], f"{path}:{line()}"
-            if key is None or relative is None:  # csv gives None for the fields past the end of a short row
-                raise ManifestError(f"{where}: the row has fewer fields than the header key,path")
-            if not key:
-                raise ManifestError(f"{where}: empty key")
-            if key in line_of:
-                raise ManifestError(f"{where}: the key on this line is also on line {line_of[key]}")
-            _check_relative(relative, where)
-            paths[key], line_of[key] = relative, line()
-    except csv.Error as exc:
-        raise ManifestError(f"{path}:{line()}: unreadable CSV ({exc})") from None
+    for line, key, relative in source.records():
+        if key in paths:  # the line of its first entry: found by reading again, rather than kept for every entry
+            first = next((n for n, k, _ in _MapFile(path).records() if k == key), 0)
+            raise ManifestError(f"{path}:{line}: the key on this line is also on line {first}")
+        paths[key] = relative
+    root = source.root
     if root is None:
         raise ManifestError(f"{path}: no '# root:' line (the archive root, relative to this file or absolute)")
     if "\x00" in root:
@@ -168,24 +191,29 @@ def private_mode(root: Path, relatives: Iterable[str] = ()) -> tuple[int, int | 
 
 
 def write_path_map(path: Path, root: Path, paths: Mapping[str, str]) -> Path:
-    """Write the map of ``paths`` (key -> path relative to ``root``) atomically, with :func:`private_mode`.
+    """Write the map of ``paths`` (key -> path relative to ``root``) atomically, with :func:`private_mode`, as a
+    stream (never the whole text at once).
 
-    ``root`` is written relative to the map's folder when it can be (else absolute).
+    ``root`` is written relative to the map's folder when it can be (else absolute). An entry that is not a plain
+    relative path stops the write before the file is replaced.
     """
     path = Path(path)
     try:
         written_root = os.path.relpath(Path(root).resolve(), path.resolve().parent)
     except ValueError:  # another drive on Windows
         written_root = str(Path(root).resolve())
-    buffer = io.StringIO()
-    buffer.write(f"{PATHS_MAGIC}\n# root: {written_root}\n")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("key", "path"))
-    for key in sorted(paths):
-        _check_relative(paths[key], str(path))
-        writer.writerow((key, paths[key]))
     mode, group = private_mode(root, paths.values())
-    atomic_write_text(path, buffer.getvalue(), mode=mode, group=group)
+    with atomic_binary(path, mode=mode, group=group) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        try:
+            text.write(f"{PATHS_MAGIC}\n# root: {written_root}\n")
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(("key", "path"))
+            for key in sorted(paths):
+                _check_relative(paths[key], str(path))
+                writer.writerow((key, paths[key]))
+        finally:
+            text.detach()  # flushes; atomic_binary closes (and renames) the file
     return path
 
 
@@ -206,11 +234,13 @@ def map_wider_than_root(path_map: PathMap) -> bool:
 
 def key_paths(
     rows: Sequence[ManifestRow], errors: Iterable[tuple[str, str]], salt: str
-) -> tuple[list[ManifestRow], list[tuple[str, str]], dict[str, str]]:
+) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], dict[str, str]]:
     """Replace the relative paths of ``rows`` (``path`` and ``mask``) and of scan ``errors`` by file keys.
 
-    Returns the rows sorted by key (an order that says nothing about names), the errors sorted by key, and the map
-    ``key -> relative path`` of everything named.
+    Returns the keyed rows in key order (an order that says nothing about names), made one at a time as they are
+    consumed: no keyed copy of every row is held, only a list of their keys and of their order (``rows`` must stay
+    unchanged until then); the errors sorted by key; and the map ``key -> relative path`` of everything named,
+    complete on return.
     """
     paths: dict[str, str] = {}
 
@@ -220,7 +250,17 @@ def key_paths(
             raise ManifestError("two paths share one file key; scan again with another salt")
         return value
 
-    keyed = [replace(row, path=key(row.path), mask=key(row.mask) if row.mask else "") for row in rows]
-    keyed.sort(key=lambda row: (row.path, row.series))
+    keys = [key(row.path) for row in rows]  # the map's own strings
+    for row in rows:
+        if row.mask:
+            key(row.mask)
     keyed_errors = sorted((key(relative), reason) for relative, reason in errors)
-    return keyed, keyed_errors, paths
+    order = sorted(range(len(rows)), key=lambda i: rows[i].series)
+    order.sort(key=keys.__getitem__)  # stable: by key, then series (a folder may hold several series)
+
+    def keyed() -> Iterator[ManifestRow]:
+        for i in order:
+            row = rows[i]
+            yield replace(row, path=keys[i], mask=key(row.mask) if row.mask else "")
+
+    return keyed(), keyed_errors, paths

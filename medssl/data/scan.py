@@ -178,7 +178,9 @@ def image_info(path: Path) -> FileInfo:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # ValueError: a header cut short ("Truncated IHDR chunk"); DecompressionBombError: a header giving over
+        # 2 x 179 M pixels (a few corrupt bytes read as a TGA header give one), as in readers.read_image_file
         raise DataError(path, f"unreadable image file ({type(exc).__name__})") from None
     return FileInfo(shape=(height, width), spacing=(1.0, 1.0))
 
@@ -191,9 +193,14 @@ def multiframe_info(path: Path) -> FileInfo:
     except RuntimeError:
         raise DataError(path, "multi-frame DICOM that SimpleITK cannot read") from None
     size, spacing = reader.GetSize(), reader.GetSpacing()
-    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
-    affine = affine_from_lps(direction, spacing, reader.GetOrigin())
-    shape, spacing_c = canonical_shape_spacing(size, spacing, affine)
+    try:
+        direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
+        affine = affine_from_lps(direction, spacing, reader.GetOrigin())
+        shape, spacing_c = canonical_shape_spacing(size, spacing, affine)
+    except ValueError:  # SimpleITK reads an all-zero direction when the orientation is unusable (numpy's LinAlgError)
+        raise DataError(
+            path, "multi-frame DICOM without a usable orientation (zero or non-finite axis); cannot orient the volume"
+        ) from None
     return FileInfo(shape=shape, spacing=spacing_c)
 
 
@@ -356,32 +363,18 @@ def join_labels(
 
     Columns used when present: split, group, label, subject (pseudonymised here), modality, mask (a label map,
     relative to the CSV's folder or absolute; stored relative to ``root``).
-    Returns the new rows and warnings (unmatched entries, bad values), which name the CSV's lines, never a path.
+    Returns the new rows and warnings (unmatched entries, bad values, a file listed twice: the later line wins),
+    which name the CSV and its lines (``<csv>:<line>:``, the line a record ends on), never a path.
+
+    Raises:
+        DataError: naming the CSV: not found or unreadable, not UTF-8, no ``path`` column, or not CSV (a field over
+            the csv module's limit, an unclosed quote at the end; the message gives the line).
     """
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DataError(labels_csv, "labels file not found")
-    with open(labels_csv, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise DataError(labels_csv, "labels file needs a 'path' column")
-        records = list(reader)
-    by_path: dict[str, tuple[int, dict[str, str]]] = {}
-    warnings: list[str] = []
-    root_resolved = root.resolve()
-    for line, record in enumerate(records, start=2):
-        target = Path(record["path"])
-        target = target if target.is_absolute() else labels_csv.parent / target
-        try:
-            key = target.resolve().relative_to(root_resolved).as_posix()
-        except ValueError:
-            warnings.append(f"{labels_csv}:{line}: the path is outside the scanned folder")
-            continue
-        split = (record.get("split") or "").strip()
-        if split not in SPLITS:
-            warnings.append(f"{labels_csv}:{line}: split {split!r} is not train/val/test; ignored")
-            record["split"] = ""
-        by_path[key] = (line, record)
+    root_resolved = Path(root).resolve()
+    by_path, warnings = _read_labels(labels_csv, root_resolved)
     joined = []
     matched = 0
     for row in rows:
@@ -390,23 +383,78 @@ def join_labels(
             joined.append(row)
             continue
         matched += 1
-        updates = {c: record[c].strip() for c in LABEL_COLUMNS if c in record and record[c] and record[c].strip()}
+        updates = {c: value.strip() for c in LABEL_COLUMNS if (value := record.get(c)) and value.strip()}
         if "subject" in updates:
             updates["subject"] = pseudonym(updates["subject"], salt, prefix="s")
         if "modality" in updates:
             updates["modality"] = updates["modality"].upper()
         if "mask" in updates:
-            mask = Path(updates["mask"])
-            mask = (mask if mask.is_absolute() else labels_csv.parent / mask).resolve()
-            try:
-                updates["mask"] = mask.relative_to(root_resolved).as_posix()
-            except ValueError:
-                warnings.append(f"{labels_csv}:{line}: the mask is outside the scanned folder")
-                del updates["mask"]
+            mask, problem = _under_root(updates.pop("mask"), labels_csv.parent, root_resolved)
+            if mask is None:
+                warnings.append(f"{labels_csv}:{line}: the mask {problem}; ignored")
+            else:
+                updates["mask"] = mask
         joined.append(replace(row, **updates))
     if matched < len(by_path):
         warnings.append(f"{labels_csv}: {len(by_path) - matched} of {len(by_path)} entries match no scanned file")
     return joined, warnings
+
+
+def _read_labels(labels_csv: Path, root: Path) -> tuple[dict[str, tuple[int, dict[str, str | None]]], list[str]]:
+    """The records of a labels CSV by path relative to ``root`` (resolved), each with its line; and warnings.
+
+    Lines are the CSV reader's (``line_num``: right after blank lines and quoted newlines)."""
+    by_path: dict[str, tuple[int, dict[str, str | None]]] = {}
+    warnings: list[str] = []
+    try:
+        with open(labels_csv, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            try:
+                if not reader.fieldnames or "path" not in reader.fieldnames:
+                    raise DataError(labels_csv, "labels file needs a 'path' column")
+                for record in reader:
+                    line = reader.line_num
+                    where = f"{labels_csv}:{line}"
+                    if record["path"] is None:  # csv gives None for the fields past the end of a short row
+                        warnings.append(f"{where}: the row has fewer fields than the header; skipped")
+                        continue
+                    key, problem = _under_root(record["path"], labels_csv.parent, root)
+                    if key is None:
+                        warnings.append(f"{where}: the path {problem}; skipped")
+                        continue
+                    split = (record.get("split") or "").strip()
+                    if split not in SPLITS:
+                        warnings.append(f"{where}: split {split!r} is not train/val/test; ignored")
+                        record["split"] = ""
+                    if key in by_path:
+                        first = by_path[key][0]
+                        warnings.append(f"{where}: the same file as line {first}; the values of line {line} are used")
+                    by_path[key] = (line, record)
+            except csv.Error as exc:
+                # the csv reader's own count: DictReader.line_num is updated only after a record is read
+                raise DataError(labels_csv, f"line {reader.reader.line_num}: unreadable CSV ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(labels_csv, f"not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise DataError(labels_csv, f"cannot read the labels file ({type(exc).__name__})") from None
+    return by_path, warnings
+
+
+def _under_root(value: str, base: Path, root: Path) -> tuple[str | None, str]:
+    """``value`` (relative to ``base``, or absolute) as a path relative to ``root`` (resolved), or ``None`` and why
+    not (for a warning: never quotes the path)."""
+    if not value.strip():
+        return None, "is empty"
+    if "\x00" in value:
+        return None, "holds a NUL character"
+    target = Path(value)
+    target = target if target.is_absolute() else base / target
+    try:
+        return target.resolve().relative_to(root).as_posix(), ""
+    except ValueError:
+        return None, "is outside the scanned folder"
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
+        return None, f"cannot be resolved ({type(exc).__name__})"
 
 
 def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[list[ManifestRow], list[str]]:
@@ -510,12 +558,12 @@ def write_scan(
     ``out`` (written only when there are rows, after the map) names its files by key and records where the map is.
     """
     out = Path(out)
-    keyed, keyed_errors, paths = key_paths(rows, errors, salt)
+    keyed, keyed_errors, paths = key_paths(rows, errors, salt)  # keyed: made one row at a time as written
     map_file = Path(path_map) if path_map is not None else default_map_path(out)
     write_path_map(map_file, root, paths)
     errors_file = errors_csv_path(out)
     write_csv(errors_file, ("path", "reason"), keyed_errors)
-    if not keyed:
+    if not rows:
         return ScanOutputs(manifest=None, errors=errors_file, path_map=map_file)
     write_manifest(out, keyed, None, path_map=map_file)
     return ScanOutputs(manifest=out, errors=errors_file, path_map=map_file)
