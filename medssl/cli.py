@@ -117,12 +117,17 @@ def cmd_manifest_relocate(args: argparse.Namespace) -> int:
         raise ManifestError(f"{args.manifest}: names files by path, not through a path map; give --root instead")
     if manifest.path_map is None:
         raise ManifestError(missing_map_message(Path(args.manifest), manifest.path_map_file))
+    # the new root may be named after a patient (a one-patient PACS export): no message prints it, only the map
+    # (which the user chose) and counts
     root = Path(args.root)
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(manifest.path_map_file, "the new root given is not a folder; the path map is unchanged")
     rewrite_root(manifest.path_map_file, root)
     missing = sum(not (root / relative).exists() for relative in manifest.path_map.paths.values())
-    print(f"{manifest.path_map_file}: root is now {root}; the manifest and the cache are unchanged")
+    print(
+        f"{manifest.path_map_file}: path map rewritten to the new root ({len(manifest.path_map)} entries); "
+        "the manifest and the cache are unchanged"
+    )
     if missing:
         total = len(manifest.path_map)
         print(f"warning: {missing} of {total} mapped files are not under the new root", file=sys.stderr)
@@ -156,19 +161,48 @@ def _exit_code(status: str) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medssl.train.config import compose_pretrain_config
-    from medssl.train.trainer import Trainer
+    """``medssl pretrain``: a Hydra application (:mod:`medssl.train.app`): a run, a sweep (``-m``), ``--cfg``,
+    ``--info``, ``--hydra-help`` or tab completion (``-sc``); ``--print-config`` prints the typed, resolved config."""
+    from medssl.train import app
 
-    config = compose_pretrain_config(args.overrides, config_name=args.config_name, directory=args.config_dir)
+    where = {"config_name": args.config_name, "config_dir": args.config_dir}
+    chosen = [
+        flag
+        for flag, given in (
+            ("--print-config", args.print_config),
+            ("-m/--multirun", args.multirun),
+            ("--cfg", args.cfg is not None),
+            ("--info", args.info is not None),
+            ("-sc/--shell-completion", args.shell_completion),
+            ("--hydra-help", args.hydra_help),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        raise ValueError(f"medssl pretrain: {' and '.join(chosen)} do not go together: give one of them")
+    if args.resolve and args.cfg is None:
+        raise ValueError("medssl pretrain: --resolve goes with --cfg (e.g. --cfg job --resolve)")
     if args.print_config:
         import yaml
 
-        from medssl.train.config import to_container
+        from medssl.train.config import compose_pretrain_config, to_container
 
+        config = compose_pretrain_config(args.overrides, config_name=args.config_name, directory=args.config_dir)
         print(yaml.safe_dump(to_container(config), sort_keys=False), end="")
         return 0
-    result = Trainer(config).fit()
-    return _exit_code(result.status)
+    if args.cfg is not None:
+        app.show_config(args.overrides, args.cfg, package=args.package, resolve=args.resolve, **where)
+        return 0
+    if args.info is not None:
+        app.show_info(args.info, args.overrides, **where)
+        return 0
+    if args.shell_completion:
+        app.shell_completion(args.overrides, **where)
+        return 0
+    if args.hydra_help:
+        app.hydra_help(args.pretrain_parser, args.overrides, **where)
+        return 0
+    return app.exit_code(app.run_pretrain(args.overrides, multirun=args.multirun, **where))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,8 +229,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         log_to_mlflow=not args.no_mlflow,
         spatial_dims=args.spatial_dims,
         depth_kernel=args.depth_kernel,
+        metadata=args.meta,
     )
-    print(f"MONAI bundle: {path} (configs/metadata.json, configs/inference.json, models/model.pt)")
+    print(f"MONAI bundle: {path} (configs/metadata.json, configs/inference.json, models/model.pt, models/model.ts)")
     return 0
 
 
@@ -211,6 +246,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medssl.downstream.evaluate import compose_evaluate_config, run_evaluate
 
     run_evaluate(compose_evaluate_config(args.overrides, path=args.config))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from medssl.downstream.embed import compose_embed_config, run_embed
+
+    config = compose_embed_config(args.overrides, directory=args.config_dir)
+    if config.out is None:
+        raise ValueError("out=FILE is required: embeddings.parquet, embeddings.pt or embeddings.csv (by suffix)")
+    run_embed(config)
     return 0
 
 
@@ -278,19 +323,53 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.set_defaults(func=cmd_manifest_preprocess)
     pretrain = commands.add_parser(
         "pretrain",
-        help="self-supervised pretraining (Hydra overrides, e.g. method=joint trainer.max_steps=200)",
-        description="Compose configs/pretrain.yaml with Hydra overrides and train. Under torchrun "
-        "(torchrun --nproc_per_node=K -m medssl pretrain ...) every process joins one DDP run.",
+        help="self-supervised pretraining (Hydra overrides, e.g. method=joint trainer.max_steps=200; -m sweeps)",
+        description="A Hydra application: compose configs/pretrain.yaml with Hydra overrides and train in "
+        "<run.output_dir>/<run name>/ (Hydra's job folder: .hydra/ holds config.yaml, overrides.yaml, hydra.yaml). "
+        "-m runs a sweep (medssl pretrain -m seed=0,1,2 method=simclr,joint), one run folder per job in "
+        "<run.output_dir>/<run.name or multirun-<time>>/. Under torchrun (torchrun --nproc_per_node=K -m medssl "
+        "pretrain ...) every process joins one DDP run (no -m there).",
     )
-    pretrain.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or key=value")
-    pretrain.add_argument("--config-name", default="pretrain", help="top-level config (default: pretrain)")
+    pretrain.add_argument(
+        "overrides", nargs="*", help="Hydra overrides: group=option, key=value, +key=value; with -m, key=a,b sweeps"
+    )
+    pretrain.add_argument("--config-name", "-cn", default="pretrain", help="top-level config (default: pretrain)")
     pretrain.add_argument(
         "--config-dir",
+        "-cd",
         help="a folder of your own configs added to the shipped ones, as Hydra's --config-dir (default: "
         "$MEDSSL_CONFIG_DIR): new options such as data/archive.yaml and top-level configs for --config-name",
     )
-    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    pretrain.set_defaults(func=cmd_pretrain)
+    pretrain.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, type-checked config (every key) and exit; Hydra's composed view: --cfg job",
+    )
+    pretrain.add_argument(
+        "--multirun", "-m", action="store_true", help="run a sweep: one job per combination of key=a,b values"
+    )
+    pretrain.add_argument(
+        "--cfg", "-c", choices=("job", "hydra", "all"), help="print Hydra's composed config instead of training"
+    )
+    pretrain.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
+    pretrain.add_argument("--package", "-p", help="with --cfg: the config package to show (e.g. trainer.optimizer)")
+    pretrain.add_argument(
+        "--info",
+        "-i",
+        nargs="?",
+        const="all",
+        choices=("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"),
+        help="print Hydra's information on the composition (default: all)",
+    )
+    pretrain.add_argument(
+        "--shell-completion",
+        "-sc",
+        action="store_true",
+        help='tab completion of overrides: eval "$(medssl pretrain -sc install=bash)" (or install=zsh; '
+        "uninstall=bash removes it)",
+    )
+    pretrain.add_argument("--hydra-help", action="store_true", help="Hydra's help: its flags and hydra/ groups")
+    pretrain.set_defaults(func=cmd_pretrain, pretrain_parser=pretrain)
 
     demo = commands.add_parser(
         "demo",
@@ -306,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     export = commands.add_parser("export", help="write a pretrained encoder as a MONAI bundle")
-    export.add_argument("source", help="run folder (outputs/<run>), checkpoint file, or MLflow run id")
+    export.add_argument("source", help="run folder, checkpoint file, MLflow run id, or models:/NAME@ALIAS")
     export.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
     export.add_argument("--tracking-uri", help="MLflow store of a run id (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     export.add_argument("--no-mlflow", action="store_true", help="do not log the bundle to the run")
@@ -314,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--spatial-dims", type=int, default=2, choices=(2, 3), help="3: the encoder inflated to a 3D ResNet (I3D)"
     )
     export.add_argument("--depth-kernel", type=int, help="3D stem kernel depth (odd; default 3)")
+    export.add_argument(
+        "--meta", action="append", default=[], metavar="KEY=VALUE",
+        help="bundle metadata (repeatable): version, changelog, authors, copyright, license, intended_use, name, "
+        "description, data_source",
+    )  # fmt: skip
     export.set_defaults(func=cmd_export)
 
     finetune = commands.add_parser(
@@ -342,12 +426,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
     evaluate.add_argument("--config", help="protocol file (default: configs/evaluate/classification.yaml)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    embed = commands.add_parser(
+        "embed",
+        help="embeddings of a manifest's images and volumes (per slice and pooled) from a pretrained encoder: "
+        ".parquet, .pt or .csv",
+        description="configs/embed/default.yaml plus overrides, e.g. model.pretrained=bundles/ct-joint "
+        "data.manifest=data_manifests/archive.csv out=embeddings.parquet",
+    )
+    embed.add_argument("overrides", nargs="*", help="key=value overrides")
+    embed.add_argument(
+        "--config-dir", help="a folder of your own configs (default: $MEDSSL_CONFIG_DIR): <dir>/embed/default.yaml"
+    )
+    embed.set_defaults(func=cmd_embed)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "pretrain" and not any(e.startswith("-") for e in extra):
+        args.overrides.extend(extra)  # overrides after a flag (medssl pretrain a=1 -m b=2,3), as Hydra apps take them
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))

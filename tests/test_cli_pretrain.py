@@ -35,6 +35,9 @@ def test_print_config_shows_the_composed_configuration(capsys):
     assert config["method"]["name"] == "simclr"
     assert config["trainer"]["max_steps"] == 7
     assert config["data"]["manifest"] == "data_manifests/demo.csv"
+    # overrides may follow a flag, as in any Hydra application
+    assert main(["pretrain", "method=simclr", "--print-config", "trainer.max_steps=8"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == 8
 
 
 @pytest.mark.parametrize(

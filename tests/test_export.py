@@ -63,6 +63,7 @@ def test_bundle_loads_strictly_into_a_monai_resnet_with_the_trained_weights(trai
     assert medssl["run_id"] == result.run_id and medssl["method"] == "joint" and medssl["crop_size"] == 32
     assert medssl["intensity"]["CT"]["hu_windows_level_width"] == [[40, 400]]
     assert medssl["encoder_key_prefix"] == {"bundle": "", "training_checkpoint": "model.encoder.backbone."}
+    assert meta["schema"].endswith("/meta_schema_20240725.json") and (bundle / "models" / "model.ts").is_file()
     # MONAI's own checks: the network's input/output against network_data_format, and bundle loading
     verify_net_in_out(
         net_id="network_def",

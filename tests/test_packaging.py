@@ -95,3 +95,6 @@ def test_the_wheel_holds_the_configs_and_runs_outside_the_checkout(tmp_path):
                           capture_output=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (work / "outputs" / "installed" / "checkpoints" / "step_00000002.pt").is_file()
+    # the Hydra job folder is the run folder: .hydra/ beside the checkpoints, nothing else in the working directory
+    assert "run.name=installed" in (work / "outputs" / "installed" / ".hydra" / "overrides.yaml").read_text("utf-8")
+    assert sorted(p.name for p in (work / "outputs").iterdir()) == ["installed"]

@@ -181,7 +181,7 @@ def test_moving_the_archive_needs_only_the_map_rewritten(scanned, tmp_path, caps
 
     # or rewrite the map's root once: the manifest and the cache keys stay the same
     assert main(["manifest", "relocate", str(out), str(moved)]) == 0
-    assert "root is now" in capsys.readouterr().out
+    assert "path map rewritten to the new root" in capsys.readouterr().out
     assert out.read_bytes() == manifest_bytes
     assert read_path_map(default_map_path(out)).root.resolve() == moved.resolve()
     assert main(["manifest", "validate", str(out)]) == 0
@@ -207,6 +207,44 @@ def test_moving_the_archive_needs_only_the_map_rewritten(scanned, tmp_path, caps
     before = dict(read_path_map(map_file).paths)
     rewrite_root(map_file, back)  # the library call behind `medssl manifest relocate` keeps every entry
     assert dict(read_path_map(map_file).paths) == before and validate_manifest(out).ok
+
+
+def test_a_patient_named_root_is_never_printed(tmp_path, capsys):
+    """A one-patient PACS export: the archive root itself is named after the patient. ``validate``'s missing-file
+    message names the file by key and the root by a phrase; ``relocate`` names the map, not the new root."""
+    archive = write_pacs_archive(tmp_path / PATIENT)
+    out = tmp_path / "manifests" / "one.csv"
+    assert scan_cli(archive, out) == 0
+    assert_no_identifier(capsys.readouterr().out.encode(), "scan output")
+    removed = archive / "Quorabelle Zyxwvut (ZQ-99173-PX)" / "chest_19890417_0.png"
+    removed.unlink()
+    assert main(["manifest", "validate", str(out)]) == 1
+    captured = capsys.readouterr()
+    key = file_key(removed.relative_to(archive).as_posix(), SALT)
+    missing = [line for line in captured.out.splitlines() if "file not found" in line]
+    assert len(missing) == 1 and missing[0].endswith(
+        f"file not found: key {key} under the path map's root (moved? rewrite the root of one.paths.csv "
+        "with `medssl manifest relocate` or pass --root)"
+    ), captured.out
+    assert_no_identifier((captured.out + captured.err).encode(), "validate output")
+    assert main(["manifest", "validate", str(out), "--root", str(archive)]) == 1
+    captured = capsys.readouterr()
+    assert "under the root given (--root)" in captured.out
+    assert_no_identifier((captured.out + captured.err).encode(), "validate --root output")
+
+    moved = tmp_path / "moved" / f"{PATIENT}_19890417"
+    moved.parent.mkdir()
+    shutil.move(str(archive), str(moved))
+    assert main(["manifest", "relocate", str(out), str(moved)]) == 0
+    captured = capsys.readouterr()
+    assert f"{default_map_path(out)}: path map rewritten to the new root" in captured.out, captured.out
+    assert "1 of 8 mapped files are not under the new root" in captured.err
+    assert_no_identifier((captured.out + captured.err).encode(), "relocate output")
+    assert read_path_map(default_map_path(out)).root.resolve() == moved.resolve()
+    assert main(["manifest", "relocate", str(out), str(tmp_path / f"{PATIENT}_gone")]) == 2
+    captured = capsys.readouterr()
+    assert "the new root given is not a folder" in captured.err
+    assert_no_identifier((captured.out + captured.err).encode(), "relocate error")
 
 
 def test_a_missing_map_is_a_clear_error_and_rows_work_without_it(scanned, tmp_path, capsys):

@@ -86,5 +86,6 @@ def tiny_overrides(manifest: Path, folder: Path, *extra: str) -> list[str]:
         f"run.output_dir={folder / 'outputs'}",
         f"logging.tracking_uri=sqlite:///{folder / 'mlruns' / 'mlflow.db'}",
         "logging.pictures.samples=8",
+        "logging.log_model=false",  # 3-8 s per finished run; tests/test_mlflow_model.py turns it on
         *extra,
     ]

@@ -42,7 +42,7 @@ class TaskConfig:
 
 @dataclass
 class FinetuneModelConfig:
-    pretrained: str = "none"  # a bundle folder (medssl export), an MLflow run id, or none (random initialisation)
+    pretrained: str = "none"  # a bundle folder (medssl export), an MLflow run id, models:/NAME@ALIAS, none (random)
     encoder: str = "resnet18"  # architecture of the random-initialisation baseline
     depth_kernel: int | None = None  # 3D tasks: stem kernel depth of the inflated encoder (odd; default 3)
 
@@ -115,7 +115,9 @@ def load_backbone(
     tracking_uri: str | None = None,
     depth_kernel: int | None = None,
 ) -> LoadedBackbone:
-    """The encoder for a downstream task, from a bundle folder, an MLflow run id, or ``none`` (random init).
+    """The encoder for a downstream task, from a bundle folder, an MLflow run id, an MLflow model URI
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone_model``, resolved against
+    ``tracking_uri``: :func:`medssl.export.bundle.resolve_source`), or ``none`` (random init).
 
     A 2D bundle is inflated to 3D (I3D, :mod:`medssl.export.inflate`) when ``spatial_dims=3``. Every tensor of the
     bundle must match the network by name and shape; otherwise this raises instead of loading part of it.
@@ -131,7 +133,7 @@ def load_backbone(
     if not bundle.is_dir():
         from medssl.export.bundle import export_bundle
 
-        with tempfile.TemporaryDirectory() as tmp:  # a run id: export its bundle first
+        with tempfile.TemporaryDirectory() as tmp:  # a run id or a model URI: export its bundle first
             exported = export_bundle(pretrained, Path(tmp) / "bundle", tracking_uri=tracking_uri, log_to_mlflow=False)
             return load_backbone(str(exported), encoder, spatial_dims, depth_kernel=depth_kernel)
     from medssl.runtime.checkpoints import load_checkpoint
@@ -276,15 +278,17 @@ def log_finetune_run(
     results: dict[str, Any] | None = None,
     figures: dict[str, Any] | None = None,
 ) -> str:
-    """One MLflow run in ``config.experiment``: flat params, ``medssl.pretrained_loaded`` tag, metrics,
-    ``results.json`` and figures (name -> matplotlib figure). Returns the run id."""
-    from medssl.runtime.tracking import Tracker, default_tracking_uri, flatten_config
+    """One MLflow run in ``config.experiment``: flat params, ``medssl.pretrained_loaded`` and the provenance tags
+    (:func:`medssl.runtime.tracking.provenance_tags`), metrics, ``results.json`` and figures (name -> matplotlib
+    figure). Returns the run id."""
+    from medssl.runtime.tracking import Tracker, default_tracking_uri, flatten_config, provenance_tags
 
     uri = config.tracking_uri or default_tracking_uri(project_dir or Path.cwd())
     tracker = Tracker(uri, config.experiment, run_name=run_name)
     try:
         tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config))))  # type: ignore[arg-type]
-        tracker.set_tags({"medssl.pretrained_loaded": loaded, "medssl.task": str(getattr(config, "task", ""))})
+        task = str(getattr(config, "task", ""))
+        tracker.set_tags({"medssl.pretrained_loaded": loaded, "medssl.task": task, **provenance_tags()})
         tracker.log_metrics(metrics, step=0)
         tracker.log_dict({"metrics": metrics, **(results or {})}, "results.json")
         for name, figure in (figures or {}).items():

@@ -1,13 +1,18 @@
-"""``medssl export``: a pretrained encoder as a MONAI bundle that MONAI users load without editing keys.
+"""``medssl export``: a pretrained encoder as a MONAI bundle that MONAI's own tools accept and run.
 
 Layout (MONAI bundle specification)::
 
-    <out>/configs/metadata.json   versions, network_data_format, and a ``medssl`` block with the
-                                  adaptation metadata (axis order, spacing, intensity normalisation,
-                                  crop size, key prefix, method, run id)
-    <out>/configs/inference.json  ``network_def``: the encoder as ``monai.networks.nets.ResNet``
+    <out>/configs/metadata.json   MONAI's fields, valid against MONAI's schema (meta_schema_20240725, a copy ships in
+                                  medssl/export/schema/): versions, required packages, authors, copyright, licence,
+                                  intended use (research, not diagnosis), network_data_format (channel_def: each CT
+                                  window or the modality); and a ``medssl`` block with the adaptation metadata (axis
+                                  order, spacing, intensity normalisation, crop size, key prefix, method, run id)
+    <out>/configs/inference.json  ``network_def`` (the encoder as ``monai.networks.nets.ResNet``), medssl's
+                                  preprocessing as MONAI transforms and a ``run`` writing the [N, D] embeddings of a
+                                  folder or datalist (:mod:`medssl.export.inference`)
     <out>/models/model.pt         its state dict (MONAI keys, no prefix), read with weights_only=True
-    <out>/docs/README.md          how to load it
+    <out>/models/model.ts         the same network as TorchScript (MONAI's convert_to_torchscript), PyTorch only
+    <out>/docs/README.md          how to run and load it
 
 The source is a run folder (``outputs/<run>``, with ``backbone.pt`` and ``backbone.json``), a training
 checkpoint (``step_*.pt``) or an MLflow run id.
@@ -18,6 +23,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,17 @@ import monai
 import numpy as np
 import torch
 
+from medssl.export.inference import inference_config as inference_config_of
+from medssl.export.metadata import (
+    SCHEMA_URL,
+    BundleInfo,
+    bundle_info,
+    channel_definition,
+    default_channels,
+    default_modality,
+    pretraining_modalities,
+    required_packages,
+)
 from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from medssl.runtime.files import atomic_write_text
 
@@ -160,7 +178,15 @@ def backbone_from_mlflow(run_id: str, tracking_uri: str) -> ExportedBackbone:
 
 
 def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBackbone:
-    """A run folder, a checkpoint file, or an MLflow run id (32 hex digits)."""
+    """A run folder, a checkpoint file, an MLflow run id (32 hex digits), or an MLflow model URI
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone_model``; :mod:`medssl.export.sources`).
+    """
+    from medssl.export import sources
+
+    if sources.is_model_uri(source):
+        from medssl.runtime.tracking import default_tracking_uri
+
+        return sources.backbone_from_model_uri(source, tracking_uri or default_tracking_uri(Path.cwd()))
     path = Path(source)
     if path.is_dir():
         return backbone_from_run_dir(path)
@@ -170,7 +196,10 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBack
         from medssl.runtime.tracking import default_tracking_uri
 
         return backbone_from_mlflow(source, tracking_uri or default_tracking_uri(Path.cwd()))
-    raise FileNotFoundError(f"{source}: not a run folder, a checkpoint file or an MLflow run id")
+    raise FileNotFoundError(
+        f"{source}: not a run folder, a checkpoint file or an MLflow run id (nor an MLflow model URI: "
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/backbone_model)"
+    )
 
 
 def network_definition(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +210,39 @@ def network_definition(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"_target_": "medssl.models.encoders.monai_resnet", "backbone_config": kwargs}
 
 
-def adaptation_metadata(exported: ExportedBackbone) -> dict[str, Any]:
+def needs_medssl(kwargs: dict[str, Any]) -> bool:
+    """Whether ``network_def`` is medssl's builder (norms other than batch), so that building it needs medssl."""
+    return network_definition(kwargs)["_target_"] != "monai.networks.nets.ResNet"
+
+
+@dataclass
+class InferencePlan:
+    """How ``configs/inference.json`` feeds the encoder unless told otherwise: the intensity normalisation
+    (``modality``), the preprocessed channels it takes and the plane size."""
+
+    modality: str
+    channels: list[int]
+    image_size: int | None
+    modalities: dict[str, int]  # rows per modality of the pretraining manifest, when it was readable
+
+
+def inference_plan(exported: ExportedBackbone) -> InferencePlan:
+    """The defaults of :func:`medssl.export.inference.inference_config` for ``exported``: the most frequent
+    pretraining modality, channel 0 (the first CT window) for a one-channel encoder, and 2D planes resized to the
+    pretraining crop size (``medssl embed``'s ``data.size``; a 3D bundle takes volumes as preprocessed)."""
+    preprocess = exported.config.get("data", {}).get("preprocess", {}) or {}
+    windows = preprocess.get("ct_windows") or [[40.0, 400.0]]
+    n_input = int(exported.network_kwargs.get("n_input_channels", 1))
+    modalities = pretraining_modalities(exported.config)
+    modality = default_modality(modalities, n_input, windows)
+    crop = (exported.config.get("data", {}).get("views", {}) or {}).get("global_size")
+    image_size = int(crop) if exported.spatial_dims == 2 and crop else None
+    return InferencePlan(modality, default_channels(n_input, windows, modality), image_size, modalities)
+
+
+def adaptation_metadata(exported: ExportedBackbone, plan: InferencePlan | None = None) -> dict[str, Any]:
     """What a downstream user needs to feed the encoder as it was pretrained."""
+    plan = plan or inference_plan(exported)
     data = exported.config.get("data", {})
     preprocess = data.get("preprocess", {})
     method = exported.config.get("method", {})
@@ -206,37 +266,74 @@ def adaptation_metadata(exported: ExportedBackbone) -> dict[str, Any]:
         "crop_size": data.get("views", {}).get("global_size"),
         "features": f"global average pool of the last stage: [B, {exported.out_dim}]",
         "encoder_key_prefix": {"bundle": "", "training_checkpoint": CHECKPOINT_PREFIX},
+        "pretraining_modalities": plan.modalities,
+        "inference": {
+            "config": "configs/inference.json (python -m monai.bundle run ... --input_dir DIR or --datalist FILE)",
+            "modality": plan.modality,
+            "channels": plan.channels,
+            "image_size": plan.image_size,
+            "volumes": (
+                "mean of the features of every axial slice"
+                if exported.spatial_dims == 2
+                else "features of the whole [C, D, H, W] volume"
+            ),
+            "torchscript": "models/model.ts",
+        },
     }
 
 
-def bundle_metadata(exported: ExportedBackbone) -> dict[str, Any]:
+def bundle_metadata(
+    exported: ExportedBackbone, info: BundleInfo | None = None, plan: InferencePlan | None = None
+) -> dict[str, Any]:
+    """``configs/metadata.json``: MONAI's schema (:data:`medssl.export.metadata.SCHEMA_URL`, checked offline by
+    :func:`medssl.export.metadata.verify_metadata_offline`), ``info``'s fields and the ``medssl`` block."""
+    info = info or BundleInfo()
+    plan = plan or inference_plan(exported)
     crop = (exported.config.get("data", {}).get("views", {}) or {}).get("global_size") or 96
     channels = int(exported.network_kwargs.get("n_input_channels", 1))
+    windows = (exported.config.get("data", {}).get("preprocess", {}) or {}).get("ct_windows") or [[40.0, 400.0]]
+    method = str(exported.config.get("method", {}).get("name", "?"))
+    text = info.resolved(exported.run_name, method, exported.spatial_dims)
     return {
-        "version": BUNDLE_VERSION,
-        "changelog": {BUNDLE_VERSION: f"medssl export of run {exported.run_name}"},
+        "schema": SCHEMA_URL,
+        "version": info.version,
+        "changelog": {info.version: text["changelog"]},
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {},
+        "required_packages_version": required_packages(needs_medssl(exported.network_kwargs)),
+        "name": text["name"],
         "task": f"Self-supervised pretrained {exported.spatial_dims}D encoder (feature extractor) for medical images",
-        "description": (
-            f"ResNet encoder pretrained by medssl ({exported.config.get('method', {}).get('name', '?')}); "
-            "the input of segmentation, detection and classification fine-tuning."
-        ),
-        "authors": "medssl",
-        "copyright": "the owners of the pretraining data and run",
+        "description": text["description"],
+        "authors": text["authors"],
+        "copyright": text["copyright"],
+        "license": text["license"],
+        "intended_use": text["intended_use"],
+        "data_source": text["data_source"],
+        "data_type": "2D images (PNG, JPEG, BMP, TIFF: Pillow) and NIfTI volumes (nibabel)",
+        "image_classes": f"{channels} channel(s) in [0, 1]: "
+        + "; ".join(f"{k}: {v}" for k, v in channel_definition(channels, windows, plan.modality).items()),
+        "pred_classes": f"{exported.out_dim} features (global average pool of the last stage)",
+        "references": [
+            "medssl: self-supervised pretraining for medical images (configs/metadata.json -> medssl)",
+            *(
+                ["Carreira & Zisserman, Quo Vadis, Action Recognition? (I3D inflation), CVPR 2017"]
+                if exported.inflation
+                else []
+            ),
+        ],
         "network_data_format": {
             "inputs": {
                 "image": {
                     "type": "image",
                     "format": "magnitude",
+                    "modality": plan.modality,
                     "num_channels": channels,
                     "spatial_shape": [crop] * exported.spatial_dims,
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": False,
-                    "channel_def": {str(i): "image" for i in range(channels)},
+                    "channel_def": channel_definition(channels, windows, plan.modality),
                 }
             },
             "outputs": {
@@ -252,30 +349,97 @@ def bundle_metadata(exported: ExportedBackbone) -> dict[str, Any]:
                 }
             },
         },
-        "medssl": adaptation_metadata(exported),
+        "medssl": adaptation_metadata(exported, plan),
     }
 
 
-def inference_config(exported: ExportedBackbone) -> dict[str, Any]:
-    """``network_def`` for MONAI's tools (``monai.bundle.load`` copies ``models/model.pt`` into it); ``load_weights``
-    does the same strictly for a parser whose ``bundle_root`` points at the bundle."""
-    return {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": network_definition(exported.network_kwargs),
-        "network": "$@network_def.to(@device)",
-        "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "load_weights": (
-            "$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True), strict=True)"
-        ),
-        "inferer": {"_target_": "SimpleInferer"},
-    }
+def inference_config(exported: ExportedBackbone, plan: InferencePlan | None = None) -> dict[str, Any]:
+    """``configs/inference.json`` (:mod:`medssl.export.inference`): ``network_def`` for MONAI's tools
+    (``monai.bundle.load`` copies ``models/model.pt`` into it), ``load_weights`` (the same, strictly, for a parser
+    whose ``bundle_root`` points at the bundle), medssl's preprocessing as MONAI transforms and a ``run`` that writes
+    the ``[N, D]`` embeddings of a folder or a datalist."""
+    plan = plan or inference_plan(exported)
+    return inference_config_of(
+        network_def=network_definition(exported.network_kwargs),
+        spatial_dims=exported.spatial_dims,
+        preprocess=dict(exported.config.get("data", {}).get("preprocess", {}) or {}),
+        modality=plan.modality,
+        channels=plan.channels,
+        image_size=plan.image_size,
+        torchscript_network=needs_medssl(exported.network_kwargs),
+        output_metadata=_plain_values({
+            "bundle": "medssl",
+            "run_id": exported.run_id,
+            "run_name": exported.run_name,
+            "method": exported.config.get("method", {}).get("name"),
+            "spatial_dims": exported.spatial_dims,
+            "pooling": "mean over every axial slice" if exported.spatial_dims == 2 else "whole volume",
+        }),
+    )  # fmt: skip
 
 
-README = """# medssl pretrained encoder
+def _plain_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Values a ConfigParser leaves as they are: text starting with ``$``, ``@`` or ``%`` would be read as code, a
+    reference or a macro, and ``::`` as an id separator."""
+    safe = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            value = value.replace("::", ": :")
+            value = "_" + value if value[:1] in ("$", "@", "%") else value
+        safe[key] = value
+    return safe
 
-A {dims}D ResNet encoder pretrained without labels by medssl (run `{run_name}`, method `{method}`).
+
+def write_torchscript(exported: ExportedBackbone, path: Path, metadata: dict[str, Any], config: dict[str, Any]) -> Path:
+    """``models/model.ts``: the encoder with the bundle's weights, in eval mode, compiled by MONAI's
+    ``convert_to_torchscript`` and saved by ``save_net_with_metadata`` with ``metadata.json`` and ``inference.json``
+    as extra files (what ``monai.bundle ckpt_export`` writes; ``monai.data.load_net_with_metadata`` reads it). It
+    maps ``[B, C, *spatial]`` to ``[B, D]`` with PyTorch alone (no MONAI, no medssl)."""
+    from monai.data import save_net_with_metadata
+    from monai.networks.utils import convert_to_torchscript
+
+    from medssl.models.encoders import monai_resnet
+
+    network = monai_resnet(exported.network_kwargs)
+    network.load_state_dict(exported.weights, strict=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"inference.json": json.dumps(config).encode()}
+    with warnings.catch_warnings():  # PyTorch 2.10+ deprecates TorchScript; MONAI's bundles still ship model.ts
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        scripted = convert_to_torchscript(network.eval())
+        save_net_with_metadata(
+            scripted, str(path), include_config_vals=False, append_timestamp=False, meta_values=metadata,
+            more_extra_files=extra,
+        )  # fmt: skip
+    return path
+
+
+README = """# {name}
+
+A {dims}D ResNet encoder pretrained without labels by medssl (run `{run_name}`, method `{method}`): images
+`[B, {channels}, {axes}]` in [0, 1] -> features `[B, {out_dim}]`.
+
+{intended_use}
+
+Authors: {authors}. Copyright: {copyright}. Licence: {license}.
+
+## Embeddings of a folder (MONAI only)
+
+From the bundle folder (MONAI's command line needs `fire`: `pip install fire`):
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
+    --input_dir /path/to/images --output_file embeddings.pt          # or --datalist datalist.json
+```
+
+reads the PNG/JPEG/BMP/TIFF images and NIfTI volumes under the folder, preprocesses them as medssl did in
+pretraining (MONAI transforms: reorientation to RAS, spacing, intensity normalisation by `--modality`
+CT|MR|OT, default `{modality}`) and writes `embeddings.pt` (`torch.load(..., weights_only=True)`): `id` (the
+datalist's ids, else salted hashes of the file names, never paths: set `--id_salt`), `level` (image or volume),
+`embedding` `[N, {out_dim}]`. A datalist is MONAI's decathlon JSON: `{{"test": [{{"image": "a.nii.gz", "id":
+"case-1"}}, ...]}}`.
+
+## The network
 
 ```python
 import torch
@@ -285,37 +449,58 @@ parser = ConfigParser()
 parser.read_config("configs/inference.json")
 net = parser.get_parsed_content("network_def")
 net.load_state_dict(torch.load("models/model.pt", weights_only=True), strict=True)
-features = net(images)  # images [B, {channels}, {axes}] in [0, 1] -> [B, {out_dim}]
+features = net.eval()(images)  # images [B, {channels}, {axes}] in [0, 1] -> [B, {out_dim}]
+
+scripted = torch.jit.load("models/model.ts")  # the same network, PyTorch only
 ```
 
-Feed it images prepared as in pretraining: `configs/metadata.json` -> `medssl` (axis order,
-spacing, intensity normalisation per modality, crop size).
+Check the metadata against MONAI's schema: `python -m monai.bundle verify_metadata --meta_file
+configs/metadata.json` (downloads the schema; medssl ships a copy: `medssl.export.metadata.verify_metadata_offline`).
+`configs/metadata.json` -> `medssl` says how the encoder was pretrained (axis order, spacing, intensity
+normalisation per modality, crop size).
 """
 
 
-def write_bundle(exported: ExportedBackbone, out: Path) -> Path:
-    """Write the bundle folder (replaced as a whole: written beside it, then renamed)."""
+def write_bundle(
+    exported: ExportedBackbone, out: Path, info: BundleInfo | None = None, torchscript: bool = True
+) -> Path:
+    """Write the bundle folder (replaced as a whole: written beside it, then renamed).
+
+    ``torchscript``: also ``models/model.ts`` (needed by the ``run`` of a bundle whose network needs medssl)."""
     out = Path(out)
+    info = info or BundleInfo()
+    plan = inference_plan(exported)
+    metadata = bundle_metadata(exported, info, plan)
+    config = inference_config(exported, plan)
+    if not torchscript and needs_medssl(exported.network_kwargs):
+        raise ValueError("a bundle whose network needs medssl (norm other than batch) runs from models/model.ts")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "configs").mkdir()
         (tmp / "docs").mkdir()
-        atomic_write_text(tmp / "configs" / "metadata.json", json.dumps(bundle_metadata(exported), indent=2))
-        atomic_write_text(tmp / "configs" / "inference.json", json.dumps(inference_config(exported), indent=2))
+        atomic_write_text(tmp / "configs" / "metadata.json", json.dumps(metadata, indent=2))
+        atomic_write_text(tmp / "configs" / "inference.json", json.dumps(config, indent=2))
         weights = {k: v.detach().cpu() for k, v in exported.weights.items()}
         save_checkpoint(tmp / "models" / "model.pt", weights, checksum=False)  # MONAI's layout; users replace it
-        method = exported.config.get("method", {}).get("name", "?")
+        if torchscript:
+            write_torchscript(exported, tmp / "models" / "model.ts", metadata, config)
         channels = exported.network_kwargs.get("n_input_channels", 1)
         atomic_write_text(
             tmp / "docs" / "README.md",
             README.format(
+                name=metadata["name"],
                 dims=exported.spatial_dims,
                 axes="H, W" if exported.spatial_dims == 2 else "D, H, W",
                 run_name=exported.run_name,
-                method=method,
+                method=exported.config.get("method", {}).get("name", "?"),
                 channels=channels,
                 out_dim=exported.out_dim,
+                intended_use=metadata["intended_use"],
+                authors=metadata["authors"],
+                copyright=metadata["copyright"],
+                license=metadata["license"],
+                modality=config["modality"],
             ),
         )
         if out.exists():
@@ -334,15 +519,21 @@ def export_bundle(
     log_to_mlflow: bool = True,
     spatial_dims: int = 2,
     depth_kernel: int | None = None,
+    metadata: Sequence[str] | Mapping[str, str] | BundleInfo | None = None,
+    torchscript: bool = True,
 ) -> Path:
     """``medssl export``: resolve ``source``, write the bundle to ``out`` (``spatial_dims=3``: the I3D-inflated 3D
-    encoder), and log it to the run when there is one."""
+    encoder), and log it to the run when there is one.
+
+    ``metadata``: ``key=value`` strings (``--meta``), a mapping or a :class:`~medssl.export.metadata.BundleInfo`:
+    version, changelog, authors, copyright, license, intended_use, name, description, data_source."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"--spatial-dims must be 2 or 3, got {spatial_dims}")
+    info = bundle_info(metadata)  # before any work: a bad --meta stops here
     exported = resolve_source(source, tracking_uri)
     if spatial_dims == 3:
         exported = inflate_to_3d(exported, depth_kernel)
-    path = write_bundle(exported, Path(out))
+    path = write_bundle(exported, Path(out), info, torchscript=torchscript)
     if log_to_mlflow and exported.run_id:
         from medssl.runtime.tracking import Tracker, default_tracking_uri
 

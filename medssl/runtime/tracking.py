@@ -16,6 +16,11 @@ Privacy: only configuration values, metric names and values, modality/label stri
 are meant to go through here; ``manifest_fingerprint`` logs the manifest's hash, never its rows.
 MLflow's usage telemetry is switched off (``MLFLOW_DISABLE_TELEMETRY=true`` unless set otherwise)
 so that nothing leaves the machine.
+
+Models (``Tracker.log_pytorch_model``, ``Tracker.register_model``) go through ``mlflow.pytorch.log_model``
+and the model registry, which read MLflow's global tracking URI; :func:`use_tracking_uri` sets it to the
+tracker's store for those calls only and restores it afterwards. :func:`provenance_tags` says which code
+made a run (medssl, torch and MONAI versions; the git commit of a medssl checkout).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import posixpath
 import re
 import shlex
+import subprocess
 import sys
 import time
 import warnings
@@ -54,6 +60,8 @@ from medssl.runtime.files import file_sha256
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow.models.model import ModelInfo
+    from torch import nn
 
 __all__ = [
     "TRUNCATION_MARKER",
@@ -61,8 +69,10 @@ __all__ = [
     "default_tracking_uri",
     "flatten_config",
     "manifest_fingerprint",
+    "provenance_tags",
     "sanitize_name",
     "ui_command",
+    "use_tracking_uri",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +172,98 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser (MLflow tracking server)"
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
+
+@contextmanager
+def use_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (and so its registry URI, unless ``MLFLOW_REGISTRY_URI`` names another) set to
+    ``tracking_uri`` inside the block, restored afterwards, ``$MLFLOW_TRACKING_URI`` included.
+
+    For the MLflow APIs that have no explicit client (``mlflow.pytorch.log_model``, ``models:/`` URIs, registering
+    a logged model): they resolve their store from the global URI. Not thread-safe, like that global.
+    """
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset, as before
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+_GIT_TIMEOUT_S = 10.0
+
+
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    """``git <args>``'s stdout in ``cwd``, or None when git is missing, fails or takes too long (never raises).
+
+    ``GIT_OPTIONAL_LOCKS=0``: ``git status`` does not refresh (write) the index of the checkout it reads.
+    """
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_state(package_dir: Path | None = None) -> dict[str, str]:
+    """The git commit of the checkout medssl runs from, and whether it is dirty; ``{}`` when it is not a checkout.
+
+    ``package_dir`` (default: the ``medssl`` package's folder) counts as a checkout only when its ``__init__.py`` is
+    a file git tracks there, so a medssl installed into a virtual environment that sits inside some other
+    repository does not report that repository's commit. ``git_dirty`` is ``"true"`` when tracked files differ
+    from the commit (untracked files do not count), absent when git could not tell. Runs only read-only git
+    commands, each at most 10 s; never raises.
+    """
+    if package_dir is None:
+        import medssl
+
+        package_dir = Path(medssl.__file__).resolve().parent
+    if not package_dir.is_dir() or _git(["ls-files", "--error-unmatch", "--", "__init__.py"], package_dir) is None:
+        return {}
+    commit = (_git(["rev-parse", "--verify", "HEAD"], package_dir) or "").strip()
+    if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        return {}  # a repository without a commit yet, or git failed
+    state = {"git_commit": commit}
+    status = _git(["status", "--porcelain", "--untracked-files=no"], package_dir)
+    if status is not None:
+        state["git_dirty"] = "true" if status.strip() else "false"
+    return state
+
+
+def provenance_tags() -> dict[str, str]:
+    """Run tags naming the code that made a run: ``medssl.version``, ``torch.version``, ``monai.version`` and, when
+    medssl runs from a git checkout (:func:`git_state`), ``medssl.git_commit`` (also as MLflow's own
+    ``mlflow.source.git.commit``, which the UI shows) and ``medssl.git_dirty``. Never raises."""
+    import importlib.metadata
+
+    import medssl
+
+    tags: dict[str, str] = {}
+    try:
+        tags["medssl.version"] = importlib.metadata.version("medssl")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        tags["medssl.version"] = str(getattr(medssl, "__version__", "unknown"))
+    for name in ("torch", "monai"):
+        try:
+            module = __import__(name)
+            tags[f"{name}.version"] = str(module.__version__)
+        except Exception:  # pragma: no cover - both are dependencies of medssl
+            logger.debug("no version of %s", name, exc_info=True)
+    state = git_state()
+    if "git_commit" in state:
+        tags["medssl.git_commit"] = state["git_commit"]
+        tags["mlflow.source.git.commit"] = state["git_commit"]
+    if "git_dirty" in state:
+        tags["medssl.git_dirty"] = state["git_dirty"]
+    return tags
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -486,6 +588,71 @@ class Tracker:
                 self._require_client().log_figure(self._run_id, fig, artifact_file, save_kwargs=save)  # type: ignore[arg-type]
         finally:
             _close_figure(fig)
+
+    def log_pytorch_model(
+        self,
+        model: nn.Module,
+        name: str,
+        *,
+        signature: Any,
+        input_example: Any,
+        pip_requirements: Sequence[str],
+        metadata: Mapping[str, Any] | None = None,
+        serialization_format: str = "pt2",
+    ) -> ModelInfo | None:
+        """Log ``model`` with ``mlflow.pytorch.log_model`` as a model of this run named ``name`` (``runs:/<run
+        id>/<name>``; MLflow 3 keeps it as a "logged model", ``models:/<model id>``, in the run's experiment).
+
+        ``serialization_format="pt2"`` (``torch.export``): the model loads with ``mlflow.pytorch.load_model`` and
+        torch alone, without pickle and without the classes that built it; the graph is traced on
+        ``input_example``, whose dimensions marked ``-1`` in ``signature`` stay dynamic when their example size
+        is above 1. ``pip_requirements`` are written as given (no requirement inference, which would load the
+        model and scan its imports). Returns MLflow's ``ModelInfo`` (``model_uri``, ``model_id``); ``None`` when
+        disabled.
+        """
+        if not self._active():
+            return None
+        import mlflow.pytorch
+
+        client = self._require_client()
+        if not hasattr(client, "create_logged_model"):  # pragma: no cover - MLflow 2
+            raise RuntimeError(f"logging a model needs MLflow >= 3 (installed: {mlflow.__version__})")
+        # Created here, in this run's experiment: without an active fluent run MLflow would put it in the default one.
+        logged = client.create_logged_model(self.experiment_id, name=name, source_run_id=self._run_id)  # type: ignore[arg-type]
+        with use_tracking_uri(self.tracking_uri), _quiet_store_warnings():  # type: ignore[arg-type]
+            return mlflow.pytorch.log_model(
+                model,
+                name=name,
+                model_id=logged.model_id,
+                run_id=self._run_id,
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=list(pip_requirements),
+                metadata=dict(metadata) if metadata is not None else None,
+                serialization_format=serialization_format,
+            )
+
+    def register_model(self, model_uri: str, name: str, alias: str | None = None) -> str | None:
+        """Register a model of this run (``models:/<model id>`` from :meth:`log_pytorch_model`) as a new version of
+        the registered model ``name`` (created when missing) and point ``alias`` at it. Returns the version
+        (``None`` when disabled). The registry is the tracking store's own (a local SQLite store has one) unless
+        ``MLFLOW_REGISTRY_URI`` names another."""
+        if not self._active():
+            return None
+        model_id = model_uri.removeprefix("models:/") if re.fullmatch(r"models:/m-[0-9a-f]+", model_uri) else None
+        with use_tracking_uri(self.tracking_uri), _quiet_store_warnings():  # type: ignore[arg-type]
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            try:
+                client.create_registered_model(name)
+            except MlflowException as error:
+                if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # made before, or meanwhile
+                    raise
+            version = client.create_model_version(
+                name, source=model_uri, run_id=self._run_id, model_id=model_id, tags={"medssl.run_id": self._run_id}
+            )
+            if alias:
+                client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``); later calls do nothing."""

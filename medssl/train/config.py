@@ -8,10 +8,11 @@ starts, with a message naming the key (``trainer.optimizer.lr: ...``).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,7 +21,10 @@ from medssl.data.config import DataConfig
 from medssl.models.joint import JointModelConfig
 from medssl.objectives.joint import JointObjectiveConfig
 from medssl.objectives.simclr import MoCHiConfig
-from medssl.runtime.configs import SHIPPED_CONFIG_MODULE, structured_config, user_config_dir
+from medssl.runtime.configs import structured_config, user_config_dir
+
+if TYPE_CHECKING:
+    from hydra._internal.hydra import Hydra
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -160,6 +164,22 @@ class LoggingConfig:
     experiment: str = "medssl-pretrain"
     log_checkpoints: bool = True
     pictures: PicturesConfig = field(default_factory=PicturesConfig)
+    log_model: bool = True  # the backbone as the MLflow model backbone_model (mlflow.pytorch.load_model)
+    register_as: str | None = None  # register that model under this name in the MLflow model registry
+    register_alias: str | None = "current"  # alias of the new version: models:/<register_as>@<alias>; null: none
+
+    def __post_init__(self) -> None:
+        if self.register_as is not None and (not self.register_as.strip() or any(c in self.register_as for c in "/@")):
+            raise ValueError(f"logging.register_as: a model name without '/' or '@', got {self.register_as!r}")
+        if self.register_as is not None and not (self.mlflow and self.log_model):
+            raise ValueError("logging.register_as needs logging.mlflow=true and logging.log_model=true")
+        alias = self.register_alias
+        if alias is not None and (not re.fullmatch(r"[\w\-]+", alias) or alias.lower() == "latest"
+                                  or re.fullmatch(r"v\d+", alias)):  # fmt: skip
+            raise ValueError(
+                f"logging.register_alias: letters, digits, '_' and '-', not 'latest' or v<number> (MLflow reserves "
+                f"them; models:/<name>/latest is the newest version), got {alias!r}"
+            )
 
 
 @dataclass
@@ -233,28 +253,18 @@ def to_container(config: PretrainConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _shipped_configs_with(user: Path | None) -> Iterator[None]:
-    """Hydra initialised as ``medssl pretrain`` is: the shipped configs (``pkg://medssl.configs``) as the primary
-    config path and ``user`` where Hydra's own ``--config-dir`` puts it (after the primary path, before the
-    structured schema): the user's folder adds group options and top-level configs; a name in both is the shipped
-    file. The same search path ``@hydra.main`` builds (hydra._internal.utils.run_hydra), so an app built on it
-    later composes the same configs; the global Hydra state is restored afterwards."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+def shipped_configs_with(user: Path | None, task_name: str = "medssl") -> Iterator[Hydra]:
+    """Hydra initialised as ``medssl pretrain`` is (:func:`medssl.train.app.hydra_with_configs`): the shipped
+    configs (``pkg://medssl.configs``) as the primary config path and ``user`` where Hydra's own ``--config-dir``
+    puts it (the user's folder adds group options and top-level configs; a name in both is the shipped file), with
+    :class:`PretrainConfig` as the typed schema under the YAML files. Yields the Hydra object; the global Hydra
+    state is restored afterwards."""
+    from medssl.train.app import hydra_with_configs
 
-    backup = get_gh_backup()
-    search_path = create_config_search_path(f"pkg://{SHIPPED_CONFIG_MODULE}")
-    if user is not None:
-        search_path.prepend(provider="command-line", path=f"file://{user}", anchor=SearchPathQuery(provider="schema"))
-    GlobalHydra.instance().clear()
-    try:
-        Hydra.create_main_hydra2(task_name="medssl", config_search_path=search_path)
-        yield
-    finally:
-        restore_gh_from_backup(backup)
+    # The typed schema under the YAML files: every key of PretrainConfig exists (and can be overridden) even
+    # where a group's YAML leaves it out, and Hydra checks types while it composes.
+    with hydra_with_configs(user, task_name, schema=PretrainConfig) as hydra:
+        yield hydra
 
 
 def compose_pretrain_config(
@@ -269,21 +279,13 @@ def compose_pretrain_config(
         ValueError: an unknown group option, key or bad value, naming it.
     """
     from hydra import compose
-    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
-    # The typed schema under the YAML files: every key of PretrainConfig exists (and can be overridden) even
-    # where a group's YAML leaves it out, and Hydra checks types while it composes.
-    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    from medssl.train.app import config_error
+
     try:
-        with _shipped_configs_with(user_config_dir(directory)):
+        with shipped_configs_with(user_config_dir(directory)):
             composed = compose(config_name=config_name, overrides=list(overrides or []))
-    except HydraException as exc:
-        text = str(exc).split("Config search path:")[0]
-        if exc.__cause__ is not None:  # e.g. the OmegaConf type error behind "Error merging override ..."
-            text += f": {str(exc.__cause__).splitlines()[0]}"
-        raise ValueError(" ".join(line.strip() for line in text.splitlines() if line.strip())) from None
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ValueError(f"{key}: {str(exc).splitlines()[0]}") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise config_error(exc) from None
     return pretrain_config(composed)

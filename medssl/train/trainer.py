@@ -695,6 +695,8 @@ class Trainer:
         params.update({f"manifest.{k}": str(v) for k, v in fingerprint.items() if k != "sha256"})
         tracker.log_params(params, allow_changes=resumed)
         tracker.set_tags({"medssl.manifest_sha256": fingerprint.get("sha256", ""), "medssl.resumed": str(resumed)})
+        if tracker.enabled:  # versions and git commit of the code (of this start, for a resumed run)
+            tracker.set_tags(tracking.provenance_tags())
         import yaml
 
         tracker.log_text(yaml.safe_dump(config_dict, sort_keys=False), "config/pretrain.yaml")
@@ -765,7 +767,7 @@ class Trainer:
             uri = self.config.logging.tracking_uri or tracking.default_tracking_uri(self.project_dir)
             store = tracking.local_store_folder(uri)
             if store is not None:
-                logged = checkpoint_bytes(model, optimizer_slots=0)
+                logged = checkpoint_bytes(model, optimizer_slots=0) * (2 if self.config.logging.log_model else 1)
                 logged += checkpoint if self.config.logging.log_checkpoints else 0
                 demands.append((store, logged, "the MLflow store (logging.tracking_uri)"))
         check_room(demands)
@@ -898,7 +900,24 @@ class Trainer:
         atomic_write_text(run_dir / "backbone.json", json.dumps(meta, indent=2))
         tracker.log_artifact(path, "backbone")
         tracker.log_artifact(run_dir / "backbone.json", "backbone")
+        if self.config.logging.log_model and tracker.enabled:
+            self._log_backbone_model(tracker, meta, weights)
         return path
+
+    def _log_backbone_model(self, tracker: Any, meta: dict[str, Any], weights: dict[str, Tensor]) -> None:
+        """The backbone as the MLflow model ``backbone_model`` (and a registered version with ``logging.register_as``):
+        :func:`medssl.train.backbone_model.log_backbone_model`. A failure is a printed warning and the tag
+        ``medssl.model_error``: the run finished and its ``backbone/`` files are logged."""
+        from medssl.train.backbone_model import log_backbone_model
+
+        lcfg = self.config.logging
+        try:
+            note = log_backbone_model(tracker, meta, weights, register_as=lcfg.register_as, alias=lcfg.register_alias)
+        except Exception as exc:  # reported: the backbone files are already saved and logged
+            log.warning("logging the backbone as an MLflow model failed", exc_info=True)
+            note = f"warning: backbone not logged as an MLflow model ({type(exc).__name__}: {str(exc)[:300]})"
+            tracker.set_tags({"medssl.model_error": note})
+        print(f"{meta['run_name']}: {note}", flush=True)
 
     def _log_pictures(
         self,
