@@ -113,3 +113,16 @@ def test_overrides_parse_values():
     config = PreprocessConfig.from_overrides(["spacing=[1.5,1.5,null]", "storage_dtype=uint8"])
     assert config.spacing == [1.5, 1.5, None]
     assert config.storage_dtype == "uint8"
+
+
+def test_upsampling_repeats_the_border_instead_of_zero_past_the_last_voxel():
+    """2 mm -> 1 mm: the last output slice lies half an input voxel past the last centre; it takes the border's
+    value (for CT at 40/400 a 0 there would read as soft tissue), and the kept centres keep their values."""
+    from medssl.data.preprocess import _resample
+
+    array = np.full((4, 4, 6), 1000.0, dtype=np.float32)  # bright everywhere
+    array[..., ::2] = 900.0
+    out = _resample(array, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
+    assert out.shape == (4, 4, 12)
+    assert np.allclose(out[..., -1], array[..., -1]) and out.min() >= 900.0 - 1e-3
+    assert np.allclose(out[..., ::2], array)  # the original slice centres are sampled exactly

@@ -40,7 +40,7 @@ from medssl.runtime.files import atomic_write_text, atomic_write_with, remove_st
 from medssl.runtime.preflight import check_room
 from medssl.runtime.progress import progress as progress_of
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: resampling repeats the border instead of 0 past the last voxel (preprocess._resample)
 
 
 def settings_digest(config: PreprocessConfig) -> str:

@@ -84,9 +84,16 @@ class Preprocessed:
 
 
 def _resample(array: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...]) -> np.ndarray:
-    """Linear resampling of a [X, Y(, Z)] array to ``target`` spacing, Gaussian anti-aliasing when shrinking."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+    """Linear resampling of a [X, Y(, Z)] array to ``target`` spacing, Gaussian anti-aliasing when shrinking.
+
+    The output grid starts at the first voxel's centre; its last samples can lie up to half an output voxel past the
+    last input voxel's centre (e.g. 2 mm -> 1 mm). The input is padded by one copy of its border voxels, so those
+    samples take the border's value instead of the 0 outside the image (which a CT window maps to tissue).
+    """
+    padded = np.pad(np.ascontiguousarray(array), 1, mode="edge")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(padded.T))
     image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([-float(s) for s in spacing])  # the original first voxel stays at 0
     factors = [t / s for s, t in zip(spacing, target, strict=True)]
     if any(f > 1.01 for f in factors):
         sigmas = [max(f - 1.0, 0.0) / 2.0 * s for f, s in zip(factors, spacing, strict=True)]
@@ -97,7 +104,7 @@ def _resample(array: np.ndarray, spacing: tuple[float, ...], target: tuple[float
         size,
         sitk.Transform(),
         sitk.sitkLinear,
-        image.GetOrigin(),
+        [0.0] * len(spacing),
         [float(t) for t in target],
         image.GetDirection(),
         0.0,
