@@ -139,28 +139,7 @@ class _CallablePackage(types.ModuleType):
     ``medssl.export(source, out, ...)``; a module attribute named ``export`` would be replaced by the sub-package
     the first time it is imported."""
 
-    def __call__(
-        self,
-        source: str | Path | TrainResult,
-        out: str | Path,
-        *,
-        tracking_uri: str | None = None,
-        log_to_mlflow: bool = True,
-        spatial_dims: int = 2,
-        depth_kernel: int | None = None,
-        **options: Any,
-    ) -> Path:
-        return _export(
-            source,
-            out,
-            tracking_uri=tracking_uri,
-            log_to_mlflow=log_to_mlflow,
-            spatial_dims=spatial_dims,
-            depth_kernel=depth_kernel,
-            **options,
-        )
-
-    __call__.__doc__ = _export.__doc__
+    __call__ = staticmethod(_export)  # called on the module: no self
 
 
 _export_package.__class__ = _CallablePackage

@@ -782,9 +782,7 @@ class Trainer:
                 check()
             except ValueError as exc:
                 error = exc
-        error = broadcast_object(error)  # type: ignore[assignment]
-        if error is not None:
-            raise error
+        raise_any_rank_error(error)
 
     def _restore(self, state: RunState, checkpoint: dict[str, Any]) -> None:
         state.objective.load_state_dict(checkpoint["objective"])
