@@ -437,15 +437,18 @@ FIRST_PASS_BREAKDOWN = {
     "validate_manifest": (25, 408),
 }
 """The heap breakdown of commit ac6e744's code at 10000 rows (held / peak bytes a row)."""
-WRITE_SCAN_PEAK = (496, 174)
-"""``write_scan``'s Python heap peak (``tracemalloc``, bytes a row) for 100,000 rows, before and after it stopped
-holding a keyed copy of every row and the map's text (measured apart from this benchmark; the same files written)."""
+SECOND_PASS_BYTES_PER_ROW = {"scan": 625, "validate": 267, "cache": 706, "stream": 794}
+"""Peak RSS growth per row from 1000 to 100000 rows after the second pass (commit 1463700)."""
+SECOND_PASS_READ = (467, 570)
+"""``read_manifest``'s heap (held, peak bytes a row) at 10000 rows after the second pass (rows as objects)."""
+SECOND_PASS_VALIDATE_PEAK = 264
+"""``validate_manifest``'s heap peak (bytes a row) at 10000 rows after the second pass (the path map a dict)."""
 
 
-def _breakdown_peak(results: dict[str, Any], step: str) -> str:
-    """The peak bytes a row of ``step`` in this run's breakdown, or ``?`` where it has none."""
+def _breakdown_peak(results: dict[str, Any], step: str, held: bool = False) -> str:
+    """The peak (``held``: held) bytes a row of ``step`` in this run's breakdown, or ``?`` where it has none."""
     held_peak = results.get("breakdown", {}).get("steps", {}).get(step)
-    return f"{held_peak[1]:.0f}" if held_peak else "?"
+    return f"{held_peak[0 if held else 1]:.0f}" if held_peak else "?"
 
 
 def _what_rows_cost(results: dict[str, Any]) -> list[str]:
@@ -457,6 +460,7 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
     breakdown = ", ".join(f"`{name}` {held} / {peak}" for name, (held, peak) in BEFORE_BREAKDOWN.items())
     first_breakdown = ", ".join(f"`{name}` {held} / {peak}" for name, (held, peak) in FIRST_PASS_BREAKDOWN.items())
     read_peak, validate_peak = _breakdown_peak(results, "read_manifest"), _breakdown_peak(results, "validate_manifest")
+    read_held = _breakdown_peak(results, "read_manifest", held=True)
     return [
         f"Before and after: the peaks grew by {before} bytes a row before the memory work of issue 18 (commit "
         f"b4e1d43, same archive and method); by {first} after its first pass (commit ac6e744); now by {after}. The "
@@ -477,30 +481,38 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         "into numpy arrays (13 bytes a sample), the 3D dataset 5 numbers a volume. A dataset keeps at most 256 "
         "memory maps open per process (each held a file descriptor: an epoch over 100,000 files kept them all).",
         "",
-        "What changed since: the path map is read line by line (`read_path_map` held every line of the file before "
-        "parsing it, about 230 bytes a row, the largest transient of every read; for a repeated key it now reads the "
-        "file again to name the first line, instead of keeping a line number per entry): `read_manifest`'s heap "
-        f"peak went from 754 to {read_peak} bytes a row and `validate_manifest`'s from 408 to {validate_peak}. The "
-        "map is written as a stream into its atomic private file (`write_path_map` built the whole text), and "
-        "`scan`'s `key_paths` makes the keyed rows one at a time as the manifest is written (it held a keyed copy "
-        "of every row), keeping only the rows' keys and their order (two lists, about 45 bytes a row): "
-        f"`write_scan`'s heap peak for 100,000 rows went from {WRITE_SCAN_PEAK[0]} to {WRITE_SCAN_PEAK[1]} bytes a "
-        "row (`tracemalloc`, measured apart from this table; the same files, byte for byte). The `scan`, `cache` "
-        "and `validate` slopes fell with them; the `stream` slope hardly moved: its peak comes later, with the "
-        "dataset index on top of the rows.",
+        "What changed in the second pass (commit 1463700): the path map is read line by line (`read_path_map` held "
+        "every line of the file before parsing it, about 230 bytes a row); the map is written as a stream into its "
+        "atomic private file, and `scan`'s `key_paths` makes the keyed rows one at a time as the manifest is written "
+        "(it held a keyed copy of every row). The peaks then grew by "
+        f"{', '.join(f'{SECOND_PASS_BYTES_PER_ROW[p]} ({p})' for p in PHASES)} bytes a row.",
         "",
-        "Not flat, and why: every phase but `validate` holds the rows, about 460 bytes a row of Python heap: a "
-        "`ManifestRow` (~185 bytes; `slots=True` would save ~40 more but drops `row.__dict__`, which helpers use to "
-        "copy rows), its id (~80) and its file key (shared with the path map), and the path map (~180-200: key, "
-        "relative path, dict entry); RSS adds the allocator's slack. `validate` holds the path map (to check the "
-        "files) and the hashes. The peaks add the rest: reading a manifest about 100 bytes a row that it drops (the "
-        "rows' own key strings until they are pointed at the map's, and the key -> key dict that does it), now its "
-        "largest transient; `scan` its rows with their relative paths and the walk's list, and while writing the "
-        "key -> path map and the keys and order of the rows; `cache` the row -> content key dict; `stream` the "
-        "dataset index and an epoch of shuffled batches (8 bytes a sample). `validate` imports numpy at its end "
-        "(16 MiB, in its peak at every "
-        "size, not in the slope). O(1) in the rows would need them streamed through every phase (the datasets index "
-        "every row, the cache index maps every row).",
+        "What changed in the third pass (this code): rows are held as columns (`RowTable`, on "
+        "`medssl/data/compact.py`): ids, file keys and series digests in one UTF-8 buffer each with an 8-byte offset "
+        "a row, the values rows repeat (format, modality, subject, split, group, label, shape, spacing) as 4-byte "
+        "codes; a `ManifestRow` is made when it is read and dropped after. `read_manifest`'s heap went from "
+        f"{SECOND_PASS_READ[0]} held / {SECOND_PASS_READ[1]} at peak to {read_held} / {read_peak} bytes a row. The "
+        "path map is a sorted string map (its keys and paths in two such buffers, a binary search a lookup: about 80 "
+        "bytes an entry, against about 200 in a `dict`), read only when a file is first located: the trainer's "
+        "stream, which reads the cache, never reads it. The cache index is one CSV line a manifest row, read beside "
+        "the rows into a 4-byte code a row (it was a JSON object of row id -> key, parsed whole), and the datasets "
+        "hold the positions of their rows (8 bytes a row) and make each item when it is read. `scan` walks in path "
+        "order (its rows need no sorted copy unless DICOM rows are added after the walk), sorts the file keys as a "
+        "fixed-width view of their buffer (numpy, 8 bytes a row instead of a string and a Python int each), builds "
+        "the map in key order (merged, never sorted again) and checks the files' permissions without a `Path` per "
+        f"file. `validate_manifest`'s heap peak: {validate_peak} bytes a row (from {SECOND_PASS_VALIDATE_PEAK}).",
+        "",
+        "Still not flat, and why: `stream` is within 10% (it holds the rows' columns, the dataset's positions and "
+        "its sample index, 13 bytes a sample, and an epoch of shuffled batches, 8 bytes a sample). `scan`, `cache` "
+        "and `validate` grow: each holds the path map (about 80 bytes a row: key, relative path, two offsets) and "
+        "`scan` and `cache` the rows' columns (about 120 bytes a row), `scan` also the rows' file keys and their "
+        "order while it writes; `validate` keeps 64-bit hashes of ids, files and subjects (24 bytes a row) and "
+        "imports numpy at its end (in its peak at every size, not in the slope). RSS grows faster than the Python "
+        "heap: the allocator's slack behind buffers that grow by reallocation, and the interpreter's table of "
+        "interned strings, which pathlib (Python 3.11) fills with every part of every `Path` made per file and "
+        "reallocates whole (about 4 MB, a step between the smallest and the larger sizes). Flat would need the rows "
+        "streamed through every phase and the path map read in step with the manifest (both are written in key "
+        "order): that is what remains.",
     ]
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 import medssl.data.cache as cache_module
 from medssl.data.cache import build_cache, open_cache, settings_digest
+from medssl.data.errors import DataError
 from medssl.data.manifest import read_manifest
 from medssl.data.preprocess import PreprocessConfig
 from medssl.data.pseudonym import pseudonym
@@ -215,3 +216,21 @@ def test_a_cache_build_without_room_stops_before_writing_any_entry(tmp_path, mon
     with pytest.raises(PreflightError, match=r"data\.cache_dir: .* has 4\.0 KiB free, this run needs at least"):
         build_cache(manifest, tmp_path / "cache", PreprocessConfig(), workers=1, progress=False)
     assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_the_index_is_one_line_a_row_and_must_match_the_rows(tmp_path):
+    manifest = scan_to_manifest(make_archive(tmp_path / "data"), tmp_path / "m.csv")
+    (tmp_path / "data" / "img1.png").write_bytes(b"not a png")  # one row fails: its line has no entry
+    report = build_cache(manifest, tmp_path / "cache", PreprocessConfig(), workers=1, progress=False)
+    lines = report.index_path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "id,entry" and [line.split(",")[0] for line in lines[1:]] == [r.id for r in manifest.rows]
+    failed = {line.split(",")[0] for line in lines[1:] if line.endswith(",")}
+    assert len(failed) == 1 == len(report.errors)
+    index = open_cache(manifest, tmp_path / "cache", PreprocessConfig())
+    assert len(index) == 4 and set(index) == {r.id for r in manifest.rows} - failed
+    assert [index.entry_at(i) is None for i in range(5)] == [r.id in failed for r in manifest.rows]
+    assert all(index[rid] is index.entry_at(i) for i, rid in enumerate(r.id for r in manifest.rows) if rid in index)
+    for damage in (lines[:-1], [lines[0], *lines[1:][::-1]], ["id,key", *lines[1:]], [*lines, "x,y"]):
+        report.index_path.write_text("\n".join(damage) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match="does not match the manifest"):
+            open_cache(manifest, tmp_path / "cache", PreprocessConfig())

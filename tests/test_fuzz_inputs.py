@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings  # noqa: E40
 from hypothesis import strategies as st  # noqa: E402
 
 from medssl.cli import main  # noqa: E402
-from medssl.data.cache import build_cache  # noqa: E402
+from medssl.data.cache import build_cache, open_cache  # noqa: E402
 from medssl.data.errors import DataError, ManifestError  # noqa: E402
 from medssl.data.manifest import read_manifest, validate_manifest  # noqa: E402
 from medssl.data.pathmap import read_path_map, root_escape  # noqa: E402
@@ -150,7 +150,7 @@ def _check_cache(cache: Path, manifest_path: Path, outcomes: list[str]) -> None:
     outcomes.append("cache: some rows failed" if report.errors else "cache: all built")
     outcomes.extend(f"cache: {reason}" for _, reason in report.errors if reason.startswith("preprocessing failed"))
     assert all(reason for _, reason in report.errors), report.errors
-    index = __import__("json").loads(report.index_path.read_text())["entries"]
+    index = open_cache(manifest, cache, PreprocessConfig())
     for row in manifest.rows:
         assert row.id in index or row.path in named, f"row {row.id} neither cached nor reported"
     leftovers = [p.name for p in report.directory.rglob("*") if p.name.endswith(".tmp")]
@@ -158,8 +158,8 @@ def _check_cache(cache: Path, manifest_path: Path, outcomes: list[str]) -> None:
     npy = {p.stem for p in report.directory.glob("*.npy")}
     meta = {p.stem for p in report.directory.glob("*.json") if p.name != "settings.json"}
     assert npy == meta, f"partial cache entries: {sorted(npy ^ meta)}"
-    for key in index.values():
-        assert key in meta, f"index names entry {key} that is not in the cache"
+    for entry in index.values():
+        assert entry.key in meta, f"index names entry {entry.key} that is not in the cache"
 
 
 def _pipeline(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from medssl.data.manifest import COLUMNS, ManifestRow, read_manifest, validate_manifest, write_manifest
+from medssl.data.manifest import COLUMNS, ManifestRow, RowTable, read_manifest, validate_manifest, write_manifest
 from medssl.data.pathmap import write_path_map
 
 
@@ -42,16 +42,22 @@ def many_rows(n: int) -> list[ManifestRow]:
     ]
 
 
-def test_read_rows_share_their_repeated_values_and_the_map_keys(tmp_path):
-    manifest = read_manifest(keyed_manifest(tmp_path, many_rows(60)))
+def test_read_rows_are_columns_that_give_back_the_rows_written(tmp_path):
+    written = many_rows(60)
+    manifest = read_manifest(keyed_manifest(tmp_path, written))
     rows = manifest.rows
-    assert rows == many_rows(60), "the same rows as written"
+    assert isinstance(rows, RowTable) and len(rows) == 60
+    assert list(rows) == written and [rows[i] for i in range(60)] == written and rows[-1] == written[-1]
+    assert rows[10:13] == written[10:13] and list(rows.column("id")) == [r.id for r in written]
+    with pytest.raises(IndexError):
+        rows[60]
     distinct = {"format": 2, "modality": 1, "split": 1, "spacing": 2, "shape": 3, "subject": 3}
     for name, count in distinct.items():
         assert len({id(getattr(r, name)) for r in rows}) == count, f"one object per distinct {name}"
+    rows[0].split = "test"
+    assert rows[0].split == "train", "a row read from the table is a copy"
     assert manifest.path_map is not None
-    keys = {id(key) for key in manifest.path_map.paths}
-    assert all(id(r.path) in keys for r in rows), "a row's file key is the path map's own string"
+    assert dict(manifest.path_map.paths) == {r.path: f"site/{r.path}.png" for r in written}
 
 
 def test_a_shape_and_an_equal_spacing_stay_apart(tmp_path):
@@ -150,15 +156,15 @@ def test_reading_and_validating_cost_a_few_hundred_bytes_a_row(tmp_path, step):
     manifests = {n: keyed_manifest(tmp_path / str(n), many_rows(n)) for n in (1000, 5000)}
     if step == "read":
         held, peak = _per_row(lambda n: read_manifest(manifests[n]), 1000, 5000)
-        # the rows (~250 bytes: the row, its id, its key shared with the map) and the path map (~210 bytes, and
-        # twice that while it is read); were 1180 held and 1870 at peak (every CSV record held as a dict first,
-        # every value its own string)
-        assert held < 800 and peak < 1300, (held, peak)
+        # the rows as columns (RowTable: ~150 bytes, id and file key as UTF-8, 4-byte codes for the repeated
+        # values) and the path map (StringMap: ~75 bytes); were 460 held and 560 at peak as row objects sharing
+        # their values, 1180 and 1870 with every CSV record held as a dict first and every value its own string
+        assert held < 350 and peak < 450, (held, peak)
     else:
         held, peak = _per_row(lambda n: validate_manifest(manifests[n], check_files=False), 1000, 5000)
         # no row is kept (hashes: 8 bytes a row; "held" also counts the interpreter's tuple free lists, bounded);
-        # the peak is the path map's reading; was 1630 at peak (every row and CSV record held)
-        assert held < 100 and peak < 800, (held, peak)
+        # the peak is the path map's reading; was 1630 at peak (every row and CSV record held), 500 with the map a dict
+        assert held < 100 and peak < 600, (held, peak)
 
 
 def test_validation_reads_the_manifest_again_only_for_repeats(tmp_path, monkeypatch):

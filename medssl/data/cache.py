@@ -6,7 +6,8 @@ Layout::
     <cache>/<settings>/settings.json              # the PreprocessConfig that made the entries
     <cache>/<settings>/<key>.npy                  # float16/uint8 [C, X, Y, Z] or [C, H, W]
     <cache>/<settings>/<key>.json                 # geometry + per-slice foreground (no identifiers)
-    <cache>/<settings>/index/<manifest>.json      # manifest row id -> key, and the failures
+    <cache>/<settings>/index/<manifest>.csv       # one line a manifest row: its id and key (empty: failed)
+    <cache>/<settings>/index/<manifest>.errors.csv  # the failures: file key and reason
 
 Every file is written to a temporary name and renamed, and an entry's ``.json`` is written
 after its ``.npy``: an interrupted build leaves no partial entry, and the next build only
@@ -18,12 +19,14 @@ every entry (the files are hashed again, not preprocessed again).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
 import multiprocessing
 import time
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from medssl.data.compact import ValueColumn
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
-from medssl.data.manifest import Manifest, ManifestRow, write_csv, write_text_atomically
+from medssl.data.manifest import Manifest, ManifestRow, RowTable, write_csv
 from medssl.data.preprocess import CT_MODALITIES, PreprocessConfig, preprocess
 from medssl.data.readers import read_row
 from medssl.runtime.files import atomic_write_text, atomic_write_with, remove_stale_temporaries
@@ -203,13 +207,13 @@ def build_cache(
     mdigest = manifest_digest(manifest.rows)
     report = CacheReport(
         directory=directory,
-        index_path=directory / "index" / f"{mdigest}.json",
+        index_path=directory / "index" / f"{mdigest}.csv",
         errors_path=directory / "index" / f"{mdigest}.errors.csv",
     )
     digests = FileDigests(cache_root / "file_hashes.json")
-    keys: dict[str, str] = {}  # row id -> content key
+    row_keys: ValueColumn[str] = ValueColumn()  # [N]: each row's content key, in manifest order ("": none)
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
-    waiting: dict[str, list[ManifestRow]] = {}
+    waiting: dict[str, list[str]] = {}  # content key -> the file names of the other rows with that content
     # reports name a row by ``row.path``: a file key (or the manifest's own relative path), never a mapped path
     for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
         try:
@@ -217,15 +221,17 @@ def build_cache(
             key = digests.key(row, path)
         except DataError as exc:
             report.errors.append((row.path, exc.reason))
+            row_keys.append("")
             continue
         except OSError as exc:
             report.errors.append((row.path, f"cannot read ({type(exc).__name__})"))
+            row_keys.append("")
             continue
-        keys[row.id] = key
+        row_keys.append(key)
         if (directory / f"{key}.json").exists():
             report.reused += 1
         elif key in todo:
-            waiting.setdefault(key, []).append(row)
+            waiting.setdefault(key, []).append(row.path)
         else:
             todo[key] = (row, str(path), str(directory), key, config)
     digests.save()
@@ -233,24 +239,23 @@ def build_cache(
     check_room([(directory, sum(estimated_entry_bytes(task[0], config) for task in todo.values()), "data.cache_dir")],
                margin=0)  # fmt: skip
     failed: set[str] = set()
-    built_rows = {task[0].id: task[0] for task in todo.values()}
+    built_rows = {task[0].id: (key, task[0].path) for key, task in todo.items()}
     try:
         for row_id, reason in _run(list(todo.values()), workers, progress):
             if reason is None:
                 report.built += 1
             else:
-                failed.add(keys[row_id])
-                report.errors.append((built_rows[row_id].path, reason))
+                key, name = built_rows[row_id]
+                failed.add(key)
+                report.errors.append((name, reason))
     finally:
-        for key, rows in waiting.items():
-            for row in rows:
+        for key, names in waiting.items():
+            for name in names:
                 if key in failed:
-                    report.errors.append((row.path, "same content as a file that failed"))
+                    report.errors.append((name, "same content as a file that failed"))
                 else:
                     report.reused += 1
-        index = {rid: key for rid, key in keys.items() if key not in failed} if failed else keys
-        entries = {"settings": directory.name, "entries": index}
-        write_text_atomically(report.index_path, lambda text: json.dump(entries, text))  # never all in one string
+        write_index(report.index_path, _ids(manifest.rows), (key if key not in failed else "" for key in row_keys))
         write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
     report.seconds = time.perf_counter() - start
     return report
@@ -342,21 +347,95 @@ class CacheEntry:
         return 1.0 / 255.0 if dtype == "uint8" else 1.0
 
 
-def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -> dict[str, CacheEntry]:
-    """Entries of a built cache by manifest row id (failed rows are absent). Rows with the same content share one
-    :class:`CacheEntry` (one metadata, one key string)."""
+INDEX_HEADER = ("id", "entry")
+
+
+def write_index(path: Path, ids: Iterable[str], keys: Iterable[str]) -> None:
+    """A manifest's cache index, atomically, one line a row in manifest order: ``id,entry`` (the content key, empty
+    for a row that has none); streamed, never held as one text."""
+    write_csv(path, INDEX_HEADER, zip(ids, keys, strict=True))
+
+
+def _ids(rows: Sequence[ManifestRow]) -> Sequence[str]:
+    """The rows' ids, without making rows where ``rows`` is a :class:`RowTable`."""
+    return rows.column("id") if isinstance(rows, RowTable) else [row.id for row in rows]
+
+
+class CacheIndex(Mapping[str, "CacheEntry"]):
+    """The cache entries of a manifest's rows: by row position (:meth:`entry_at`, what the datasets use: a 4-byte code
+    a row) and, as a mapping, by row id (rows without an entry are absent; the id lookup is built on first use).
+    Rows with the same content share one :class:`CacheEntry`."""
+
+    def __init__(self, ids: Sequence[str], codes: array, entries: list[CacheEntry]) -> None:
+        self._ids = ids
+        self._codes = codes  # [N] int32: index into ``entries``, -1 for a row without an entry
+        self._entries = entries
+        self._by_id: dict[str, int] | None = None
+        self._size = sum(code >= 0 for code in codes)
+
+    def entry_at(self, position: int) -> CacheEntry | None:
+        """The entry of the manifest's row at ``position``, or None."""
+        code = self._codes[position]
+        return self._entries[code] if code >= 0 else None
+
+    def _positions(self) -> dict[str, int]:
+        if self._by_id is None:
+            self._by_id = {rid: i for i, rid in enumerate(self._ids) if self._codes[i] >= 0}
+        return self._by_id
+
+    def __getitem__(self, row_id: str) -> CacheEntry:
+        return self._entries[self._codes[self._positions()[row_id]]]
+
+    def __contains__(self, row_id: object) -> bool:
+        return row_id in self._positions()
+
+    def __iter__(self) -> Iterator[str]:
+        return (rid for rid, code in zip(self._ids, self._codes, strict=True) if code >= 0)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def open_cache(manifest: Manifest, cache_root: Path, config: PreprocessConfig) -> CacheIndex:
+    """The built cache's entries of ``manifest``'s rows (failed rows have none).
+
+    The index (``index/<manifest digest>.csv``) is read a line at a time, beside the rows it must match: the digest
+    names the exact rows in their order, and each line's id is checked against its row.
+
+    Raises:
+        DataError: no index for this manifest and these settings (run ``medssl manifest preprocess``), or an index
+            that does not match the rows.
+    """
     directory = Path(cache_root) / settings_digest(config)
-    index_path = directory / "index" / f"{manifest_digest(manifest.rows)}.json"
+    index_path = directory / "index" / f"{manifest_digest(manifest.rows)}.csv"
     if not index_path.is_file():
         raise DataError(
             index_path,
             "no cache index for this manifest and these settings; run `medssl manifest preprocess` first",
         )
-    entries = json.loads(index_path.read_text(encoding="utf-8"))["entries"]
-    by_key: dict[str, CacheEntry] = {}
-    for rid, key in entries.items():
-        entry = by_key.get(key)
-        if entry is None:
-            entry = by_key[key] = CacheEntry(key, directory, config.storage_dtype)
-        entries[rid] = entry
-    return entries  # type: ignore[no-any-return]
+    ids = _ids(manifest.rows)
+    codes = array("i")
+    entries: list[CacheEntry] = []
+    by_key: dict[str, int] = {}
+    mismatch = DataError(index_path, "the cache index does not match the manifest's rows; run `medssl manifest "
+                                     "preprocess` again")  # fmt: skip
+    try:
+        with open(index_path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            if tuple(next(reader, ())) != INDEX_HEADER:
+                raise mismatch
+            for record, rid in zip(reader, ids, strict=True):
+                if len(record) != 2 or record[0] != rid:
+                    raise mismatch
+                key = record[1]
+                if not key:
+                    codes.append(-1)
+                    continue
+                code = by_key.get(key)
+                if code is None:
+                    code = by_key[key] = len(entries)
+                    entries.append(CacheEntry(key, directory, config.storage_dtype))
+                codes.append(code)
+    except (ValueError, csv.Error, UnicodeDecodeError):  # ValueError: fewer or more lines than rows (zip strict)
+        raise mismatch from None
+    return CacheIndex(ids, codes, entries)

@@ -28,22 +28,23 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from medssl.data.cache import CacheEntry, open_cache
+from medssl.data.cache import CacheEntry, CacheIndex, open_cache
 from medssl.data.device_views import ViewParams, draw_view_params, pad_planes, render_views
 from medssl.data.errors import DataError, UnreadableCacheError
 from medssl.data.geometry import PLANE_AXIS, slice_to_display
-from medssl.data.manifest import Manifest, ManifestRow
+from medssl.data.manifest import Manifest, ManifestRow, RowTable
 from medssl.data.preprocess import PreprocessConfig
 from medssl.data.views import AugmentConfig, MultiCropConfig, check_ratio
 
@@ -105,20 +106,71 @@ class SkippedEntries:
         )
 
 
+class CachedItems(Sequence[CachedItem]):
+    """The rows of a manifest that have a cache entry, held as their positions (``[M]`` int64) in the manifest's rows
+    and its :class:`CacheIndex`: each :class:`CachedItem` (and its row) is made when it is read, so a dataset over
+    100,000 rows holds 8 bytes a row here, not a row object."""
+
+    def __init__(self, rows: Sequence[ManifestRow], index: CacheIndex, positions: array) -> None:
+        self.rows = rows
+        self.index = index
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @overload
+    def __getitem__(self, item: int) -> CachedItem: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> CachedItems: ...
+
+    def __getitem__(self, item: int | slice) -> CachedItem | CachedItems:
+        if isinstance(item, slice):
+            return CachedItems(self.rows, self.index, self.positions[item])
+        position = self.positions[item]
+        entry = self.index.entry_at(position)
+        assert entry is not None  # positions hold only rows with an entry
+        return CachedItem(self.rows[position], entry)
+
+    def column(self, name: str) -> list[Any]:
+        """One manifest column (``dims``, ``group``, ``label``, ...) of the items ``[M]``, without making rows where the
+        rows are a :class:`RowTable`."""
+        values = self.rows.column(name) if isinstance(self.rows, RowTable) else None
+        if values is None:
+            return [getattr(self.rows[p], name) for p in self.positions]
+        return [values[p] for p in self.positions]
+
+    def where(self, keep: Sequence[bool]) -> CachedItems:
+        """The items whose flag in ``keep`` ``[M]`` is true."""
+        kept = array("q", (p for p, k in zip(self.positions, keep, strict=True) if k))
+        return CachedItems(self.rows, self.index, kept)
+
+
+def item_column(items: Sequence[CachedItem], name: str) -> list[Any]:
+    """The manifest column ``name`` of ``items`` ``[M]`` (without making rows for :class:`CachedItems`)."""
+    if isinstance(items, CachedItems):
+        return items.column(name)
+    return [getattr(item.row, name) for item in items]
+
+
 def cached_items(
     manifest: Manifest,
     cache_root: Path,
     config: PreprocessConfig,
     splits: Sequence[str] | None = None,
-) -> list[CachedItem]:
+) -> CachedItems:
     """The manifest's rows that have a cache entry, optionally only those of some splits
     (``""`` selects rows without a split)."""
-    entries = open_cache(manifest, cache_root, config)
-    return [
-        CachedItem(row, entries[row.id])
-        for row in manifest.rows
-        if row.id in entries and (splits is None or row.split in splits)
-    ]
+    index = open_cache(manifest, cache_root, config)
+    rows = manifest.rows
+    split_of = rows.column("split") if isinstance(rows, RowTable) else [row.split for row in rows]
+    wanted = None if splits is None else set(splits)
+    positions = array(
+        "q",
+        (i for i in range(len(rows)) if index.entry_at(i) is not None and (wanted is None or split_of[i] in wanted)),
+    )
+    return CachedItems(rows, index, positions)
 
 
 @dataclass
@@ -168,7 +220,7 @@ class _CachedDataset(Dataset, ABC):
     """
 
     def __init__(self, items: Sequence[CachedItem], seed: int, max_unreadable: float = MAX_UNREADABLE) -> None:
-        self.items = list(items)
+        self.items: Sequence[CachedItem] = items if isinstance(items, CachedItems) else list(items)
         self.seed = int(seed)
         self.epoch = 0
         self.max_unreadable = float(max_unreadable)
@@ -323,8 +375,8 @@ class MultiCropSliceDataset(_CachedDataset):
         axes = [PLANE_AXIS[plane] for plane in self.slices.planes]
         recent: dict[str, list[np.ndarray]] = {}  # foreground slices of the last entries (rows with one content)
         images_from = 0  # the first of a run of 2D items, added together
-        for i, cached in enumerate(self.items):
-            if cached.row.dims == 2:
+        for i, dims in enumerate(item_column(self.items, "dims")):
+            if dims == 2:
                 continue
             index.add(np.arange(images_from, i), -1, -1)
             images_from = i + 1
@@ -357,7 +409,8 @@ class MultiCropSliceDataset(_CachedDataset):
     @property
     def groups(self) -> list[str]:
         """The manifest ``group`` of every sample (for the balanced sampler)."""
-        return [self.items[i].row.group for i in self.item_index]
+        groups = item_column(self.items, "group")
+        return [groups[i] for i in self.item_index]
 
     def plane(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """The un-augmented sample ``[H, W]`` in display orientation, at storage precision (a view of the cache
@@ -429,7 +482,12 @@ class TwoViewStackDataset(_CachedDataset):
         seed: int = 0,
         max_unreadable: float = MAX_UNREADABLE,
     ) -> None:
-        super().__init__([it for it in items if it.row.dims == 3], seed, max_unreadable)
+        volumes = [dims == 3 for dims in item_column(items, "dims")]
+        if isinstance(items, CachedItems):
+            kept: Sequence[CachedItem] = items.where(volumes)
+        else:
+            kept = [it for it, v in zip(items, volumes, strict=True) if v]
+        super().__init__(kept, seed, max_unreadable)
         self.config = config or StackConfig()
         self.axis = PLANE_AXIS[self.config.plane]
         # per volume, read on first use: depth, first and last foreground slice, origin and spacing along the axis
@@ -440,7 +498,7 @@ class TwoViewStackDataset(_CachedDataset):
 
     @property
     def groups(self) -> list[str]:
-        return [it.row.group for it in self.items]
+        return item_column(self.items, "group")
 
     def geometry(self, index: int) -> tuple[int, int, int, float, float]:
         """``(depth, low, high, origin, spacing)`` of volume ``index`` along the plane axis: its slices, its first and

@@ -25,14 +25,15 @@ import math
 import os
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, overload
 
+from medssl.data.compact import StringColumn, ValueColumn
 from medssl.data.errors import DataError, ManifestError
-from medssl.data.pathmap import PathMap, map_wider_than_root, read_path_map, root_escape
+from medssl.data.pathmap import PathMap, map_wider_than_root, read_map_root, read_path_map, root_escape
 from medssl.runtime.files import atomic_binary
 
 if TYPE_CHECKING:
@@ -85,38 +86,6 @@ def resolve_under_root(root: Path, relative: str, manifest: Path | None = None) 
     )
 
 
-_T = TypeVar("_T")
-
-
-class SharedValues:
-    """One object per distinct value: a manifest's rows repeat a few formats, modalities, splits, groups, labels,
-    shapes and spacings (and a subject's pseudonym on each of its files), which then cost one pointer a row instead
-    of a string or tuple each. Lives while rows are read (``read_manifest``, the scan), not with them.
-
-    Values are kept apart by field (``name``): a shape ``(2, 2, 2)`` equals a spacing ``(2.0, 2.0, 2.0)`` but must stay
-    integers."""
-
-    __slots__ = ("fields",)
-
-    def __init__(self) -> None:
-        self.fields: dict[str, dict[Any, Any]] = {}
-
-    def __call__(self, value: _T, name: str) -> _T:
-        """``value``, or the equal value of field ``name`` seen first."""
-        seen = self.fields.get(name)
-        if seen is None:
-            seen = self.fields[name] = {}
-        return seen.setdefault(value, value)  # type: ignore[no-any-return]
-
-
-SHARED_FIELDS = frozenset({"format", "modality", "subject", "split", "group", "label", "shape", "spacing"})
-"""The fields whose values repeat across rows (shared by :class:`SharedValues`); ``id`` and ``path`` never do."""
-
-
-def _unshared(value: _T, name: str) -> _T:
-    return value
-
-
 @dataclass
 class ManifestRow:
     """One image (``dims`` 2) or volume (``dims`` 3).
@@ -148,9 +117,8 @@ class ManifestRow:
         return {c: "" if v is None else str(v) for c, v in record.items()}
 
     @classmethod
-    def from_record(cls, record: dict[str, str], line: int, share: SharedValues | None = None) -> ManifestRow:
-        """The row of a CSV record (``line``: its line, for messages); ``share``: reuse the values of earlier rows
-        for :data:`SHARED_FIELDS`."""
+    def from_record(cls, record: dict[str, str], line: int) -> ManifestRow:
+        """The row of a CSV record (``line``: its line, for messages)."""
         try:
             shape = tuple(int(s) for s in record["shape"].split("x")) if record.get("shape") else ()
             spacing = tuple(float(s) for s in record["spacing"].split("x")) if record.get("spacing") else ()
@@ -160,10 +128,69 @@ class ManifestRow:
         except TypeError:  # csv leaves the columns past the end of a short row as None
             raise ManifestError(f"line {line}: the row has fewer fields than the header") from None
         known = _field_names(cls)
-        same: Callable[[Any, str], Any] = share or _unshared
-        values = {k: same(v or "", k) if k in SHARED_FIELDS else (v or "") for k, v in record.items() if k in known}
-        values.update(shape=same(shape, "shape"), spacing=same(spacing, "spacing"), dims=dims)
+        values: dict[str, Any] = {k: v or "" for k, v in record.items() if k in known}
+        values.update(shape=shape, spacing=spacing, dims=dims)
         return cls(**values)
+
+
+class RowTable(Sequence[ManifestRow]):
+    """Manifest rows held as columns (:mod:`medssl.data.compact`): about 120 bytes a row (its id and file key,
+    4-byte codes for the values rows repeat) instead of the 700 of a :class:`ManifestRow` and its strings. Indexing
+    and iteration give a new :class:`ManifestRow` each time: changing it does not change the table.
+    """
+
+    _STRINGS = ("id", "path", "series", "mask")
+    _VALUES = ("format", "modality", "subject", "split", "group", "label", "shape", "spacing")
+
+    __slots__ = ("_dims", "_strings", "_values")
+
+    def __init__(self, rows: Iterable[ManifestRow] = ()) -> None:
+        self._strings = {name: StringColumn() for name in self._STRINGS}
+        self._values: dict[str, ValueColumn[Any]] = {name: ValueColumn() for name in self._VALUES}
+        self._dims = array("q")
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: ManifestRow) -> None:
+        for name, strings in self._strings.items():
+            strings.append(getattr(row, name))
+        for name, values in self._values.items():
+            values.append(getattr(row, name))
+        self._dims.append(row.dims)
+
+    def __len__(self) -> int:
+        return len(self._dims)
+
+    @overload
+    def __getitem__(self, index: int) -> ManifestRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ManifestRow]: ...
+
+    def __getitem__(self, index: int | slice) -> ManifestRow | list[ManifestRow]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("RowTable index out of range")
+        values = {name: column[index] for name, column in self._strings.items()}
+        values.update((name, column[index]) for name, column in self._values.items())
+        return ManifestRow(dims=self._dims[index], **values)
+
+    def __iter__(self) -> Iterator[ManifestRow]:
+        names = (*self._strings, *self._values, "dims")
+        columns = (*self._strings.values(), *self._values.values(), self._dims)
+        for values in zip(*columns, strict=True):
+            yield ManifestRow(**dict(zip(names, values, strict=True)))
+
+    def column(self, name: str) -> Sequence[Any]:
+        """One column (``id``, ``path``, ``dims``, ``split``, ...) as a sequence, without making rows."""
+        if name == "dims":
+            return self._dims
+        if name in self._strings:
+            return self._strings[name]
+        return self._values[name]
 
 
 @cache
@@ -237,11 +264,19 @@ class Manifest:
     raises a :class:`ManifestError` saying where the map was expected and how to point at it).
     """
 
-    rows: list[ManifestRow]
+    rows: Sequence[ManifestRow]  # a RowTable when read from a file
     root: Path
-    path_map: PathMap | None = None
     path_map_file: Path | None = None
     source: Path | None = None  # the manifest file, for messages
+    _path_map: PathMap | None = field(default=None, repr=False)
+
+    @property
+    def path_map(self) -> PathMap | None:
+        """The path map, read on first use (a run that reads only the cache never reads it); ``None`` while its file
+        is missing (or for a manifest without one)."""
+        if self._path_map is None and self.path_map_file is not None and self.path_map_file.is_file():
+            self._path_map = read_path_map(self.path_map_file)
+        return self._path_map
 
     def resolve(self, row: ManifestRow) -> Path:
         """The file (or series folder) of ``row``."""
@@ -346,10 +381,10 @@ class _RecordStream:
     comments: dict[str, str]
     lines: Iterator[str]  # the data lines under ``records``: draining it reads the remaining comments only
 
-    def rows(self, share: SharedValues | None = None) -> Iterator[ManifestRow]:
-        """The rows, one at a time (``share``: see :meth:`ManifestRow.from_record`)."""
+    def rows(self) -> Iterator[ManifestRow]:
+        """The rows, one at a time."""
         for line, record in enumerate(self.records, start=2):
-            yield ManifestRow.from_record(record, line, share)
+            yield ManifestRow.from_record(record, line)
 
 
 @contextlib.contextmanager
@@ -413,42 +448,30 @@ def read_manifest(path: str | Path, root: str | Path | None = None, paths: str |
     map's location (a manifest given a map names its files by key through it). A missing map is an error only when
     a file is resolved (:meth:`Manifest.locate`): rows and cache lookups work without the archive.
 
-    The file is read a line at a time and the rows share their repeated values (:class:`SharedValues`): reading holds
-    the rows and the path map, nothing more."""
+    The file is read a line at a time into a :class:`RowTable` (columns, about 120 bytes a row); the path map is a
+    :class:`medssl.data.compact.StringMap`: reading holds the rows and the map, compactly, nothing more."""
     path = Path(path)
     with _record_stream(path) as stream:
         missing = [c for c in ("id", "path", "format", "dims") if c not in stream.header]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        rows = list(stream.rows(SharedValues()))
+        rows = RowTable(stream.rows())
         comments = stream.comments
-    manifest = _located(path, rows, comments, root, paths)
-    if manifest.path_map is not None:
-        _share_file_keys(rows, manifest.path_map.paths)
-    return manifest
-
-
-def _share_file_keys(rows: list[ManifestRow], paths: Mapping[str, str]) -> None:
-    """Point the rows' ``path`` and ``mask`` at the path map's own key strings: one string per file key, not one in
-    the rows and another in the map."""
-    keys = {key: key for key in paths}
-    for row in rows:
-        row.path = keys.get(row.path, row.path)
-        if row.mask:
-            row.mask = keys.get(row.mask, row.mask)
+    return _located(path, rows, comments, root, paths)
 
 
 def _located(
-    path: Path, rows: list[ManifestRow], comments: dict[str, str], root: str | Path | None, paths: str | Path | None
+    path: Path, rows: Sequence[ManifestRow], comments: dict[str, str], root: str | Path | None, paths: str | Path | None
 ) -> Manifest:
     """The :class:`Manifest` of ``rows`` read from ``path``: its root and path map from ``comments``, or from the
     ``root`` and ``paths`` given (which win)."""
     if paths is not None or "paths" in comments:
         map_file = Path(paths) if paths is not None else _beside(path, comments["paths"])
-        path_map = read_path_map(map_file) if map_file.is_file() else None
-        map_root = path_map.root if path_map is not None else path.parent  # unused while the map is missing
-        resolved_root = Path(root) if root is not None else map_root
-        return Manifest(rows=rows, root=resolved_root, path_map=path_map, path_map_file=map_file, source=path)
+        if root is not None:
+            resolved_root = Path(root)
+        else:  # the map's root line only: its entries are read when a file is first located
+            resolved_root = read_map_root(map_file) if map_file.is_file() else path.parent  # unused while missing
+        return Manifest(rows=rows, root=resolved_root, path_map_file=map_file, source=path)
     file_root = comments.get("root")
     if root is not None:
         resolved_root = Path(root)

@@ -24,6 +24,7 @@ are. The map is read only to open files (:meth:`medssl.data.manifest.Manifest.lo
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import os
 import stat
@@ -32,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, TextIO
 
+from medssl.data.compact import DuplicateKeyError, StringColumn, StringMap, sorted_pairs
 from medssl.data.errors import ManifestError
 from medssl.data.pseudonym import pseudonym
 from medssl.runtime.files import atomic_binary
@@ -61,7 +63,8 @@ def default_map_path(manifest: Path) -> Path:
 
 @dataclass(frozen=True)
 class PathMap:
-    """A read path map: the archive root it names and ``key -> path relative to the root``."""
+    """A read path map: the archive root it names and ``key -> path relative to the root`` (a
+    :class:`medssl.data.compact.StringMap` when read from a file: about 80 bytes an entry, not 250)."""
 
     file: Path
     root: Path
@@ -151,19 +154,62 @@ def read_path_map(path: Path) -> PathMap:
     """
     path = Path(path)
     source = _MapFile(path)
-    paths: dict[str, str] = {}
-    for line, key, relative in source.records():
-        if key in paths:  # the line of its first entry: found by reading again, rather than kept for every entry
-            first = next((n for n, k, _ in _MapFile(path).records() if k == key), 0)
-            raise ManifestError(f"{path}:{line}: the key on this line is also on line {first}")
-        paths[key] = relative
+    try:
+        paths = StringMap.from_pairs((key, relative) for _, key, relative in source.records())
+    except DuplicateKeyError as exc:  # its lines: found by reading again, rather than kept for every entry
+        first, again = ([n for n, k, _ in _MapFile(path).records() if k == exc.args[0]] + [0, 0])[:2]
+        raise ManifestError(f"{path}:{again}: the key on this line is also on line {first}") from None
     root = source.root
     if root is None:
         raise ManifestError(f"{path}: no '# root:' line (the archive root, relative to this file or absolute)")
+    return PathMap(file=path, root=_resolved_root(path, root), paths=paths)
+
+
+def _key_order(keys: StringColumn, series: Sequence[str]) -> Sequence[int]:
+    """The positions ``[N]`` of the rows sorted by file key, then series (a folder may hold several series)."""
+    order = keys.argsort()
+    i = 0
+    while i < len(order):  # runs of one key (one folder, several series): by series
+        j = i + 1
+        while j < len(order) and keys[order[j]] == keys[order[i]]:
+            j += 1
+        if j - i > 1:
+            order[i:j] = sorted(order[i:j], key=series.__getitem__)
+        i = j
+    return order
+
+
+def read_map_root(path: Path) -> Path:
+    """The archive root a path map names (resolved against the map's folder), from the lines above its header: the
+    entries are not read (the whole map is, through :func:`read_path_map`, where the root line is not up there).
+
+    Raises:
+        ManifestError: see :func:`read_path_map`.
+    """
+    path = Path(path)
+    root: str | None = None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            if handle.readline().rstrip("\r\n") != PATHS_MAGIC:
+                raise ManifestError(f"{path}: not a medssl path map (first line is not {PATHS_MAGIC!r})")
+            for line in handle:
+                if not line.startswith("#"):
+                    break
+                if line.startswith("# root:"):
+                    root = line.split(":", 1)[1].strip()
+                    break
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    if root is None:
+        return read_path_map(path).root
+    return _resolved_root(path, root)
+
+
+def _resolved_root(path: Path, root: str) -> Path:
+    """The map's ``# root:`` value against the map's folder (refusing a NUL)."""
     if "\x00" in root:
         raise ManifestError(f"{path}: the '# root:' line holds a NUL character")
-    resolved = Path(root) if os.path.isabs(root) else path.parent / root
-    return PathMap(file=path, root=resolved, paths=paths)
+    return Path(root) if os.path.isabs(root) else path.parent / root
 
 
 def private_mode(root: Path, relatives: Iterable[str] = ()) -> tuple[int, int | None]:
@@ -182,7 +228,7 @@ def private_mode(root: Path, relatives: Iterable[str] = ()) -> tuple[int, int | 
         if not mode & (stat.S_IRGRP | stat.S_IROTH):
             break
         try:
-            file_mode = (Path(root) / relative).stat().st_mode
+            file_mode = os.stat(os.path.join(root, relative)).st_mode  # not a Path: no interned parts
         except OSError:  # vanished since the scan: it grants nothing
             continue
         mode &= file_mode | stat.S_IRUSR | stat.S_IWUSR
@@ -202,16 +248,16 @@ def write_path_map(path: Path, root: Path, paths: Mapping[str, str]) -> Path:
         written_root = os.path.relpath(Path(root).resolve(), path.resolve().parent)
     except ValueError:  # another drive on Windows
         written_root = str(Path(root).resolve())
-    mode, group = private_mode(root, paths.values())
+    mode, group = private_mode(root, (relative for _, relative in sorted_pairs(paths)))
     with atomic_binary(path, mode=mode, group=group) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         try:
             text.write(f"{PATHS_MAGIC}\n# root: {written_root}\n")
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(("key", "path"))
-            for key in sorted(paths):
-                _check_relative(paths[key], str(path))
-                writer.writerow((key, paths[key]))
+            for key, relative in sorted_pairs(paths):
+                _check_relative(relative, str(path))
+                writer.writerow((key, relative))
         finally:
             text.detach()  # flushes; atomic_binary closes (and renames) the file
     return path
@@ -234,33 +280,35 @@ def map_wider_than_root(path_map: PathMap) -> bool:
 
 def key_paths(
     rows: Sequence[ManifestRow], errors: Iterable[tuple[str, str]], salt: str
-) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], dict[str, str]]:
+) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], StringMap]:
     """Replace the relative paths of ``rows`` (``path`` and ``mask``) and of scan ``errors`` by file keys.
 
     Returns the keyed rows in key order (an order that says nothing about names), made one at a time as they are
-    consumed: no keyed copy of every row is held, only a list of their keys and of their order (``rows`` must stay
-    unchanged until then); the errors sorted by key; and the map ``key -> relative path`` of everything named,
-    complete on return.
+    consumed: no keyed copy of every row is held, only their keys and their order (``rows`` must stay unchanged until
+    then); the errors sorted by key; and the map ``key -> relative path`` of everything named (a
+    :class:`medssl.data.compact.StringMap`), complete on return.
+
+    Raises:
+        ManifestError: two different paths share a key (an 80-bit collision: never expected, never silent).
     """
-    paths: dict[str, str] = {}
-
-    def key(relative: str) -> str:
-        value = file_key(relative, salt)
-        if paths.setdefault(value, relative) != relative:  # a 80-bit collision: never expected, never silent
-            raise ManifestError("two paths share one file key; scan again with another salt")
-        return value
-
-    keys = [key(row.path) for row in rows]  # the map's own strings
-    for row in rows:
-        if row.mask:
-            key(row.mask)
-    keyed_errors = sorted((key(relative), reason) for relative, reason in errors)
-    order = sorted(range(len(rows)), key=lambda i: rows[i].series)
-    order.sort(key=keys.__getitem__)  # stable: by key, then series (a folder may hold several series)
+    keys = StringColumn(file_key(row.path, salt) for row in rows)
+    column = getattr(rows, "column", None)  # a RowTable gives its columns without making rows
+    relatives = column("path") if column is not None else [row.path for row in rows]
+    series = column("series") if column is not None else [row.series for row in rows]
+    order = _key_order(keys, series)
+    failed = sorted((file_key(relative, salt), relative, reason) for relative, reason in errors)
+    masks = sorted({(file_key(row.mask, salt), row.mask) for row in rows if row.mask})
+    named = heapq.merge(  # every source in key order: the map is built as it comes, never sorted again
+        ((keys[i], relatives[i]) for i in order), masks, ((key, relative) for key, relative, _ in failed)
+    )
+    try:
+        paths = StringMap.from_pairs(named, repeats=True)
+    except DuplicateKeyError:
+        raise ManifestError("two paths share one file key; scan again with another salt") from None
 
     def keyed() -> Iterator[ManifestRow]:
         for i in order:
             row = rows[i]
-            yield replace(row, path=keys[i], mask=key(row.mask) if row.mask else "")
+            yield replace(row, path=keys[i], mask=file_key(row.mask, salt) if row.mask else "")
 
-    return keyed(), keyed_errors, paths
+    return keyed(), [(key, reason) for key, _, reason in failed], paths

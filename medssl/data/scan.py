@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
+from medssl.data.compact import StringColumn
 from medssl.data.dicom import (
     DICOM_SUFFIXES,
     MODALITIES_2D,
@@ -42,7 +43,7 @@ from medssl.data.dicom import (
 )
 from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
-from medssl.data.manifest import SPLITS, ManifestRow, SharedValues, write_csv, write_manifest
+from medssl.data.manifest import SPLITS, ManifestRow, RowTable, write_csv, write_manifest
 from medssl.data.pathmap import default_map_path, key_paths, write_path_map
 from medssl.data.pseudonym import pseudonym
 from medssl.runtime.progress import progress
@@ -64,7 +65,7 @@ class ScanOptions:
 
 @dataclass
 class ScanResult:
-    rows: list[ManifestRow]
+    rows: RowTable
     errors: list[tuple[str, str]]  # (path relative to the root, reason): private until keyed by write_scan
     files_seen: int
     hidden_skipped: int = 0
@@ -91,25 +92,44 @@ def walk(root: Path, exclude: Sequence[str]) -> tuple[list[Path], int]:
     return [root / rel for rel in relatives], hidden
 
 
-def walk_relative(root: Path, exclude: Sequence[str]) -> tuple[list[str], int]:
-    """:func:`walk` as paths relative to ``root`` (``/``-separated strings: a fraction of a ``Path``'s memory, and
-    what the rows keep), and the number of hidden files and folders skipped."""
-    files: list[str] = []
+def walk_relative(root: Path, exclude: Sequence[str]) -> tuple[StringColumn, int]:
+    """:func:`walk` as paths relative to ``root`` (``/``-separated strings, held in a
+    :class:`medssl.data.compact.StringColumn`: their bytes and 8 more each), and the number of hidden files and
+    folders skipped.
+
+    The paths come in string order (a folder's files and subfolders by name, a subfolder's contents where its name
+    plus ``/`` sorts), so rows made in this order need no sorting. Like :func:`os.walk`: links to folders are not
+    followed and unreadable folders are skipped."""
+    files = StringColumn()
     hidden = 0
-    for folder, dirs, names in os.walk(root):
-        hidden += sum(d.startswith(".") for d in dirs)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        where = Path(folder).relative_to(root).as_posix()
-        prefix = "" if where == "." else f"{where}/"
-        for name in sorted(names):
-            if name.startswith("."):
+
+    def visit(prefix: str, folder: str) -> None:
+        nonlocal hidden
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted((e.name + "/" if _is_folder(e) else e.name, e) for e in scan)
+        except OSError:
+            return
+        for name, entry in entries:
+            if entry.name.startswith("."):
                 hidden += 1
                 continue
-            rel = prefix + name
-            if any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
-                continue
-            files.append(rel)
+            rel = prefix + entry.name
+            if name.endswith("/"):
+                if not entry.is_symlink():
+                    visit(rel + "/", entry.path)
+            elif not any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
+                files.append(rel)
+
+    visit("", os.fspath(root))
     return files, hidden
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -238,16 +258,15 @@ def _in_order(pool: ThreadPoolExecutor, function: Callable[[_T], _R], items: Ite
 def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
     """Scan ``root`` and return manifest rows (paths relative to ``root``) and per-file errors.
 
-    Files are probed ``4 x workers`` at a time; the rows share their repeated values (:class:`SharedValues`)."""
+    Files are probed ``4 x workers`` at a time; the rows are held as columns (:class:`RowTable`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "folder not found")
     files, hidden = walk_relative(root, options.exclude)
-    rows: list[ManifestRow] = []
+    rows = RowTable()
     errors: list[tuple[str, str]] = []
     dicom_headers: list[DicomHeader] = []
-    share = SharedValues()
-    modality = share((options.modality or "OT").upper(), "modality")
+    modality = (options.modality or "OT").upper()
     workers = max(1, options.workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         probes = _in_order(pool, lambda rel: _probe(root, rel, options.salt), files, 4 * workers)
@@ -265,17 +284,31 @@ def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
                         format=kind,
                         dims=len(info.shape),
                         modality=modality,
-                        subject=share(_file_subject(rel, options), "subject"),
-                        shape=share(info.shape, "shape"),
-                        spacing=share(info.spacing, "spacing"),
+                        subject=_file_subject(rel, options),
+                        shape=info.shape,
+                        spacing=info.spacing,
                     )
                 )
-    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options, share)
-    rows.extend(dicom_rows)
+    files_seen = len(files)
+    del files
+    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options)
+    for row in dicom_rows:
+        rows.append(row)
+    del dicom_rows
     errors.extend(dicom_errors)
-    rows.sort(key=lambda r: (r.path, r.series))
     errors.sort()
-    return ScanResult(rows=rows, errors=errors, files_seen=len(files), hidden_skipped=hidden)
+    return ScanResult(rows=_by_path(rows), errors=errors, files_seen=files_seen, hidden_skipped=hidden)
+
+
+def _by_path(rows: RowTable) -> RowTable:
+    """``rows`` sorted by path, then series: as they are when they are (the walk's order, no DICOM rows added after
+    it), else a sorted copy (two stable sorts of positions: one column's strings held at a time)."""
+    paths, series = rows.column("path"), rows.column("series")
+    if all((paths[i - 1], series[i - 1]) <= (paths[i], series[i]) for i in range(1, len(rows))):
+        return rows
+    order = sorted(range(len(rows)), key=series.__getitem__)
+    order.sort(key=paths.__getitem__)
+    return RowTable(rows[i] for i in order)
 
 
 def _file_subject(rel: str, options: ScanOptions) -> str:
@@ -291,9 +324,9 @@ def _file_subject(rel: str, options: ScanOptions) -> str:
 
 
 def _dicom_rows(
-    headers: Sequence[DicomHeader], root: Path, options: ScanOptions, share: SharedValues | None = None
-) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
-    rows: list[ManifestRow] = []
+    headers: Sequence[DicomHeader], root: Path, options: ScanOptions
+) -> tuple[RowTable, list[tuple[str, str]]]:
+    rows = RowTable()
     errors: list[tuple[str, str]] = []
 
     def rel(path: Path) -> str:
@@ -307,13 +340,13 @@ def _dicom_rows(
             except DataError as exc:
                 errors.append((rel(header.path), exc.reason))
                 continue
-            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options, share))
+            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options))
         if not singles:
             continue
         if singles[0].modality in MODALITIES_2D or len(singles) == 1:
             for header in singles:
                 shape = (header.rows, header.columns)
-                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options, share))
+                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options))
             continue
         folders = {h.path.parent for h in singles}
         if len(folders) > 1:
@@ -326,7 +359,7 @@ def _dicom_rows(
         except ValueError as exc:
             errors.append((folder, str(exc)))
             continue
-        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options, share)
+        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options)
         rows.append(replace(row, id=pseudonym(f"series:{series_key}", options.salt, prefix="i"), series=series_key))
     return rows, errors
 
@@ -338,27 +371,23 @@ def _dicom_row(
     shape: Sequence[int],
     spacing: Sequence[float],
     options: ScanOptions,
-    share: SharedValues | None = None,
 ) -> ManifestRow:
-    same = share or SharedValues()
     return ManifestRow(
         id=pseudonym(f"instance:{header.instance_key}", options.salt, prefix="i"),
         path=rel,
         format=fmt,
         dims=len(shape),
-        modality=same(header.modality, "modality"),
-        subject=same(header.subject, "subject"),
-        shape=same(tuple(int(s) for s in shape), "shape"),
-        spacing=same(tuple(float(s) for s in spacing), "spacing"),
+        modality=header.modality,
+        subject=header.subject,
+        shape=tuple(int(s) for s in shape),
+        spacing=tuple(float(s) for s in spacing),
     )
 
 
 LABEL_COLUMNS = ("split", "group", "label", "subject", "modality", "mask")
 
 
-def join_labels(
-    rows: Iterable[ManifestRow], labels_csv: Path, root: Path, salt: str
-) -> tuple[list[ManifestRow], list[str]]:
+def join_labels(rows: Iterable[ManifestRow], labels_csv: Path, root: Path, salt: str) -> tuple[RowTable, list[str]]:
     """Join a CSV keyed by ``path`` (relative to the CSV's folder, or absolute) onto the rows.
 
     Columns used when present: split, group, label, subject (pseudonymised here), modality, mask (a label map,
@@ -375,7 +404,7 @@ def join_labels(
         raise DataError(labels_csv, "labels file not found")
     root_resolved = Path(root).resolve()
     by_path, warnings = _read_labels(labels_csv, root_resolved)
-    joined = []
+    joined = RowTable()
     matched = 0
     for row in rows:
         line, record = by_path.get(row.path, (0, {}))
@@ -457,7 +486,7 @@ def _under_root(value: str, base: Path, root: Path) -> tuple[str | None, str]:
         return None, f"cannot be resolved ({type(exc).__name__})"
 
 
-def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[list[ManifestRow], list[str]]:
+def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[RowTable, list[str]]:
     """Give each row the label map of the same file name in the folder ``masks`` (relative to ``root``).
 
     The Medical Segmentation Decathlon layout (``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz``) pairs this way.
@@ -472,7 +501,7 @@ def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[lis
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.name.startswith("."):
             by_name[path.name].append(path.relative_to(Path(root).resolve()).as_posix())
-    paired: list[ManifestRow] = []
+    paired = RowTable()
     warnings: list[str] = []
     unmatched = ambiguous = 0
     for row in rows:
@@ -492,7 +521,7 @@ def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[lis
     return paired, warnings
 
 
-def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt: str) -> list[ManifestRow]:
+def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt: str) -> RowTable:
     """Assign train/val/test by subject (never by image) to rows without a split.
 
     A subject that already has a split (from a labels file) keeps it for all its rows; the
@@ -514,7 +543,7 @@ def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt
     known = {r.subject: r.split for r in rows if r.split and r.subject}
     bounds = np.cumsum([fractions[k] / total for k in fractions])
     names = list(fractions)
-    out = []
+    out = RowTable()
     for row in rows:
         if row.split:
             out.append(row)

@@ -1,0 +1,81 @@
+"""The compact columns of :mod:`medssl.data.compact` against plain Python references (a list, a dict), and the
+cache index that rides on them: what goes in comes out, in bytes close to the data itself."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medssl.data.compact import DuplicateKeyError, StringColumn, StringMap, ValueColumn, sorted_pairs
+
+# any str, including the lone surrogates os.walk gives for file names the file system cannot decode
+TEXT = st.text(alphabet=st.characters(codec=None), max_size=12) | st.sampled_from(["", "\udcff", "a/b.png", "é"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(TEXT, max_size=40))
+def test_a_string_column_gives_back_the_strings_appended(values):
+    column = StringColumn(values)
+    assert len(column) == len(values)
+    assert list(column) == values and [column[i] for i in range(len(values))] == values
+    if values:
+        assert column[-1] == values[-1] and column[1:3] == values[1:3]
+    with pytest.raises(IndexError):
+        column[len(values)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([(1, 2), (1.0, 2.0), "MR", "CT", "", (64, 64)]), max_size=40))
+def test_a_value_column_gives_back_equal_values_as_one_object(values):
+    column = ValueColumn(values)
+    assert len(column) == len(values) and list(column) == values
+    assert [column[i] for i in range(len(values))] == values and column[2:5] == values[2:5]
+    assert len({id(v) for v in column}) == len(column.distinct()) <= 6
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(TEXT, TEXT, max_size=40), st.booleans())
+def test_a_string_map_is_the_dict_of_its_pairs(reference, in_order):
+    pairs = sorted(reference.items()) if in_order else list(reference.items())[::-1]
+    mapping = StringMap.from_pairs(pairs)
+    assert dict(mapping) == reference and len(mapping) == len(reference)
+    assert list(mapping) == sorted(reference) and list(mapping.items()) == sorted(reference.items())
+    assert list(sorted_pairs(mapping)) == list(sorted_pairs(reference)) == sorted(reference.items())
+    for key, value in reference.items():
+        assert key in mapping and mapping[key] == value and mapping.get(key) == value
+    for missing in ("\x00never", "zzz\uffff"):
+        if missing not in reference:
+            assert missing not in mapping and mapping.get(missing) is None
+            with pytest.raises(KeyError):
+                mapping[missing]
+    assert 3 not in mapping
+
+
+@pytest.mark.parametrize("pairs", [[("a", "1"), ("a", "2")], [("b", "1"), ("a", "2"), ("b", "1")]])
+def test_a_string_map_refuses_a_key_given_twice(pairs):
+    with pytest.raises(DuplicateKeyError) as raised:
+        StringMap.from_pairs(pairs)
+    assert raised.value.args[0] in {"a", "b"}
+
+
+def test_a_repeated_pair_is_kept_once_when_allowed_and_a_repeated_key_with_another_value_never():
+    mapping = StringMap.from_pairs([("b", "x"), ("a", "y"), ("b", "x"), ("a", "y")], repeats=True)
+    assert dict(mapping) == {"a": "y", "b": "x"}
+    with pytest.raises(DuplicateKeyError):
+        StringMap.from_pairs([("a", "y"), ("a", "z")], repeats=True)
+
+
+def test_columns_hold_about_their_bytes():
+    paths = [f"site{i // 500:02d}/patient{i // 20:06d}/study{i % 2}/image{i % 10:02d}.png" for i in range(10_000)]
+    column = StringColumn(paths)
+    assert column.nbytes == sum(len(p) for p in paths) + 8 * len(paths)
+    mapping = StringMap.from_pairs((f"p{i:019x}", p) for i, p in enumerate(paths))
+    assert mapping.nbytes < 100 * len(paths)  # a dict of the same pairs: ~250 bytes a pair
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["pa", "pb", "pc", "é1", "zz"]), max_size=30) | st.lists(TEXT, max_size=30))
+def test_argsort_is_a_stable_sort_whether_the_strings_are_of_one_width_or_not(values):
+    order = [int(i) for i in StringColumn(values).argsort()]
+    assert order == sorted(range(len(values)), key=values.__getitem__)
