@@ -10,9 +10,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from medssl.data.errors import ManifestError
 from medssl.data.manifest import COLUMNS, ManifestRow, RowTable, read_manifest, validate_manifest, write_manifest
-from medssl.data.pathmap import write_path_map
+from medssl.data.pathmap import PathCursor, write_path_map
 
 
 def keyed_manifest(folder: Path, rows: list[ManifestRow]) -> Path:
@@ -184,3 +187,57 @@ def test_validation_reads_the_manifest_again_only_for_repeats(tmp_path, monkeypa
     rows[7].id = rows[3].id
     assert not validate_manifest(keyed_manifest(tmp_path / "repeats", rows), check_files=False).ok
     assert reads["m.csv"] == 2 + 3
+
+
+KEYS = st.text("abcdef0123", min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(KEYS, st.text("xyz", min_size=1, max_size=5).map(lambda v: f"{v}/{v}.png"), max_size=30),
+    st.lists(KEYS, max_size=20),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_path_cursor_answers_as_the_whole_map(tmp_path_factory, entries, asked, ask_in_order, map_in_order):
+    folder = tmp_path_factory.mktemp("cursor")
+    path = folder / "m.paths.csv"
+    lines = [f"{k},{v}" for k, v in sorted(entries.items(), reverse=not map_in_order)]
+    path.write_text("# medssl-paths v1\n# root: .\nkey,path\n" + "".join(f"{line}\n" for line in lines))
+    questions = sorted(asked) if ask_in_order else asked
+    cursor = PathCursor(path)
+    assert [cursor.get(key) for key in questions] == [entries.get(key) for key in questions]
+    cursor.finish()
+    if ask_in_order and (map_in_order or len(entries) < 2) and all(key in entries for key in asked):
+        assert not cursor.whole_map_read, "keys asked in order from a map in order: one entry held at a time"
+
+
+def test_validation_checks_the_files_of_a_keyed_manifest_without_holding_its_map(tmp_path, monkeypatch):
+    import medssl.data.manifest as manifest_module
+    import medssl.data.pathmap as pathmap_module
+
+    rows = many_rows(40)
+    path = keyed_manifest(tmp_path, rows)
+    for row in rows[:-3]:  # three files missing
+        target = tmp_path / "archive" / "site" / f"{row.path}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
+
+    def whole_map(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("validate read the whole path map")
+
+    monkeypatch.setattr(pathmap_module, "read_path_map", whole_map)
+    monkeypatch.setattr(manifest_module, "read_path_map", whole_map)
+    report = validate_manifest(path, check_files=True)
+    missing = [e for e in report.errors if "file not found" in e]
+    assert len(missing) == 3 and all(r.path in e for r, e in zip(rows[-3:], missing, strict=True)), report.errors
+    assert all("site" not in e for e in report.errors), "a keyed manifest's messages never quote a mapped path"
+
+
+def test_validation_finds_a_bad_map_entry_that_no_row_names(tmp_path):
+    rows = many_rows(5)
+    path = keyed_manifest(tmp_path, rows)
+    map_file = tmp_path / "m.paths.csv"
+    map_file.write_text(map_file.read_text() + "pzzzz,../outside.png\n")
+    with pytest.raises(ManifestError, match=r"without '\.\.'"):
+        validate_manifest(path, check_files=True)

@@ -286,6 +286,24 @@ def test_cache_failures_are_named_by_key(scanned, tmp_path):
     assert_no_identifier(report.errors_path.read_bytes(), "cache errors")
 
 
+def test_a_cache_build_and_the_datasets_never_hold_the_path_map(scanned, tmp_path, monkeypatch):
+    # a keyed manifest's build reads the map in step with its rows (both in key order); the datasets read only the
+    # cache: neither reads the whole map
+    import medssl.data.manifest as manifest_module
+    import medssl.data.pathmap as pathmap_module
+
+    _, out = scanned
+
+    def whole_map(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the whole path map was read")
+
+    monkeypatch.setattr(pathmap_module, "read_path_map", whole_map)
+    monkeypatch.setattr(manifest_module, "read_path_map", whole_map)
+    report = build_cache(read_manifest(out), tmp_path / "cache", CONFIG, workers=1, progress=False)
+    assert report.built == 7 and not report.errors
+    assert len(MultiCropSliceDataset(cached_items(read_manifest(out), tmp_path / "cache", CONFIG))) > 7
+
+
 def test_masks_in_patient_folders_are_keyed_too(tmp_path, capsys):
     data = tmp_path / "archive"
     volume = _volume(5).astype(np.float32)
@@ -369,3 +387,17 @@ def test_a_map_entry_that_leaves_the_root_is_refused_without_quoting_it(scanned)
     with pytest.raises(ManifestError, match=r"without '\.\.'") as info:
         manifest.resolve(manifest.rows[0])
     assert_no_identifier(str(info.value).encode(), "the error")
+
+
+def test_two_paths_with_one_file_key_stop_the_scan_before_anything_is_written(tmp_path, monkeypatch):
+    import medssl.data.pathmap as pathmap_module
+    from medssl.data.scan import write_scan
+
+    data = tmp_path / "archive"
+    for name in ("a.png", "b.png"):
+        write_png(data / name, np.full((8, 8), 100, np.uint8))
+    result = scan_folder(data, ScanOptions(salt=SALT, progress=False))
+    monkeypatch.setattr(pathmap_module, "file_key", lambda relative, salt: "p-collision")
+    with pytest.raises(ManifestError, match="share one file key"):
+        write_scan(tmp_path / "out" / "m.csv", result.rows, result.errors, data, SALT)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"

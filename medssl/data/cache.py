@@ -215,9 +215,10 @@ def build_cache(
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
     waiting: dict[str, list[str]] = {}  # content key -> the file names of the other rows with that content
     # reports name a row by ``row.path``: a file key (or the manifest's own relative path), never a mapped path
+    locate = manifest.locator()  # the path map read in step with the rows, not held
     for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
         try:
-            path = manifest.resolve(row)
+            path = locate(row.path)
             key = digests.key(row, path)
         except DataError as exc:
             report.errors.append((row.path, exc.reason))

@@ -239,8 +239,11 @@ class _PairsView(ItemsView[str, str]):
         return self._mapping.pairs()
 
 
-def sorted_pairs(mapping: Mapping[str, str]) -> Iterable[tuple[str, str]]:
-    """``mapping``'s pairs in key order: a :class:`StringMap`'s as they are held, another mapping's sorted."""
-    if isinstance(mapping, StringMap):
-        return mapping.pairs()
+def sorted_pairs(mapping: Mapping[str, str] | object) -> Iterable[tuple[str, str]]:
+    """``mapping``'s pairs in key order: a :class:`StringMap`'s (or anything with such a ``pairs()``) as they are
+    held, another mapping's sorted."""
+    pairs = getattr(mapping, "pairs", None)
+    if pairs is not None:
+        return pairs()  # type: ignore[no-any-return]
+    assert isinstance(mapping, Mapping)
     return ((key, mapping[key]) for key in sorted(mapping))

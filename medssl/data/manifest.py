@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO, overload
 
 from medssl.data.compact import StringColumn, ValueColumn
 from medssl.data.errors import DataError, ManifestError
-from medssl.data.pathmap import PathMap, map_wider_than_root, read_map_root, read_path_map, root_escape
+from medssl.data.pathmap import PathCursor, PathMap, map_wider_than_root, read_map_root, read_path_map, root_escape
 from medssl.runtime.files import atomic_binary
 
 if TYPE_CHECKING:
@@ -260,14 +260,16 @@ class Manifest:
 
     ``root``: the archive root (the command line's, else the path map's or the ``# root:`` line's).
     ``path_map_file``: the path map a keyed manifest names its files through (``None``: ``path`` values are paths
-    relative to ``root``); ``path_map``: that map once read (``None`` while the file is missing: resolving a row then
-    raises a :class:`ManifestError` saying where the map was expected and how to point at it).
+    relative to ``root``); ``path_map``: that map, read on first use (``None`` while the file is missing: resolving a
+    row then raises a :class:`ManifestError` saying where the map was expected and how to point at it);
+    :meth:`locator` reads it in step with the rows instead. ``map_root``: the root the map's own line names.
     """
 
     rows: Sequence[ManifestRow]  # a RowTable when read from a file
     root: Path
     path_map_file: Path | None = None
     source: Path | None = None  # the manifest file, for messages
+    map_root: Path | None = None  # the root the path map names (``root`` unless --root / data.root overrode it)
     _path_map: PathMap | None = field(default=None, repr=False)
 
     @property
@@ -301,6 +303,14 @@ class Manifest:
         if relative is None:
             raise DataError(name, f"file key not in the path map {self.path_map_file.name}")
         return self.root / relative
+
+    def locator(self) -> Callable[[str], Path]:
+        """:meth:`locate` for names asked in the order of the rows (a cache build): a keyed manifest reads its path map
+        in step with them (:class:`medssl.data.pathmap.PathCursor`) instead of holding it."""
+        if self.path_map_file is None or self._path_map is not None or not self.path_map_file.is_file():
+            return self.locate
+        cursor = PathCursor(self.path_map_file)
+        return lambda name: _locate(self, name, cursor)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -467,11 +477,10 @@ def _located(
     ``root`` and ``paths`` given (which win)."""
     if paths is not None or "paths" in comments:
         map_file = Path(paths) if paths is not None else _beside(path, comments["paths"])
-        if root is not None:
-            resolved_root = Path(root)
-        else:  # the map's root line only: its entries are read when a file is first located
-            resolved_root = read_map_root(map_file) if map_file.is_file() else path.parent  # unused while missing
-        return Manifest(rows=rows, root=resolved_root, path_map_file=map_file, source=path)
+        # the map's root line only: its entries are read when a file is first located
+        map_root = read_map_root(map_file) if map_file.is_file() else None
+        resolved_root = Path(root) if root is not None else map_root or path.parent  # unused while the map is missing
+        return Manifest(rows=rows, root=resolved_root, path_map_file=map_file, source=path, map_root=map_root)
     file_root = comments.get("root")
     if root is not None:
         resolved_root = Path(root)
@@ -514,10 +523,10 @@ def validate_manifest(
         warnings.append(f"{path}: extra column(s) ignored: {', '.join(unknown)}")
     manifest = _located(path, [], comments, root, paths)  # where the files are; the rows are streamed
     if check_files and manifest.path_map_file is not None:
-        if manifest.path_map is None:
+        if manifest.map_root is None:
             errors.append(missing_map_message(path, manifest.path_map_file))
             check_files = False
-        elif map_wider_than_root(manifest.path_map):
+        elif map_wider_than_root(manifest.path_map_file, manifest.map_root):
             warnings.append(
                 f"{manifest.path_map_file}: the path map is readable by users the archive root does not let in "
                 "(chmod go-r it)"
@@ -526,6 +535,7 @@ def validate_manifest(
     with _record_stream(path) as stream:
         for line, row in enumerate(stream.rows(), start=2):
             checks.add(line, row)
+    checks.finish()
     if not checks.summary.rows:
         errors.append(f"{path}: manifest has no rows")
     errors.extend(checks.repeats(path))
@@ -550,6 +560,8 @@ class _RowChecks:
 
     def __init__(self, files: Manifest | None) -> None:
         self.files = files
+        # a keyed manifest's files are looked up in the map as the rows come (both in key order): one entry held
+        self.cursor = PathCursor(files.path_map_file) if files is not None and files.path_map_file else None
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.summary = _Summary()
@@ -570,7 +582,12 @@ class _RowChecks:
             subject = hash(row.subject)
             self.split_bits[subject] = self.split_bits.get(subject, 0) | _SPLIT_BITS.get(row.split, _OTHER_SPLIT)
         if self.files is not None:
-            self.errors.extend(f"{where}: {problem}" for problem in _file_problems(self.files, row))
+            self.errors.extend(f"{where}: {problem}" for problem in _file_problems(self.files, row, self.cursor))
+
+    def finish(self) -> None:
+        """After the last row: the map entries no row named are read too (a bad entry anywhere is an error)."""
+        if self.cursor is not None:
+            self.cursor.finish()
 
     def repeats(self, path: Path) -> list[str]:
         """Duplicate ids, then files listed more than once, each in the order of its first row."""
@@ -636,15 +653,16 @@ def _value_problems(row: ManifestRow) -> list[str]:
     return problems
 
 
-def _file_problems(manifest: Manifest, row: ManifestRow) -> list[str]:
-    """Missing files of ``row``; the path is shown only for manifests that hold paths themselves (a keyed one names
-    the file by its key and the root by a phrase: the root may be named after a patient too)."""
+def _file_problems(manifest: Manifest, row: ManifestRow, cursor: PathCursor | None = None) -> list[str]:
+    """Missing files of ``row`` (``cursor``: the path map read in step with the rows); the path is shown only for
+    manifests that hold paths themselves (a keyed one names the file by its key and the root by a phrase: the root may
+    be named after a patient too)."""
     problems = []
     for name, what in ((row.path, "file"), (row.mask, "mask file")):
         if not name:
             continue
         try:
-            target = manifest.locate(name)
+            target = _locate(manifest, name, cursor)
         except DataError as exc:
             problems.append(f"{what} {name}: {exc.reason}")
             continue
@@ -654,10 +672,20 @@ def _file_problems(manifest: Manifest, row: ManifestRow) -> list[str]:
         if manifest.path_map_file is None:
             problems.append(f"{what} not found: {target}")
         else:  # the root may be named after a patient (a one-patient PACS export): never printed, like the paths
-            given = manifest.path_map is None or Path(manifest.root) != Path(manifest.path_map.root)
+            given = manifest.map_root is None or Path(manifest.root) != Path(manifest.map_root)
             where = "the root given (--root)" if given else "the path map's root"
             problems.append(
                 f"{what} not found: key {name} under {where} (moved? rewrite the root of "
                 f"{manifest.path_map_file.name} with `medssl manifest relocate` or pass --root)"
             )
     return problems
+
+
+def _locate(manifest: Manifest, name: str, cursor: PathCursor | None) -> Path:
+    """:meth:`Manifest.locate` through ``cursor`` where there is one (a keyed manifest checked row by row)."""
+    if cursor is None:
+        return manifest.locate(name)
+    relative = cursor.get(name)
+    if relative is None:
+        raise DataError(name, f"file key not in the path map {cursor.path.name}")
+    return manifest.root / relative

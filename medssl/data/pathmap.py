@@ -28,7 +28,7 @@ import heapq
 import io
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, TextIO
@@ -236,7 +236,7 @@ def private_mode(root: Path, relatives: Iterable[str] = ()) -> tuple[int, int | 
     return mode, group
 
 
-def write_path_map(path: Path, root: Path, paths: Mapping[str, str]) -> Path:
+def write_path_map(path: Path, root: Path, paths: Mapping[str, str] | MapEntries) -> Path:
     """Write the map of ``paths`` (key -> path relative to ``root``) atomically, with :func:`private_mode`, as a
     stream (never the whole text at once).
 
@@ -268,28 +268,110 @@ def rewrite_root(path: Path, root: Path) -> Path:
     return write_path_map(path, root, read_path_map(path).paths)
 
 
-def map_wider_than_root(path_map: PathMap) -> bool:
-    """Whether the map file can be read by users the archive root does not let in (a warning for ``validate``)."""
+class PathCursor:
+    """``key -> relative path`` for keys asked in ascending order, read from the map file in step with them: a
+    scanned manifest and its map are both in key order, so checking every row's file holds one entry of the map, not
+    the map. A key asked out of order (a mask's, or a manifest sorted otherwise), a key the map does not have where
+    it would be, or a map not in key order, reads the whole map once (:func:`read_path_map`) and answers from it.
+
+    Raises (from :meth:`get`):
+        ManifestError: the map is not a path map, or has a bad or repeated entry (see :func:`read_path_map`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._records = _MapFile(self.path).records()
+        self._key: str | None = None  # the entry the map file is at
+        self._asked: str | None = None  # the last key asked
+        self._value = ""
+        self._ended = False
+        self._whole: Mapping[str, str] | None = None
+
+    def get(self, key: str) -> str | None:
+        """The relative path of ``key``, or None where the map has no such key."""
+        if self._whole is None and self._asked is not None and key < self._asked:
+            self._whole = read_path_map(self.path).paths  # asked out of order: answer from the whole map
+        if self._whole is not None:
+            return self._whole.get(key)
+        self._asked = key
+        while not self._ended and (self._key is None or self._key < key):
+            entry = next(self._records, None)
+            if entry is None:
+                self._ended = True
+                break
+            _, entry_key, relative = entry
+            if self._key is not None and entry_key <= self._key:  # the map is not in key order (or repeats a key)
+                self._whole = read_path_map(self.path).paths
+                return self._whole.get(key)
+            self._key, self._value = entry_key, relative
+        if self._key == key:
+            return self._value
+        self._whole = read_path_map(self.path).paths  # not here: sure only from the whole map (which may be unsorted)
+        return self._whole.get(key)
+
+    def finish(self) -> None:
+        """Read (and check) the entries not asked for, so that a bad or repeated entry anywhere in the map is found
+        (then no more lookups)."""
+        if self._whole is not None:
+            return
+        for _, entry_key, _ in self._records:
+            if self._key is not None and entry_key <= self._key:  # not in key order: the whole map's own checks
+                read_path_map(self.path)
+                return
+            self._key = entry_key
+        self._ended = True
+
+    @property
+    def whole_map_read(self) -> bool:
+        """Whether a key out of order made it read the whole map."""
+        return self._whole is not None
+
+
+def map_wider_than_root(map_file: Path, root: Path) -> bool:
+    """Whether the map file can be read by users the archive ``root`` does not let in (a warning for ``validate``)."""
     try:
-        wanted, _ = private_mode(path_map.root)
-        actual = Path(path_map.file).stat().st_mode
+        wanted, _ = private_mode(root)
+        actual = Path(map_file).stat().st_mode
     except OSError:
         return False
     return bool(actual & (stat.S_IRGRP | stat.S_IROTH) & ~wanted)
 
 
+class MapEntries:
+    """The ``(key, relative path)`` entries of a scan's path map, made in key order each time they are iterated from
+    what the scan holds anyway (its rows' file keys and relative paths, and their order): the map is written from
+    them without a copy of its own (:func:`write_path_map`). A key given twice with the same path is one entry.
+
+    Raises (while iterated):
+        ManifestError: two different paths share one key (an 80-bit collision: never expected, never silent).
+    """
+
+    def __init__(self, sources: Callable[[], Sequence[Iterable[tuple[str, str]]]]) -> None:
+        self._sources = sources  # each source in key order
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        last_key, last_path = None, ""
+        for key, relative in heapq.merge(*self._sources()):
+            if key == last_key:
+                if relative != last_path:
+                    raise ManifestError("two paths share one file key; scan again with another salt")
+                continue
+            yield key, relative
+            last_key, last_path = key, relative
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self.pairs())
+
+
 def key_paths(
     rows: Sequence[ManifestRow], errors: Iterable[tuple[str, str]], salt: str
-) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], StringMap]:
+) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], MapEntries]:
     """Replace the relative paths of ``rows`` (``path`` and ``mask``) and of scan ``errors`` by file keys.
 
     Returns the keyed rows in key order (an order that says nothing about names), made one at a time as they are
-    consumed: no keyed copy of every row is held, only their keys and their order (``rows`` must stay unchanged until
-    then); the errors sorted by key; and the map ``key -> relative path`` of everything named (a
-    :class:`medssl.data.compact.StringMap`), complete on return.
-
-    Raises:
-        ManifestError: two different paths share a key (an 80-bit collision: never expected, never silent).
+    consumed: no keyed copy of every row is held, only their keys (a :class:`medssl.data.compact.StringColumn`) and
+    their order (``[N]`` int64); ``rows`` must stay unchanged until then. Also the errors sorted by key, and the
+    map's entries (:class:`MapEntries`, made from the same keys and order when the map is written).
     """
     keys = StringColumn(file_key(row.path, salt) for row in rows)
     column = getattr(rows, "column", None)  # a RowTable gives its columns without making rows
@@ -298,17 +380,17 @@ def key_paths(
     order = _key_order(keys, series)
     failed = sorted((file_key(relative, salt), relative, reason) for relative, reason in errors)
     masks = sorted({(file_key(row.mask, salt), row.mask) for row in rows if row.mask})
-    named = heapq.merge(  # every source in key order: the map is built as it comes, never sorted again
-        ((keys[i], relatives[i]) for i in order), masks, ((key, relative) for key, relative, _ in failed)
+    entries = MapEntries(
+        lambda: (
+            ((keys[i], relatives[i]) for i in order),
+            masks,
+            ((key, relative) for key, relative, _ in failed),
+        )
     )
-    try:
-        paths = StringMap.from_pairs(named, repeats=True)
-    except DuplicateKeyError:
-        raise ManifestError("two paths share one file key; scan again with another salt") from None
 
     def keyed() -> Iterator[ManifestRow]:
         for i in order:
             row = rows[i]
             yield replace(row, path=keys[i], mask=file_key(row.mask, salt) if row.mask else "")
 
-    return keyed(), [(key, reason) for key, _, reason in failed], paths
+    return keyed(), [(key, reason) for key, _, reason in failed], entries
