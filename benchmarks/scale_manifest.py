@@ -488,9 +488,10 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{SECOND_PASS_BYTES_PER_ROW[p]} ({p})' for p in PHASES)} bytes a row.",
         "",
         "What changed in the third pass (this code): rows are held as columns (`RowTable`, on "
-        "`medssl/data/compact.py`): ids, file keys and series digests in one UTF-8 buffer each with an 8-byte offset "
-        "a row, the values rows repeat (format, modality, subject, split, group, label, shape, spacing) as 4-byte "
-        "codes; a `ManifestRow` is made when it is read and dropped after. `read_manifest`'s heap went from "
+        "`medssl/data/compact.py`): ids, file keys and series digests in one UTF-8 buffer each with a 4-byte offset "
+        "a row (8 past 4 GiB), the values rows repeat (format, dims, modality, subject, split, group, label, shape, "
+        "spacing) as codes of 1 byte (2 past 256 distinct values, 4 past 65536); a `ManifestRow` is made when it is "
+        "read and dropped after. `read_manifest`'s heap went from "
         f"{SECOND_PASS_READ[0]} held / {SECOND_PASS_READ[1]} at peak to {read_held} / {read_peak} bytes a row. The "
         "path map is no longer held by any phase: a scanned manifest and its map are both in key order, so `validate` "
         "and the cache build read the map in step with the rows (`PathCursor`: one entry at a time; a key out of "
@@ -502,20 +503,22 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         "whole), and the datasets hold the positions of their rows (8 bytes a row) and make each item when it is "
         "read. `scan` walks in path order (its rows need no sorted copy unless DICOM rows are added after the walk) "
         "and sorts the file keys as a fixed-width view of their buffer (numpy, 8 bytes a row instead of a string and "
-        "a Python int each); permissions are checked without a `Path` per file. `validate_manifest`'s heap peak: "
-        f"{validate_peak} bytes a row (from {SECOND_PASS_VALIDATE_PEAK}).",
+        "a Python int each); permissions are checked without a `Path` per file. `validate` keeps 32-bit hashes of "
+        "ids and files (a collision is only a suspect: the second read, with the values, clears it), finds the "
+        "repeated ones by sorting them in place (`np.unique` made copies, indices and counts), keeps the distinct "
+        "subjects' hashes (8 bytes a subject, not a row) and checks files by string, not `Path`; "
+        f"`validate_manifest`'s heap peak: {validate_peak} bytes a row (from {SECOND_PASS_VALIDATE_PEAK}).",
         "",
-        "Still not flat, and why: `stream` is within 10% (it holds the rows' columns, the dataset's positions and "
-        "its sample index, 13 bytes a sample, and an epoch of shuffled batches, 8 bytes a sample). `validate` keeps "
-        "64-bit hashes of ids, files and subjects (24 bytes a row, for duplicates, leakage and the subject count) and "
-        "imports numpy at its end (in its peak at every size, not in the slope). `scan` and `cache` hold the rows' "
-        "columns (about 120 bytes a row; `scan` also the relative paths, about 50, and the file keys and their order "
-        "while it writes, about 40). RSS grows faster than the Python heap: the allocator's slack behind buffers "
-        "that grow by reallocation, and the interpreter's table of interned strings, which pathlib (Python 3.11) "
-        "fills with every part of every `Path` made per file and reallocates whole (about 4 MB once, a step between "
-        "the smallest and the larger sizes, not a slope). Flat would need the rows streamed through `scan` (an "
-        "external sort into key order) and the cache build (rows read from the file as they are hashed); "
-        "`validate`'s 24 bytes a row would need an external sort too.",
+        "Still not flat, and why: `stream` and `validate` are within 10%: `stream` holds the rows' columns, the "
+        "dataset's positions and its sample index (13 bytes a sample) and an epoch of shuffled batches (8 bytes a "
+        "sample); `validate` 8 bytes a row of hashes (and numpy, imported at its end, in its peak at every size). "
+        "`scan` and `cache` grow: they hold the rows' columns (about 40 bytes a row of id and file key, 4 of offsets "
+        "each, a byte of code for each repeated value; `scan` also the relative paths, about 45, and while it writes "
+        "the file keys and their order, about 30). RSS grows faster than the Python heap: the allocator's slack behind "
+        "buffers that grow by reallocation, and the interpreter's table of interned strings, which pathlib (Python "
+        "3.11) fills with every part of every `Path` made per file and reallocates whole (about 4 MB once, a step "
+        "between the smallest and the larger sizes, not a slope). Flat would need the rows streamed through `scan` (an "
+        "external sort into key order) and the cache build (rows read from the file as they are hashed).",
     ]
 
 

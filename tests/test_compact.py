@@ -69,7 +69,7 @@ def test_a_repeated_pair_is_kept_once_when_allowed_and_a_repeated_key_with_anoth
 def test_columns_hold_about_their_bytes():
     paths = [f"site{i // 500:02d}/patient{i // 20:06d}/study{i % 2}/image{i % 10:02d}.png" for i in range(10_000)]
     column = StringColumn(paths)
-    assert column.nbytes == sum(len(p) for p in paths) + 8 * len(paths)
+    assert column.nbytes == sum(len(p) for p in paths) + 4 * len(paths)  # 4-byte offsets under 4 GiB
     mapping = StringMap.from_pairs((f"p{i:019x}", p) for i, p in enumerate(paths))
     assert mapping.nbytes < 100 * len(paths)  # a dict of the same pairs: ~250 bytes a pair
 
@@ -79,3 +79,18 @@ def test_columns_hold_about_their_bytes():
 def test_argsort_is_a_stable_sort_whether_the_strings_are_of_one_width_or_not(values):
     order = [int(i) for i in StringColumn(values).argsort()]
     assert order == sorted(range(len(values)), key=values.__getitem__)
+
+
+def test_codes_and_offsets_take_the_smallest_type_that_holds_them():
+    from array import array
+
+    from medssl.data.compact import _widened
+
+    assert _widened(array("B", [1, 2]), 255).typecode == "B"
+    for value, code in ((256, "H"), (70_000, "I"), (2**40, "Q")):
+        widened = _widened(array("B", [1, 2]), value)
+        assert widened.typecode == code and list(widened) == [1, 2]
+    values = [*range(70_000), 5, 300, 69_999]
+    column = ValueColumn(values)
+    assert list(column) == values and column[-1] == 69_999 and column._codes.itemsize == 4
+    assert ValueColumn(["MR", "CT"] * 100)._codes.itemsize == 1

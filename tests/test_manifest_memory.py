@@ -241,3 +241,16 @@ def test_validation_finds_a_bad_map_entry_that_no_row_names(tmp_path):
     map_file.write_text(map_file.read_text() + "pzzzz,../outside.png\n")
     with pytest.raises(ManifestError, match=r"without '\.\.'"):
         validate_manifest(path, check_files=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, 50), max_size=3000))
+def test_distinct_hashes_count_as_a_set_does(values):
+    from medssl.data.manifest import _DistinctHashes
+
+    distinct = _DistinctHashes()
+    for value in values:
+        distinct.add(value)
+    assert len(distinct) == len(set(values))
+    distinct.add(values[0] if values else 7)
+    assert len(distinct) == len(set(values)) + (not values)

@@ -22,19 +22,32 @@ _ERRORS = "surrogatepass"
 _V = TypeVar("_V", bound=Hashable)
 
 
+def _widened(values: array, value: int) -> array:
+    """``values`` in the smallest of the unsigned array types ``B``, ``H``, ``I``, ``Q`` that also holds ``value``
+    (``values`` itself while it does: a copy only when a value outgrows the type, a few times in a column's life)."""
+    if value < 1 << (8 * values.itemsize):
+        return values
+    for code in "BHIQ":
+        if value < 1 << (8 * array(code).itemsize):
+            return array(code, values)
+    raise OverflowError(f"{value} does not fit 64 bits")
+
+
 class StringColumn(Sequence[str]):
-    """An append-only sequence of strings as one UTF-8 buffer and the end offset of each (``[N]`` int64)."""
+    """An append-only sequence of strings as one UTF-8 buffer and the end offset of each (``[N]``, 4 bytes each while
+    the buffer is under 4 GiB)."""
 
     __slots__ = ("_blob", "_ends")
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._blob = bytearray()
-        self._ends = array("q")
+        self._ends = array("I")
         for value in values:
             self.append(value)
 
     def append(self, value: str) -> None:
         self._blob += value.encode(_ENCODING, _ERRORS)
+        self._ends = _widened(self._ends, len(self._blob))
         self._ends.append(len(self._blob))
 
     def __len__(self) -> int:
@@ -90,15 +103,16 @@ class StringColumn(Sequence[str]):
 
 
 class ValueColumn(Sequence[_V], Generic[_V]):
-    """An append-only sequence of hashable values that repeat: one object per distinct value and a 4-byte code a
-    row (``[N]`` uint32). Equal values are one value: the first one appended is what every equal one reads back."""
+    """An append-only sequence of hashable values that repeat: one object per distinct value and a code a row
+    (``[N]``: 1 byte while there are at most 256 distinct values, 2 up to 65536, then 4). Equal values are one
+    value: the first one appended is what every equal one reads back."""
 
     __slots__ = ("_codes", "_lookup", "_values")
 
     def __init__(self, values: Iterable[_V] = ()) -> None:
         self._values: list[_V] = []
         self._lookup: dict[_V, int] = {}
-        self._codes = array("I")
+        self._codes = array("B")
         for value in values:
             self.append(value)
 
@@ -107,6 +121,7 @@ class ValueColumn(Sequence[_V], Generic[_V]):
         if code is None:
             code = self._lookup[value] = len(self._values)
             self._values.append(value)
+            self._codes = _widened(self._codes, code)
         self._codes.append(code)
 
     def __len__(self) -> int:

@@ -134,20 +134,19 @@ class ManifestRow:
 
 
 class RowTable(Sequence[ManifestRow]):
-    """Manifest rows held as columns (:mod:`medssl.data.compact`): about 120 bytes a row (its id and file key,
-    4-byte codes for the values rows repeat) instead of the 700 of a :class:`ManifestRow` and its strings. Indexing
+    """Manifest rows held as columns (:mod:`medssl.data.compact`): about 70 bytes a row (its id and file key, a byte
+    or two of code for each value rows repeat) instead of the 700 of a :class:`ManifestRow` and its strings. Indexing
     and iteration give a new :class:`ManifestRow` each time: changing it does not change the table.
     """
 
     _STRINGS = ("id", "path", "series", "mask")
-    _VALUES = ("format", "modality", "subject", "split", "group", "label", "shape", "spacing")
+    _VALUES = ("format", "dims", "modality", "subject", "split", "group", "label", "shape", "spacing")
 
-    __slots__ = ("_dims", "_strings", "_values")
+    __slots__ = ("_strings", "_values")
 
     def __init__(self, rows: Iterable[ManifestRow] = ()) -> None:
         self._strings = {name: StringColumn() for name in self._STRINGS}
         self._values: dict[str, ValueColumn[Any]] = {name: ValueColumn() for name in self._VALUES}
-        self._dims = array("q")
         for row in rows:
             self.append(row)
 
@@ -156,10 +155,9 @@ class RowTable(Sequence[ManifestRow]):
             strings.append(getattr(row, name))
         for name, values in self._values.items():
             values.append(getattr(row, name))
-        self._dims.append(row.dims)
 
     def __len__(self) -> int:
-        return len(self._dims)
+        return len(self._strings["id"])
 
     @overload
     def __getitem__(self, index: int) -> ManifestRow: ...
@@ -176,18 +174,16 @@ class RowTable(Sequence[ManifestRow]):
             raise IndexError("RowTable index out of range")
         values = {name: column[index] for name, column in self._strings.items()}
         values.update((name, column[index]) for name, column in self._values.items())
-        return ManifestRow(dims=self._dims[index], **values)
+        return ManifestRow(**values)
 
     def __iter__(self) -> Iterator[ManifestRow]:
-        names = (*self._strings, *self._values, "dims")
-        columns = (*self._strings.values(), *self._values.values(), self._dims)
+        names = (*self._strings, *self._values)
+        columns = (*self._strings.values(), *self._values.values())
         for values in zip(*columns, strict=True):
             yield ManifestRow(**dict(zip(names, values, strict=True)))
 
     def column(self, name: str) -> Sequence[Any]:
         """One column (``id``, ``path``, ``dims``, ``split``, ...) as a sequence, without making rows."""
-        if name == "dims":
-            return self._dims
         if name in self._strings:
             return self._strings[name]
         return self._values[name]
@@ -198,13 +194,43 @@ def _field_names(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls))
 
 
+class _DistinctHashes:
+    """Distinct 64-bit hashes, added one at a time: kept sorted and unique, with the new ones appended until they are
+    as many as the kept ones and then merged in (8 bytes a distinct value, at most twice that while adding): a
+    subject's hash a row costs nothing more than its first."""
+
+    __slots__ = ("kept", "new")
+
+    def __init__(self) -> None:
+        self.kept: np.ndarray | None = None
+        self.new = array("q")
+
+    def add(self, value: int) -> None:
+        self.new.append(value)
+        if len(self.new) >= max(1024, 0 if self.kept is None else len(self.kept)):
+            self._merge()
+
+    def _merge(self) -> None:
+        import numpy as np  # here: reading a manifest (the command line) need not load numpy
+
+        fresh = np.frombuffer(self.new, dtype=np.int64) if self.new else np.zeros(0, np.int64)
+        merged = fresh if self.kept is None else np.concatenate([self.kept, fresh])
+        self.kept = np.unique(merged)
+        self.new = array("q")
+
+    def __len__(self) -> int:
+        self._merge()
+        assert self.kept is not None
+        return len(self.kept)
+
+
 class _Summary:
     """The counts of :meth:`Manifest.summary`, added up row by row (rows need not be held: subjects are counted by
-    64-bit hash, 8 bytes a row)."""
+    distinct 64-bit hash, 8 bytes a subject)."""
 
     def __init__(self) -> None:
         self.rows = self.images_2d = self.volumes_3d = 0
-        self.subject_hashes = array("q")
+        self.subject_hashes = _DistinctHashes()
         self.formats: Counter[str] = Counter()
         self.modalities: Counter[str] = Counter()
         self.splits: Counter[str] = Counter()
@@ -215,7 +241,7 @@ class _Summary:
         self.images_2d += row.dims == 2
         self.volumes_3d += row.dims == 3
         if row.subject:
-            self.subject_hashes.append(hash(row.subject))
+            self.subject_hashes.add(hash(row.subject))
         self.formats[row.format] += 1
         self.modalities[row.modality] += 1
         self.splits[row.split or "-"] += 1
@@ -226,7 +252,7 @@ class _Summary:
             "rows": self.rows,
             "images_2d": self.images_2d,
             "volumes_3d": self.volumes_3d,
-            "subjects": _distinct(self.subject_hashes),
+            "subjects": len(self.subject_hashes),
             "formats": dict(self.formats),
             "modalities": dict(self.modalities),
             "splits": dict(self.splits),
@@ -234,24 +260,25 @@ class _Summary:
         }
 
 
-def _distinct(hashes: array) -> int:
-    """How many distinct values in ``hashes`` (int64)."""
-    return len(_unique_counts(hashes)[0])
+def _hash32(value: object) -> int:
+    """A 32-bit hash of ``value`` (for :func:`_repeated`: 4 bytes a row)."""
+    return hash(value) & 0xFFFFFFFF
 
 
 def _repeated(hashes: array) -> set[int]:
-    """The values that occur more than once in ``hashes`` (int64)."""
-    values, counts = _unique_counts(hashes)
-    return set(values[counts > 1].tolist())
-
-
-def _unique_counts(hashes: array) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values ``[K]`` of ``hashes`` and their counts ``[K]``."""
+    """The values that occur more than once in ``hashes`` (``array("I")`` or ``array("q")``), found by sorting
+    ``hashes`` in place (its order is lost): a bit a value beside it, not the copies, indices and counts of
+    ``np.unique``."""
     import numpy as np  # here: reading a manifest (the command line) need not load numpy
 
-    if not hashes:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+    if len(hashes) < 2:
+        return set()
+    values = np.frombuffer(hashes, dtype=np.uint32 if hashes.typecode == "I" else np.int64)  # a view, sorted in place
+    try:
+        values.sort()
+        return set(np.unique(values[1:][values[1:] == values[:-1]]).tolist())
+    finally:
+        del values  # no view of the array is left
 
 
 @dataclass
@@ -508,8 +535,9 @@ def validate_manifest(
     """Check columns, values, files (through the path map of a keyed manifest), duplicates and split leakage across
     subjects. Messages name rows by line and file key, never by a path that a map keeps private.
 
-    The rows are checked as they are read, never all held: duplicates and leakage are found from 64-bit hashes
-    (8 bytes a row) and confirmed, with their values, by a second read when some hash repeats."""
+    The rows are checked as they are read, never all held: duplicates are found from 32-bit hashes (4 bytes a row
+    each for ids and files) and leakage from a hash a subject, and confirmed, with their values, by a second read
+    when some hash repeats (a hash collision is a suspect that the second read clears)."""
     path = Path(path)
     errors: list[str] = []
     warnings: list[str] = []
@@ -553,7 +581,7 @@ class _RowChecks:
     """:func:`validate_manifest`'s checks of rows streamed one at a time.
 
     Per row: values (``errors``, ``warnings``, in row order) and files (``files``: the manifest that locates them, or
-    None). Across rows, without holding them: the hashes ``[N]`` of ids and of (path, series), and per subject
+    None). Across rows, without holding them: 32-bit hashes ``[N]`` of ids and of (path, series), and per subject
     (hash) the bit set of its splits; :meth:`repeats` and :meth:`leakage` name the values by reading the manifest
     again, only when some hash repeats or some subject has several splits.
     """
@@ -565,15 +593,15 @@ class _RowChecks:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.summary = _Summary()
-        self.id_hashes = array("q")
-        self.key_hashes = array("q")
+        self.id_hashes = array("I")  # 32-bit: a collision is only a suspect, confirmed or not by a second read
+        self.key_hashes = array("I")
         self.split_bits: dict[int, int] = {}
 
     def add(self, line: int, row: ManifestRow) -> None:
         """Check one row (``line``: its line in the file, for messages)."""
         self.summary.add(row)
-        self.id_hashes.append(hash(row.id))
-        self.key_hashes.append(hash(_file_name(row)))
+        self.id_hashes.append(_hash32(row.id))
+        self.key_hashes.append(_hash32(_file_name(row)))
         where = f"line {line} ({row.path})"
         self.errors.extend(f"{where}: {problem}" for problem in _value_problems(row))
         if not row.subject:
@@ -597,10 +625,10 @@ class _RowChecks:
         id_counts: Counter[str] = Counter()
         name_counts: Counter[str | tuple[str, str]] = Counter()
         for row in _stream_rows(path):  # again, for the values behind the repeated hashes
-            if hash(row.id) in ids:
+            if _hash32(row.id) in ids:
                 id_counts[row.id] += 1
             name = _file_name(row)
-            if hash(name) in names:
+            if _hash32(name) in names:
                 name_counts[name] += 1
         problems = [f"duplicate id {ident!r} ({count} rows)" for ident, count in id_counts.items() if count > 1]
         for name, count in name_counts.items():
@@ -661,12 +689,15 @@ def _file_problems(manifest: Manifest, row: ManifestRow, cursor: PathCursor | No
     for name, what in ((row.path, "file"), (row.mask, "mask file")):
         if not name:
             continue
-        try:
-            target = _locate(manifest, name, cursor)
+        try:  # a string, not a Path: a Path a file fills pathlib's table of interned strings with its parts
+            if cursor is None:
+                target = str(manifest.locate(name))
+            else:
+                target = os.path.join(manifest.root, _mapped(name, cursor))
         except DataError as exc:
             problems.append(f"{what} {name}: {exc.reason}")
             continue
-        exists = target.exists() if what == "file" else target.is_file()
+        exists = os.path.exists(target) if what == "file" else os.path.isfile(target)
         if exists:
             continue
         if manifest.path_map_file is None:
@@ -682,10 +713,17 @@ def _file_problems(manifest: Manifest, row: ManifestRow, cursor: PathCursor | No
 
 
 def _locate(manifest: Manifest, name: str, cursor: PathCursor | None) -> Path:
-    """:meth:`Manifest.locate` through ``cursor`` where there is one (a keyed manifest checked row by row)."""
-    if cursor is None:
-        return manifest.locate(name)
+    """:meth:`Manifest.locate` through ``cursor`` where there is one (a keyed manifest's rows in order)."""
+    return manifest.locate(name) if cursor is None else manifest.root / _mapped(name, cursor)
+
+
+def _mapped(name: str, cursor: PathCursor) -> str:
+    """The relative path ``cursor`` gives the file key ``name``.
+
+    Raises:
+        DataError: the map has no such key (the message names the key, never a path).
+    """
     relative = cursor.get(name)
     if relative is None:
         raise DataError(name, f"file key not in the path map {cursor.path.name}")
-    return manifest.root / relative
+    return relative
