@@ -94,3 +94,23 @@ def test_codes_and_offsets_take_the_smallest_type_that_holds_them():
     column = ValueColumn(values)
     assert list(column) == values and column[-1] == 69_999 and column._codes.itemsize == 4
     assert ValueColumn(["MR", "CT"] * 100)._codes.itemsize == 1
+
+
+def _root_escape_by_pathlib(relative: str) -> str | None:
+    """The reference: what pathlib's pure paths say (the implementation before root_escape worked on strings)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    windows = PureWindowsPath(relative)
+    if PurePosixPath(relative).is_absolute() or windows.drive or windows.root:
+        return "an absolute path"
+    if ".." in windows.parts:
+        return "a path with a '..' component"
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="/\\.:aC?é ", max_size=10) | st.sampled_from(["", "..", "C:", "a/..", "\\\\s\\x", "//s/x"]))
+def test_root_escape_on_strings_says_what_pathlib_says(relative):
+    from medssl.data.pathmap import root_escape
+
+    assert root_escape(relative) == _root_escape_by_pathlib(relative)
