@@ -238,10 +238,6 @@ class StringMap(Mapping[str, str]):
         """``(key, value)`` in key order."""
         return zip(self._keys, self._values, strict=True)
 
-    def values_in_order(self) -> Iterator[str]:
-        """The values, in key order."""
-        return iter(self._values)
-
     @property
     def nbytes(self) -> int:
         return self._keys.nbytes + self._values.nbytes

@@ -128,10 +128,13 @@ class CachedItems(Sequence[CachedItem]):
     def __getitem__(self, item: int | slice) -> CachedItem | CachedItems:
         if isinstance(item, slice):
             return CachedItems(self.rows, self.index, self.positions[item])
-        position = self.positions[item]
-        entry = self.index.entry_at(position)
+        return CachedItem(self.rows[self.positions[item]], self.entry(item))
+
+    def entry(self, item: int) -> CacheEntry:
+        """The cache entry of item ``item`` (no row made)."""
+        entry = self.index.entry_at(self.positions[item])
         assert entry is not None  # positions hold only rows with an entry
-        return CachedItem(self.rows[position], entry)
+        return entry
 
     def column(self, name: str) -> list[Any]:
         """One manifest column (``dims``, ``group``, ``label``, ...) of the items ``[M]``, without making rows where the
@@ -242,7 +245,7 @@ class _CachedDataset(Dataset, ABC):
         array = self._arrays.pop(item, None)
         try:
             if array is None:
-                array = self.items[item].entry.array()
+                array = self.entry(item).array()
             _check_mapped(array)
         except _READ_ERRORS as exc:
             raise self._unreadable_entry(item, exc) from None
@@ -254,14 +257,19 @@ class _CachedDataset(Dataset, ABC):
     def entry_scale(self, item: int) -> float:
         """The item's storage scale (``entry.scale``), or :class:`UnreadableEntryError`."""
         try:
-            return float(self.items[item].entry.scale)
+            return float(self.entry(item).scale)
         except _READ_ERRORS as exc:
             raise self._unreadable_entry(item, exc) from None
 
+    def entry(self, item: int) -> CacheEntry:
+        """The item's cache entry, without making its row (what reading a sample needs)."""
+        items = self.items
+        return items.entry(item) if isinstance(items, CachedItems) else items[item].entry
+
     def entry_key(self, item: int) -> str:
         """The item's cache entry key (a content hash; a row id for entries without one)."""
-        cached = self.items[item]
-        return str(getattr(cached.entry, "key", None) or getattr(cached.row, "id", item))
+        key = getattr(self.entry(item), "key", None)
+        return str(key) if key else str(getattr(self.items[item].row, "id", item))
 
     def _unreadable_entry(self, item: int, exc: BaseException) -> UnreadableEntryError:
         """Record that ``item``'s entry cannot be read (logged once per entry and process); raise
@@ -393,7 +401,7 @@ class MultiCropSliceDataset(_CachedDataset):
         if kept is not None:
             return kept
         try:
-            foreground = _metadata(self.items[item].entry)["foreground"]
+            foreground = _metadata(self.entry(item))["foreground"]
             kept = [np.flatnonzero(np.asarray(foreground[axis]) >= self.slices.min_foreground) for axis in axes]
         except _READ_ERRORS as exc:
             self._unreadable_entry(item, exc)
@@ -511,7 +519,7 @@ class TwoViewStackDataset(_CachedDataset):
         known = self._geometry[index]
         if np.isnan(known[0]):
             try:
-                meta = _metadata(self.items[index].entry)
+                meta = _metadata(self.entry(index))
                 depth = int(meta["shape"][1 + self.axis])
                 foreground = np.flatnonzero(np.asarray(meta["foreground"][self.axis]) >= self.config.min_foreground)
                 origin = float(meta["affine"][self.axis][3]) if meta["affine"] else 0.0
