@@ -285,3 +285,14 @@ def _write_pillow(path: str | Path, array: np.ndarray, rgb: bool, fmt: str) -> P
 def random_volume(shape_zyx: Sequence[int], seed: int = 0, low: int = -1000, high: int = 3000) -> np.ndarray:
     """An int16 volume of distinct-enough random values (so that any reordering shows)."""
     return np.random.default_rng(seed).integers(low, high, size=tuple(shape_zyx), dtype=np.int16)
+
+
+PACS_TAGS = {
+    "patient_name": "Zyxwvut^Quorabelle",
+    "patient_id": "ZQ-99173-PX",
+    "birth_date": "19530612",
+    "accession": "ACC-77Q31",
+    "institution": "Klinikum Ostwind",
+    "study_date": "19890417",
+}
+"""The identifying DICOM tags the PACS-export privacy tests write (and search every output for)."""

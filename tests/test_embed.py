@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import write_dicom_2d, write_dicom_series
+from factories import PACS_TAGS, write_dicom_2d, write_dicom_series
 from training import tiny_overrides, write_training_data
 
 from medssl.cli import main
@@ -164,14 +164,7 @@ def test_pooled_only_splits_and_bad_outputs(pretrained, tmp_path, capsys, monkey
 
 
 # A PACS export: identifying tags in the DICOM headers, the patient's name, ID and dates in folder and file names.
-TAGS = {
-    "patient_name": "Zyxwvut^Quorabelle",
-    "patient_id": "ZQ-99173-PX",
-    "birth_date": "19530612",
-    "accession": "ACC-77Q31",
-    "institution": "Klinikum Ostwind",
-    "study_date": "19890417",
-}
+TAGS = PACS_TAGS
 UID_ROOT = "1.2.999.77331"
 WORDS = ("zyxwvut", "quorabelle", "zq-99173-px", "acc-77q31", "klinikum ostwind", "ostwind", UID_ROOT)
 NUMBERS = ("99173", "19530612", "1953-06-12", "19890417", "1989-04-17")  # not inside a longer number (a CSV float)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import write_dicom_2d, write_dicom_series, write_nifti, write_png
+from factories import PACS_TAGS, write_dicom_2d, write_dicom_series, write_nifti, write_png
 from training import tiny_overrides
 
 from medssl.cli import main
@@ -35,14 +35,7 @@ from medssl.data.scan import ScanOptions, scan_folder
 from medssl.data.views import MultiCropConfig
 
 SALT = "patient-paths-test-salt"
-TAGS = {
-    "patient_name": "Zyxwvut^Quorabelle",
-    "patient_id": "ZQ-99173-PX",
-    "birth_date": "19530612",
-    "accession": "ACC-77Q31",
-    "institution": "Klinikum Ostwind",
-    "study_date": "19890417",
-}
+TAGS = PACS_TAGS
 IDENTIFIERS = ("Zyxwvut", "Quorabelle", "ZQ-99173-PX", "19530612", "ACC-77Q31", "Klinikum Ostwind", "19890417")
 PATIENT = "ZYXWVUT^QUORABELLE_ZQ-99173-PX"  # the PACS export's patient folder
 CONFIG = PreprocessConfig(percentiles=[0, 100])
