@@ -9,12 +9,13 @@ NIfTI volumes written here with numpy, PIL and nibabel), in nested ``site/patien
 archive. Phases, each in a fresh (spawned) process so that its peak RSS is its own (the process's ``VmHWM``, or its
 children's ``ru_maxrss`` if larger; the process's own ``ru_maxrss`` would start at its parent's peak):
 
-* ``scan``: :func:`medssl.data.scan.scan_folder` + :func:`medssl.data.scan.write_scan` (what
-  ``medssl manifest scan`` runs): the keyed manifest, its errors CSV and the private path map;
+* ``scan``: :func:`medssl.data.scan.scan_archive` (what ``medssl manifest scan`` runs): the keyed manifest, its
+  errors CSV and the private path map, the rows streamed from the walk through the external sort into key order;
 * ``validate``: :func:`medssl.data.manifest.validate_manifest` with file checks (``medssl manifest validate``);
-* ``cache``: :func:`medssl.data.cache.build_cache` over the N rows. The cache is content-keyed and file digests are
-  memoised by inode, so the hard links are hashed once and N-5 rows reuse the 5 built entries: this measures the
-  per-row work (resolve, stat, index) that scales with N, not preprocessing;
+* ``cache``: :func:`medssl.data.cache.build_cache` over the N rows, read as ``medssl manifest preprocess`` reads them
+  (``read_manifest(..., hold_rows=False)``: passed over from the file, not held). The cache is content-keyed and file
+  digests are memoised by inode, so the hard links are hashed once and N-5 rows reuse the 5 built entries: this
+  measures the per-row work (resolve, stat, index) that scales with N, not preprocessing;
 * ``stream``: what the trainer's 2D stream does (:func:`medssl.train.pipeline.prepare_data` without the build):
   read the manifest, open the cache index (``cached_items``), build the :class:`MultiCropSliceDataset` index and an
   epoch of shuffled global batches, then load a fixed number of samples through a ``DataLoader`` (0 workers).
@@ -120,19 +121,18 @@ def phase_scan(folder: str, manifest: str, workers: int) -> dict[str, Any]:
     """``medssl manifest scan``: scan the archive, write the keyed manifest, errors CSV and path map."""
     import re
 
-    from medssl.data.scan import ScanOptions, scan_folder, write_scan
+    from medssl.data.scan import ScanOptions, scan_archive
 
     start_mib = _rss_mib()
     start = time.perf_counter()
     options = ScanOptions(
         salt="benchmark", subject_pattern=re.compile(SUBJECT_PATTERN), modality="MR", workers=workers, progress=False
     )
-    result = scan_folder(Path(folder), options)
-    write_scan(Path(manifest), result.rows, result.errors, Path(folder), options.salt)
+    report = scan_archive(Path(folder), options, Path(manifest))
     seconds = time.perf_counter() - start
     return {
-        "rows": len(result.rows),
-        "errors": len(result.errors),
+        "rows": report.rows["rows"],
+        "errors": sum(report.errors.values()),
         "seconds": seconds,
         "start_mib": start_mib,
         "peak_mib": _peak_mib(),
@@ -165,7 +165,7 @@ def phase_cache(manifest: str, cache: str) -> dict[str, Any]:
 
     start_mib = _rss_mib()
     start = time.perf_counter()
-    manifest_rows = read_manifest(manifest)
+    manifest_rows = read_manifest(manifest, hold_rows=False)  # as `medssl manifest preprocess` reads it
     report = build_cache(manifest_rows, Path(cache), PreprocessConfig(), workers=1, progress=False)
     seconds = time.perf_counter() - start
     return {
@@ -445,6 +445,10 @@ SECOND_PASS_VALIDATE_PEAK = 264
 """``validate_manifest``'s heap peak (bytes a row) at 10000 rows after the second pass (the path map a dict)."""
 
 
+THIRD_PASS_BYTES_PER_ROW = {"scan": 189, "validate": 22, "cache": 254, "stream": 233}
+"""Peak RSS growth per row from 1000 to 100000 rows after the third pass (commit 6ea3da7: rows as columns)."""
+
+
 def _breakdown_peak(results: dict[str, Any], step: str, held: bool = False) -> str:
     """The peak (``held``: held) bytes a row of ``step`` in this run's breakdown, or ``?`` where it has none."""
     held_peak = results.get("breakdown", {}).get("steps", {}).get(step)
@@ -487,7 +491,7 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         "(it held a keyed copy of every row). The peaks then grew by "
         f"{', '.join(f'{SECOND_PASS_BYTES_PER_ROW[p]} ({p})' for p in PHASES)} bytes a row.",
         "",
-        "What changed in the third pass (this code): rows are held as columns (`RowTable`, on "
+        "What changed in the third pass (commit 6ea3da7): rows are held as columns (`RowTable`, on "
         "`medssl/data/compact.py`): ids, file keys and series digests in one UTF-8 buffer each with a 4-byte offset "
         "a row (8 past 4 GiB), the values rows repeat (format, dims, modality, subject, split, group, label, shape, "
         "spacing) as codes of 1 byte (2 past 256 distinct values, 4 past 65536); a `ManifestRow` is made when it is "
@@ -507,18 +511,32 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         "ids and files (a collision is only a suspect: the second read, with the values, clears it), finds the "
         "repeated ones by sorting them in place (`np.unique` made copies, indices and counts), keeps the distinct "
         "subjects' hashes (8 bytes a subject, not a row) and checks files by string, not `Path`; "
-        f"`validate_manifest`'s heap peak: {validate_peak} bytes a row (from {SECOND_PASS_VALIDATE_PEAK}).",
+        f"`validate_manifest`'s heap peak: {validate_peak} bytes a row (from {SECOND_PASS_VALIDATE_PEAK}). The "
+        "peaks then grew by "
+        f"{', '.join(f'{THIRD_PASS_BYTES_PER_ROW[p]} ({p})' for p in PHASES)} bytes a row.",
         "",
-        "Still not flat, and why: `stream` and `validate` are within 10%: `stream` holds the rows' columns, the "
-        "dataset's positions and its sample index (13 bytes a sample) and an epoch of shuffled batches (8 bytes a "
-        "sample); `validate` 8 bytes a row of hashes (and numpy, imported at its end, in its peak at every size). "
-        "`scan` and `cache` grow: they hold the rows' columns (about 40 bytes a row of id and file key, 4 of offsets "
-        "each, a byte of code for each repeated value; `scan` also the relative paths, about 45, and while it writes "
-        "the file keys and their order, about 30). RSS grows faster than the Python heap: the allocator's slack behind "
-        "buffers that grow by reallocation, and the interpreter's table of interned strings, which pathlib (Python "
-        "3.11) fills with every part of every `Path` made per file and reallocates whole (about 4 MB once, a step "
-        "between the smallest and the larger sizes, not a slope). Flat would need the rows streamed through `scan` (an "
-        "external sort into key order) and the cache build (rows read from the file as they are hashed).",
+        "What changed in the fourth pass (this code): `scan` and the cache build no longer hold the rows. `medssl "
+        "manifest scan` (`scan_archive`) streams them: the walk is a generator (each folder's listing on the way down, "
+        "not the files), each row goes through the masks pairing, the labels join and the split assignment as it is "
+        "found (the split assignment holds the subjects that have a split, not the rows), and into "
+        "`medssl/data/scan_writer.py`'s external sort: CSV lines sorted by file key in runs of 10,000, each run "
+        "spilled to an unnamed temporary file beside the outputs (readable by the scanning user only, its name "
+        "removed as it is created), the runs merged as the path map, the errors and the manifest are written (at "
+        "most 64 open, then merged into one). `medssl manifest preprocess` reads the manifest with "
+        "`hold_rows=False`: the build passes over the rows from the file (the digest, then hashing with the path "
+        "map in step), spools each row's index line to an unnamed temporary file and writes the index from it once "
+        "the build says which contents failed; rows that wait on a content being built are counted, not listed.",
+        "",
+        "What a row still costs: `scan` holds one run of CSV lines (about 250 bytes a line, 10,000 lines: the step "
+        "between 1000 and 10000 rows), a read buffer per open run and the distinct subjects' hashes (8 bytes a "
+        "subject); DICOM headers are held until the walk ends (a series needs all of its files' headers), so an "
+        "archive of DICOM files is not flat yet (this archive has none). The cache build holds the entries it has to "
+        "write and the file-digest memo (one entry per distinct file: 5 here, one per file in a real archive). "
+        "`stream` holds the rows' columns, the dataset's positions and its sample index (13 bytes a sample) and an "
+        "epoch of shuffled batches (8 bytes a sample); `validate` 8 bytes a row of hashes. Between 10000 and 100000 "
+        "rows the peaks of `scan` and the cache build still rise by 3-5 MB: the interpreter's table of interned "
+        "strings, which pathlib (Python 3.11) fills with every part of every `Path` made per file and reallocates "
+        "whole, and the allocator's slack.",
     ]
 
 

@@ -35,7 +35,7 @@ def _parse_regex(text: str) -> re.Pattern[str]:
 
 def cmd_manifest_scan(args: argparse.Namespace) -> int:
     from medssl.data.pseudonym import SALT_FILE_NAME, resolve_salt
-    from medssl.data.scan import ScanOptions, assign_splits, join_labels, pair_masks, scan_folder, write_scan
+    from medssl.data.scan import ScanOptions, scan_archive
 
     out = Path(args.out)
     salt, salt_origin = resolve_salt(args.salt, Path(args.salt_file) if args.salt_file else out.parent / SALT_FILE_NAME)
@@ -48,42 +48,42 @@ def cmd_manifest_scan(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    result = scan_folder(Path(args.folder), options)
-    rows = result.rows
-    warnings: list[str] = []
-    if args.masks:
-        rows, warnings = pair_masks(rows, Path(args.folder), args.masks)
-    for labels in args.labels or ():
-        rows, more = join_labels(rows, Path(labels), Path(args.folder), salt)
-        warnings.extend(more)
-    if args.split_fractions:
-        rows = assign_splits(rows, args.split_fractions, salt)
-    written = write_scan(
-        out, rows, result.errors, Path(args.folder), salt, Path(args.paths) if args.paths else None
-    )  # the manifest (if any rows), the errors and the path map: files named by key outside the map
-    errors_path = written.errors
+    # rows stream from the walk through masks, labels and splits into the key-ordered outputs (nothing held a row):
+    # the manifest (if any rows), the errors and the path map, files named by key outside the map
+    report = scan_archive(
+        Path(args.folder),
+        options,
+        out,
+        masks=args.masks,
+        labels=[Path(labels) for labels in args.labels or ()],
+        split_fractions=args.split_fractions,
+        path_map=Path(args.paths) if args.paths else None,
+    )
     elapsed = time.perf_counter() - start
-    for warning in warnings:
+    for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    n2d = sum(r.dims == 2 for r in rows)
-    n3d = sum(r.dims == 3 for r in rows)
-    nseries = sum(r.format == "dicom_series" for r in rows)
+    rows = report.rows
+    formats = rows["formats"]
+    assert isinstance(formats, dict)
     # the folder is not echoed: it is the archive root, which only the path map holds (PACS exports of one patient
     # are folders named after the patient)
-    print(f"scanned {result.files_seen} files in {elapsed:.1f} s (pseudonym salt: {salt_origin})")
-    print(f"  found {len(rows)} items: {n2d} 2D images, {n3d} 3D volumes ({nseries} DICOM series)")
-    print(f"  subjects: {len({r.subject for r in rows if r.subject})}")
-    if result.errors:
-        print(f"  skipped {len(result.errors)} file(s) or series, reasons in {errors_path}:")
-        for reason, count in result.error_summary().most_common():
+    print(f"scanned {report.walk.files_seen} files in {elapsed:.1f} s (pseudonym salt: {salt_origin})")
+    print(
+        f"  found {rows['rows']} items: {rows['images_2d']} 2D images, {rows['volumes_3d']} 3D volumes "
+        f"({formats.get('dicom_series', 0)} DICOM series)"
+    )
+    print(f"  subjects: {rows['subjects']}")
+    if report.errors:
+        print(f"  skipped {report.errors.total()} file(s) or series, reasons in {report.outputs.errors}:")
+        for reason, count in report.errors.most_common():
             print(f"    {count:6d}  {reason}")
-    if result.hidden_skipped:
-        print(f"  ignored {result.hidden_skipped} hidden file(s)/folder(s)")
-    if not rows:
+    if report.walk.hidden_skipped:
+        print(f"  ignored {report.walk.hidden_skipped} hidden file(s)/folder(s)")
+    if report.outputs.manifest is None:
         print(f"error: nothing usable found in {args.folder}; no manifest written", file=sys.stderr)
         return 2
     print(f"  manifest: {out} (files named by key; shareable without the map)")
-    print(f"  path map: {written.path_map} (key -> path under the archive: private, keep it with the data)")
+    print(f"  path map: {report.outputs.path_map} (key -> path under the archive: private, keep it with the data)")
     return 0
 
 
@@ -140,7 +140,8 @@ def cmd_manifest_preprocess(args: argparse.Namespace) -> int:
     from medssl.data.preprocess import PreprocessConfig
 
     config = PreprocessConfig.from_overrides(args.set or [])
-    manifest = read_manifest(args.manifest, root=args.root, paths=args.paths)
+    # the build passes over the rows (digest, hashing) without holding them: flat in the manifest's size
+    manifest = read_manifest(args.manifest, root=args.root, paths=args.paths, hold_rows=False)
     start = time.perf_counter()
     report = build_cache(manifest, Path(args.cache), config, workers=args.workers, progress=not args.no_progress)
     elapsed = time.perf_counter() - start

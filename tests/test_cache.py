@@ -234,3 +234,42 @@ def test_the_index_is_one_line_a_row_and_must_match_the_rows(tmp_path):
         report.index_path.write_text("\n".join(damage) + "\n", encoding="utf-8")
         with pytest.raises(DataError, match="does not match the manifest"):
             open_cache(manifest, tmp_path / "cache", PreprocessConfig())
+
+
+def test_a_build_over_streamed_rows_writes_what_a_build_over_held_rows_writes(tmp_path):
+    """``read_manifest(..., hold_rows=False)`` (what ``medssl manifest preprocess`` reads): the rows are passed over
+    from the file, never held; the index, the errors and the counts are those of a build over the held rows. Two
+    rows of one bad content: the one built has the reader's reason, the other 'same content as a file that
+    failed', and neither has an entry."""
+    import shutil
+
+    from medssl.data.manifest import StreamedRows
+
+    data = make_archive(tmp_path / "data")
+    shutil.copy(data / "img0.png", data / "twin.png")  # same content as img0: one entry for both
+    held = scan_to_manifest(data, tmp_path / "m.csv")
+    (data / "img1.png").write_bytes(b"not a png")
+    shutil.copy(data / "img1.png", data / "twin.png")  # twin now has img1's bad content
+    outputs = {}
+    for hold in (True, False):
+        manifest = read_manifest(tmp_path / "m.csv", hold_rows=hold)
+        assert isinstance(manifest.rows, StreamedRows) != hold and len(manifest) == len(held.rows) == 6
+        cache = tmp_path / f"cache-{hold}"
+        report = build_cache(manifest, cache, PreprocessConfig(), workers=1, progress=False)
+        outputs[hold] = (
+            report.index_path.read_text(encoding="utf-8"),
+            report.errors_path.read_text(encoding="utf-8"),
+            report.built,
+            report.reused,
+        )
+        entries_are_complete(report.directory)
+        assert not [p for p in (cache / report.directory.name / "index").iterdir() if p.suffix not in (".csv",)]
+    assert outputs[True] == outputs[False]
+    index, errors, built, reused = outputs[False]
+    reasons = sorted(line.rsplit(",", 1)[-1] for line in errors.splitlines()[1:])
+    unreadable = "unreadable or truncated image file (UnidentifiedImageError)"
+    assert reasons == ["same content as a file that failed", unreadable]
+    assert sum(line.endswith(",") for line in index.splitlines()[1:]) == 2 and (built, reused) == (4, 0)
+    again = build_cache(read_manifest(tmp_path / "m.csv", hold_rows=False), tmp_path / "cache-False",
+                        PreprocessConfig(), workers=1, progress=False)  # fmt: skip
+    assert (again.built, again.reused, len(again.errors)) == (0, 4, 2)

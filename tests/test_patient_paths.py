@@ -383,14 +383,14 @@ def test_a_map_entry_that_leaves_the_root_is_refused_without_quoting_it(scanned)
 
 
 def test_two_paths_with_one_file_key_stop_the_scan_before_anything_is_written(tmp_path, monkeypatch):
-    import medssl.data.pathmap as pathmap_module
+    import medssl.data.scan_writer as scan_writer_module
     from medssl.data.scan import write_scan
 
     data = tmp_path / "archive"
     for name in ("a.png", "b.png"):
         write_png(data / name, np.full((8, 8), 100, np.uint8))
     result = scan_folder(data, ScanOptions(salt=SALT, progress=False))
-    monkeypatch.setattr(pathmap_module, "file_key", lambda relative, salt: "p-collision")
+    monkeypatch.setattr(scan_writer_module, "file_key", lambda relative, salt: "p-collision")
     with pytest.raises(ManifestError, match="share one file key"):
         write_scan(tmp_path / "out" / "m.csv", result.rows, result.errors, data, SALT)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing written"

@@ -24,8 +24,10 @@ import hashlib
 import json
 import math
 import multiprocessing
+import tempfile
 import time
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -34,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from medssl.data.compact import ValueColumn
 from medssl.data.dicom import DICOM_SUFFIXES, looks_like_dicom
 from medssl.data.errors import DataError
 from medssl.data.manifest import Manifest, ManifestRow, RowTable, write_csv
@@ -195,6 +196,10 @@ def build_cache(
     Rows that fail are listed (the manifest's name for the file, never its path when that is a key, and the reason)
     in the report and the index; the others are built. Interrupting is safe: finished entries are kept, nothing
     partial remains. A keyed manifest whose path map is missing stops the build with a :class:`ManifestError`.
+
+    The rows are only passed over (twice: the manifest's digest, then hashing), so a manifest read with
+    ``hold_rows=False`` is built without holding its rows; what the build holds grows with the entries it has to
+    write (and the digest memo with the distinct files), not with the rows.
     """
     start = time.perf_counter()
     cache_root = Path(cache_root)
@@ -211,53 +216,52 @@ def build_cache(
         errors_path=directory / "index" / f"{mdigest}.errors.csv",
     )
     digests = FileDigests(cache_root / "file_hashes.json")
-    row_keys: ValueColumn[str] = ValueColumn()  # [N]: each row's content key, in manifest order ("": none)
     todo: dict[str, tuple[ManifestRow, str, str, str, PreprocessConfig]] = {}
-    waiting: dict[str, list[str]] = {}  # content key -> the file names of the other rows with that content
+    waiting: Counter[str] = Counter()  # content key -> how many other rows have that content
     # reports name a row by ``row.path``: a file key (or the manifest's own relative path), never a mapped path
     locate = manifest.locator()  # the path map read in step with the rows, not held
-    for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
-        try:
-            path = locate(row.path)
-            key = digests.key(row, path)
-        except DataError as exc:
-            report.errors.append((row.path, exc.reason))
-            row_keys.append("")
-            continue
-        except OSError as exc:
-            report.errors.append((row.path, f"cannot read ({type(exc).__name__})"))
-            row_keys.append("")
-            continue
-        row_keys.append(key)
-        if (directory / f"{key}.json").exists():
-            report.reused += 1
-        elif key in todo:
-            waiting.setdefault(key, []).append(row.path)
-        else:
-            todo[key] = (row, str(path), str(directory), key, config)
-    digests.save()
-    # Room for the entries this build writes, before it writes any (a clear error now, not a full disk later).
-    check_room([(directory, sum(estimated_entry_bytes(task[0], config) for task in todo.values()), "data.cache_dir")],
-               margin=0)  # fmt: skip
-    failed: set[str] = set()
-    built_rows = {task[0].id: (key, task[0].path) for key, task in todo.items()}
-    try:
-        for row_id, reason in _run(list(todo.values()), workers, progress):
-            if reason is None:
-                report.built += 1
+    # each row's (id, content key, name) goes to an unnamed temporary file (gone with the process, whatever ends it)
+    # and the index is written from it once the build says which contents failed: nothing a row is held
+    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=directory / "index") as spool:
+        spooled = csv.writer(spool, lineterminator="\n")
+        for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
+            try:
+                path = locate(row.path)
+                key = digests.key(row, path)
+            except DataError as exc:
+                report.errors.append((row.path, exc.reason))
+                spooled.writerow((row.id, "", row.path))
+                continue
+            except OSError as exc:
+                report.errors.append((row.path, f"cannot read ({type(exc).__name__})"))
+                spooled.writerow((row.id, "", row.path))
+                continue
+            spooled.writerow((row.id, key, row.path))
+            if (directory / f"{key}.json").exists():
+                report.reused += 1
+            elif key in todo:
+                waiting[key] += 1
             else:
-                key, name = built_rows[row_id]
-                failed.add(key)
-                report.errors.append((name, reason))
-    finally:
-        for key, names in waiting.items():
-            for name in names:
-                if key in failed:
-                    report.errors.append((name, "same content as a file that failed"))
+                todo[key] = (row, str(path), str(directory), key, config)
+        digests.save()
+        # Room for the entries this build writes, before it writes any (a clear error now, not a full disk later).
+        check_room([(directory, sum(estimated_entry_bytes(task[0], config) for task in todo.values()),
+                     "data.cache_dir")], margin=0)  # fmt: skip
+        failed: dict[str, str] = {}  # content key -> the id of the row whose build failed
+        built_rows = {task[0].id: key for key, task in todo.items()}
+        try:
+            for row_id, reason in _run(list(todo.values()), workers, progress):
+                if reason is None:
+                    report.built += 1
                 else:
-                    report.reused += 1
-        write_index(report.index_path, _ids(manifest.rows), (key if key not in failed else "" for key in row_keys))
-        write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
+                    key = built_rows[row_id]
+                    failed[key] = row_id
+                    report.errors.append((todo[key][0].path, reason))
+        finally:
+            report.reused += sum(count for key, count in waiting.items() if key not in failed)
+            spool.seek(0)
+            write_index(report.index_path, _index_records(csv.reader(spool), failed, report.errors))
+            write_csv(report.errors_path, ("path", "reason"), sorted(report.errors))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -351,10 +355,24 @@ class CacheEntry:
 INDEX_HEADER = ("id", "entry")
 
 
-def write_index(path: Path, ids: Iterable[str], keys: Iterable[str]) -> None:
+def write_index(path: Path, records: Iterable[tuple[str, str]]) -> None:
     """A manifest's cache index, atomically, one line a row in manifest order: ``id,entry`` (the content key, empty
     for a row that has none); streamed, never held as one text."""
-    write_csv(path, INDEX_HEADER, zip(ids, keys, strict=True))
+    write_csv(path, INDEX_HEADER, records)
+
+
+def _index_records(
+    spooled: Iterable[Sequence[str]], failed: Mapping[str, str], errors: list[tuple[str, str]]
+) -> Iterator[tuple[str, str]]:
+    """The index's ``(id, entry)`` of each spooled ``(id, content key, name)``: no entry for a content whose build
+    failed, and then an error for every other row with that content (the failed row has its own)."""
+    for row_id, key, name in spooled:
+        if key in failed:
+            if failed[key] != row_id:
+                errors.append((name, "same content as a file that failed"))
+            yield row_id, ""
+        else:
+            yield row_id, key
 
 
 def _ids(rows: Sequence[ManifestRow]) -> Sequence[str]:

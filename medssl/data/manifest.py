@@ -25,7 +25,7 @@ import math
 import os
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
@@ -224,9 +224,9 @@ class _DistinctHashes:
         return len(self.kept)
 
 
-class _Summary:
-    """The counts of :meth:`Manifest.summary`, added up row by row (rows need not be held: subjects are counted by
-    distinct 64-bit hash, 8 bytes a subject)."""
+class ManifestCounts:
+    """The counts of :meth:`Manifest.summary` (and of a scan's rows as written), added up row by row (rows need not
+    be held: subjects are counted by distinct 64-bit hash, 8 bytes a subject)."""
 
     def __init__(self) -> None:
         self.rows = self.images_2d = self.volumes_3d = 0
@@ -292,7 +292,7 @@ class Manifest:
     :meth:`locator` reads it in step with the rows instead. ``map_root``: the root the map's own line names.
     """
 
-    rows: Sequence[ManifestRow]  # a RowTable when read from a file
+    rows: Sequence[ManifestRow] | StreamedRows  # a RowTable when read from a file (StreamedRows: not held)
     root: Path
     path_map_file: Path | None = None
     source: Path | None = None  # the manifest file, for messages
@@ -344,7 +344,7 @@ class Manifest:
 
     def summary(self) -> dict[str, object]:
         """Counts only (no identifiers): safe to print and to log to an experiment tracker."""
-        counts = _Summary()
+        counts = ManifestCounts()
         for row in self.rows:
             counts.add(row)
         return counts.result()
@@ -480,25 +480,69 @@ def _beside(manifest: Path, written: str) -> Path:
     return Path(written) if os.path.isabs(written) else manifest.parent / written
 
 
-def read_manifest(path: str | Path, root: str | Path | None = None, paths: str | Path | None = None) -> Manifest:
+def read_manifest(
+    path: str | Path, root: str | Path | None = None, paths: str | Path | None = None, hold_rows: bool = True
+) -> Manifest:
     """Read a manifest; ``root`` overrides the root written in the file (or in its path map), ``paths`` the path
     map's location (a manifest given a map names its files by key through it). A missing map is an error only when
     a file is resolved (:meth:`Manifest.locate`): rows and cache lookups work without the archive.
 
-    The file is read a line at a time into a :class:`RowTable` (columns, about 120 bytes a row); the path map is a
-    :class:`medssl.data.compact.StringMap`: reading holds the rows and the map, compactly, nothing more."""
+    The file is read a line at a time into a :class:`RowTable` (columns, about 100 bytes a row); the path map is
+    read only when a file is located. ``hold_rows=False`` (the cache build, which only passes over the rows) reads
+    the header and comments now and the rows each time they are iterated (:class:`StreamedRows`): nothing a row is
+    held."""
     path = Path(path)
     with _record_stream(path) as stream:
         missing = [c for c in ("id", "path", "format", "dims") if c not in stream.header]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        rows = RowTable(stream.rows())
+        if hold_rows:
+            rows: RowTable | StreamedRows = RowTable(stream.rows())
+        else:
+            for _ in stream.lines:  # the comments under the header (a ``# paths:`` line may come last)
+                pass
+            rows = StreamedRows(path)
         comments = stream.comments
     return _located(path, rows, comments, root, paths)
 
 
+class StreamedRows(Collection[ManifestRow]):
+    """A manifest file's rows, read from the file each time they are iterated (one :class:`ManifestRow` at a time,
+    none held): for the passes of a cache build over a manifest of any size. ``len`` reads the file once.
+
+    Raises (while iterated):
+        ManifestError: the file changed into something unreadable since it was opened (see :func:`read_manifest`).
+    """
+
+    __slots__ = ("_length", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._length: int | None = None
+
+    def __iter__(self) -> Iterator[ManifestRow]:
+        count = 0
+        with _record_stream(self.path) as stream:
+            for row in stream.rows():
+                count += 1
+                yield row
+        self._length = count
+
+    def __len__(self) -> int:
+        if self._length is None:
+            self._length = sum(1 for _ in self)
+        return self._length
+
+    def __contains__(self, row: object) -> bool:
+        return any(row == mine for mine in self)
+
+
 def _located(
-    path: Path, rows: Sequence[ManifestRow], comments: dict[str, str], root: str | Path | None, paths: str | Path | None
+    path: Path,
+    rows: RowTable | StreamedRows,
+    comments: dict[str, str],
+    root: str | Path | None,
+    paths: str | Path | None,
 ) -> Manifest:
     """The :class:`Manifest` of ``rows`` read from ``path``: its root and path map from ``comments``, or from the
     ``root`` and ``paths`` given (which win)."""
@@ -592,7 +636,7 @@ class _RowChecks:
         self.cursor = PathCursor(files.path_map_file) if files is not None and files.path_map_file else None
         self.errors: list[str] = []
         self.warnings: list[str] = []
-        self.summary = _Summary()
+        self.summary = ManifestCounts()
         self.id_hashes = array("I")  # 32-bit: a collision is only a suspect, confirmed or not by a second read
         self.key_hashes = array("I")
         self.split_bits: dict[int, int] = {}

@@ -29,17 +29,14 @@ import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-from medssl.data.compact import DuplicateKeyError, StringColumn, StringMap, sorted_pairs
+from medssl.data.compact import DuplicateKeyError, StringMap, sorted_pairs
 from medssl.data.errors import ManifestError
 from medssl.data.pseudonym import pseudonym
 from medssl.runtime.files import atomic_binary
-
-if TYPE_CHECKING:
-    from medssl.data.manifest import ManifestRow
 
 PATHS_MAGIC = "# medssl-paths v1"
 PATHS_SUFFIX = ".paths.csv"
@@ -166,20 +163,6 @@ def read_path_map(path: Path) -> PathMap:
     if root is None:
         raise ManifestError(f"{path}: no '# root:' line (the archive root, relative to this file or absolute)")
     return PathMap(file=path, root=_resolved_root(path, root), paths=paths)
-
-
-def _key_order(keys: StringColumn, series: Sequence[str]) -> Sequence[int]:
-    """The positions ``[N]`` of the rows sorted by file key, then series (a folder may hold several series)."""
-    order = keys.argsort()
-    i = 0
-    while i < len(order):  # runs of one key (one folder, several series): by series
-        j = i + 1
-        while j < len(order) and keys[order[j]] == keys[order[i]]:
-            j += 1
-        if j - i > 1:
-            order[i:j] = sorted(order[i:j], key=series.__getitem__)
-        i = j
-    return order
 
 
 def read_map_root(path: Path) -> Path:
@@ -364,36 +347,3 @@ class MapEntries:
 
     def __iter__(self) -> Iterator[str]:
         return (key for key, _ in self.pairs())
-
-
-def key_paths(
-    rows: Sequence[ManifestRow], errors: Iterable[tuple[str, str]], salt: str
-) -> tuple[Iterator[ManifestRow], list[tuple[str, str]], MapEntries]:
-    """Replace the relative paths of ``rows`` (``path`` and ``mask``) and of scan ``errors`` by file keys.
-
-    Returns the keyed rows in key order (an order that says nothing about names), made one at a time as they are
-    consumed: no keyed copy of every row is held, only their keys (a :class:`medssl.data.compact.StringColumn`) and
-    their order (``[N]`` int64); ``rows`` must stay unchanged until then. Also the errors sorted by key, and the
-    map's entries (:class:`MapEntries`, made from the same keys and order when the map is written).
-    """
-    keys = StringColumn(file_key(row.path, salt) for row in rows)
-    column = getattr(rows, "column", None)  # a RowTable gives its columns without making rows
-    relatives = column("path") if column is not None else [row.path for row in rows]
-    series = column("series") if column is not None else [row.series for row in rows]
-    order = _key_order(keys, series)
-    failed = sorted((file_key(relative, salt), relative, reason) for relative, reason in errors)
-    masks = sorted({(file_key(row.mask, salt), row.mask) for row in rows if row.mask})
-    entries = MapEntries(
-        lambda: (
-            ((keys[i], relatives[i]) for i in order),
-            masks,
-            ((key, relative) for key, relative, _ in failed),
-        )
-    )
-
-    def keyed() -> Iterator[ManifestRow]:
-        for i in order:
-            row = rows[i]
-            yield replace(row, path=keys[i], mask=file_key(row.mask, salt) if row.mask else "")
-
-    return keyed(), [(key, reason) for key, _, reason in failed], entries

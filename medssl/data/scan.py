@@ -31,7 +31,6 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
-from medssl.data.compact import StringColumn
 from medssl.data.dicom import (
     DICOM_SUFFIXES,
     MODALITIES_2D,
@@ -43,9 +42,9 @@ from medssl.data.dicom import (
 )
 from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
-from medssl.data.manifest import SPLITS, ManifestRow, RowTable, write_csv, write_manifest
-from medssl.data.pathmap import default_map_path, key_paths, write_path_map
+from medssl.data.manifest import SPLITS, ManifestRow, RowTable
 from medssl.data.pseudonym import pseudonym
+from medssl.data.scan_writer import ScanOutputs, ScanWriter
 from medssl.runtime.progress import progress
 
 _T = TypeVar("_T")
@@ -71,7 +70,7 @@ class ScanResult:
     hidden_skipped: int = 0
 
     def error_summary(self) -> Counter[str]:
-        return Counter(re.sub(r"\s*\(.*", "", reason) for _, reason in self.errors)
+        return Counter(_reason_kind(reason) for _, reason in self.errors)
 
 
 def file_kind(path: Path) -> str:
@@ -86,25 +85,25 @@ def file_kind(path: Path) -> str:
     return "unsupported"
 
 
-def walk(root: Path, exclude: Sequence[str]) -> tuple[list[Path], int]:
-    """Files under ``root`` in a stable order; hidden files and folders are skipped."""
-    relatives, hidden = walk_relative(root, exclude)
-    return [root / rel for rel in relatives], hidden
+@dataclass
+class ScanCounts:
+    """What a walk counted: the files it gave, and the hidden files and folders it skipped."""
+
+    files_seen: int = 0
+    hidden_skipped: int = 0
 
 
-def walk_relative(root: Path, exclude: Sequence[str]) -> tuple[StringColumn, int]:
-    """:func:`walk` as paths relative to ``root`` (``/``-separated strings, held in a
-    :class:`medssl.data.compact.StringColumn`: their bytes and 8 more each), and the number of hidden files and
-    folders skipped.
+def iter_files(root: Path, exclude: Sequence[str], counts: ScanCounts | None = None) -> Iterator[str]:
+    """The files under ``root`` as paths relative to it (``/``-separated strings), one at a time; hidden files and
+    folders are skipped (and counted in ``counts``).
 
     The paths come in string order (a folder's files and subfolders by name, a subfolder's contents where its name
-    plus ``/`` sorts), so rows made in this order need no sorting. Like :func:`os.walk`: links to folders are not
-    followed and unreadable folders are skipped."""
-    files = StringColumn()
-    hidden = 0
+    plus ``/`` sorts), so rows made in this order need no sorting; what is held is the listing of each folder on the
+    way down, not the files. Like :func:`os.walk`: links to folders are not followed and unreadable folders are
+    skipped."""
+    counts = counts if counts is not None else ScanCounts()
 
-    def visit(prefix: str, folder: str) -> None:
-        nonlocal hidden
+    def visit(prefix: str, folder: str) -> Iterator[str]:
         try:
             with os.scandir(folder) as scan:
                 entries = sorted((e.name + "/" if _is_folder(e) else e.name, e) for e in scan)
@@ -112,17 +111,17 @@ def walk_relative(root: Path, exclude: Sequence[str]) -> tuple[StringColumn, int
             return
         for name, entry in entries:
             if entry.name.startswith("."):
-                hidden += 1
+                counts.hidden_skipped += 1
                 continue
             rel = prefix + entry.name
             if name.endswith("/"):
                 if not entry.is_symlink():
-                    visit(rel + "/", entry.path)
+                    yield from visit(rel + "/", entry.path)
             elif not any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
-                files.append(rel)
+                counts.files_seen += 1
+                yield rel
 
-    visit("", os.fspath(root))
-    return files, hidden
+    return visit("", os.fspath(root))
 
 
 def _is_folder(entry: os.DirEntry[str]) -> bool:
@@ -255,49 +254,68 @@ def _in_order(pool: ThreadPoolExecutor, function: Callable[[_T], _R], items: Ite
         yield pending.popleft().result()
 
 
-def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
-    """Scan ``root`` and return manifest rows (paths relative to ``root``) and per-file errors.
+ScanError = tuple[str, str]
+"""A file or series the scan cannot use: ``(path relative to the root, reason)``."""
 
-    Files are probed ``4 x workers`` at a time; the rows are held as columns (:class:`RowTable`)."""
+
+def scan_items(root: Path, options: ScanOptions, counts: ScanCounts | None = None) -> Iterator[ManifestRow | ScanError]:
+    """The rows and errors of the files under ``root``, as they are found (paths relative to ``root``): PNG, JPEG and
+    NIfTI files in path order as they are probed (``4 x workers`` at a time), then the DICOM files' rows and errors,
+    which need every header of their series (the headers are held until the walk ends). ``counts``: filled as the
+    walk goes.
+
+    Raises:
+        DataError: ``root`` is not a folder.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "folder not found")
-    files, hidden = walk_relative(root, options.exclude)
-    rows = RowTable()
-    errors: list[tuple[str, str]] = []
+    counts = counts if counts is not None else ScanCounts()
+    total = sum(1 for _ in iter_files(root, options.exclude)) if options.progress else None  # for the progress bar
     dicom_headers: list[DicomHeader] = []
     modality = (options.modality or "OT").upper()
     workers = max(1, options.workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
+        files = iter_files(root, options.exclude, counts)
         probes = _in_order(pool, lambda rel: _probe(root, rel, options.salt), files, 4 * workers)
-        for rel, kind, result in progress(probes, total=len(files), desc="scan", unit="file", enabled=options.progress):
+        for rel, kind, result in progress(probes, total=total, desc="scan", unit="file", enabled=options.progress):
             if isinstance(result, DataError):
-                errors.append((rel, result.reason))
+                yield rel, result.reason
             elif kind == "dicom":
                 dicom_headers.append(result)  # type: ignore[arg-type]
             else:
                 info: FileInfo = result  # type: ignore[assignment]
-                rows.append(
-                    ManifestRow(
-                        id=pseudonym(f"file:{rel}", options.salt, prefix="i"),
-                        path=rel,
-                        format=kind,
-                        dims=len(info.shape),
-                        modality=modality,
-                        subject=_file_subject(rel, options),
-                        shape=info.shape,
-                        spacing=info.spacing,
-                    )
+                yield ManifestRow(
+                    id=pseudonym(f"file:{rel}", options.salt, prefix="i"),
+                    path=rel,
+                    format=kind,
+                    dims=len(info.shape),
+                    modality=modality,
+                    subject=_file_subject(rel, options),
+                    shape=info.shape,
+                    spacing=info.spacing,
                 )
-    files_seen = len(files)
-    del files
     dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options)
-    for row in dicom_rows:
-        rows.append(row)
-    del dicom_rows
-    errors.extend(dicom_errors)
+    del dicom_headers
+    yield from dicom_rows
+    yield from dicom_errors
+
+
+def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
+    """Scan ``root`` and return its manifest rows (paths relative to ``root``, in path order, held as columns:
+    :class:`RowTable`) and per-file errors (sorted). :func:`scan_archive` writes a scan's outputs without holding
+    its rows."""
+    counts = ScanCounts()
+    rows = RowTable()
+    errors: list[ScanError] = []
+    for item in scan_items(root, options, counts):
+        if isinstance(item, ManifestRow):
+            rows.append(item)
+        else:
+            errors.append(item)
     errors.sort()
-    return ScanResult(rows=_by_path(rows), errors=errors, files_seen=files_seen, hidden_skipped=hidden)
+    return ScanResult(rows=_by_path(rows), errors=errors, files_seen=counts.files_seen,
+                      hidden_skipped=counts.hidden_skipped)  # fmt: skip
 
 
 def _by_path(rows: RowTable) -> RowTable:
@@ -387,46 +405,62 @@ def _dicom_row(
 LABEL_COLUMNS = ("split", "group", "label", "subject", "modality", "mask")
 
 
-def join_labels(rows: Iterable[ManifestRow], labels_csv: Path, root: Path, salt: str) -> tuple[RowTable, list[str]]:
-    """Join a CSV keyed by ``path`` (relative to the CSV's folder, or absolute) onto the rows.
+class LabelJoin:
+    """Join a CSV keyed by ``path`` (relative to the CSV's folder, or absolute) onto rows, one row at a time.
 
     Columns used when present: split, group, label, subject (pseudonymised here), modality, mask (a label map,
-    relative to the CSV's folder or absolute; stored relative to ``root``).
-    Returns the new rows and warnings (unmatched entries, bad values, a file listed twice: the later line wins),
-    which name the CSV and its lines (``<csv>:<line>:``, the line a record ends on), never a path.
+    relative to the CSV's folder or absolute; stored relative to ``root``). The CSV's records are held (they are
+    the labels, not the archive); :meth:`warnings`, once the rows have passed: unmatched entries, bad values, a file
+    listed twice (the later line wins), naming the CSV and its lines (``<csv>:<line>:``, the line a record ends
+    on), never a path.
 
     Raises:
         DataError: naming the CSV: not found or unreadable, not UTF-8, no ``path`` column, or not CSV (a field over
             the csv module's limit, an unclosed quote at the end; the message gives the line).
     """
-    labels_csv = Path(labels_csv)
-    if not labels_csv.is_file():
-        raise DataError(labels_csv, "labels file not found")
-    root_resolved = Path(root).resolve()
-    by_path, warnings = _read_labels(labels_csv, root_resolved)
-    joined = RowTable()
-    matched = 0
-    for row in rows:
-        line, record = by_path.get(row.path, (0, {}))
+
+    def __init__(self, labels_csv: Path, root: Path, salt: str) -> None:
+        self.labels_csv = Path(labels_csv)
+        if not self.labels_csv.is_file():
+            raise DataError(self.labels_csv, "labels file not found")
+        self.salt = salt
+        self._root = Path(root).resolve()
+        self._by_path, self._warnings = _read_labels(self.labels_csv, self._root)
+        self._matched = 0
+
+    def __call__(self, row: ManifestRow) -> ManifestRow:
+        line, record = self._by_path.get(row.path, (0, {}))
         if not record:
-            joined.append(row)
-            continue
-        matched += 1
+            return row
+        self._matched += 1
         updates = {c: value.strip() for c in LABEL_COLUMNS if (value := record.get(c)) and value.strip()}
         if "subject" in updates:
-            updates["subject"] = pseudonym(updates["subject"], salt, prefix="s")
+            updates["subject"] = pseudonym(updates["subject"], self.salt, prefix="s")
         if "modality" in updates:
             updates["modality"] = updates["modality"].upper()
         if "mask" in updates:
-            mask, problem = _under_root(updates.pop("mask"), labels_csv.parent, root_resolved)
+            mask, problem = _under_root(updates.pop("mask"), self.labels_csv.parent, self._root)
             if mask is None:
-                warnings.append(f"{labels_csv}:{line}: the mask {problem}; ignored")
+                self._warnings.append(f"{self.labels_csv}:{line}: the mask {problem}; ignored")
             else:
                 updates["mask"] = mask
-        joined.append(replace(row, **updates))
-    if matched < len(by_path):
-        warnings.append(f"{labels_csv}: {len(by_path) - matched} of {len(by_path)} entries match no scanned file")
-    return joined, warnings
+        return replace(row, **updates)
+
+    def warnings(self) -> list[str]:
+        unmatched = len(self._by_path) - self._matched
+        if unmatched <= 0:
+            return list(self._warnings)
+        return [
+            *self._warnings,
+            f"{self.labels_csv}: {unmatched} of {len(self._by_path)} entries match no scanned file",
+        ]
+
+
+def join_labels(rows: Iterable[ManifestRow], labels_csv: Path, root: Path, salt: str) -> tuple[RowTable, list[str]]:
+    """:class:`LabelJoin` over ``rows``: the joined rows and the warnings."""
+    join = LabelJoin(labels_csv, root, salt)
+    joined = RowTable(join(row) for row in rows)
+    return joined, join.warnings()
 
 
 def _read_labels(labels_csv: Path, root: Path) -> tuple[dict[str, tuple[int, dict[str, str | None]]], list[str]]:
@@ -486,113 +520,182 @@ def _under_root(value: str, base: Path, root: Path) -> tuple[str | None, str]:
         return None, f"cannot be resolved ({type(exc).__name__})"
 
 
-def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[RowTable, list[str]]:
-    """Give each row the label map of the same file name in the folder ``masks`` (relative to ``root``).
+class MaskPairing:
+    """Give each row the label map of the same file name in the folder ``masks`` (relative to ``root``), one row at a
+    time: the Medical Segmentation Decathlon layout (``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz``) pairs this way.
 
-    The Medical Segmentation Decathlon layout (``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz``) pairs this way.
-    Rows inside ``masks`` itself are dropped (they are the label maps). Returns the rows and warnings (images
-    without a mask, ambiguous names; counts only, never a name).
+    Calling it on a row inside ``masks`` gives None (they are the label maps: dropped). :meth:`warnings`, once the
+    rows have passed: images without a mask, ambiguous names (counts only, never a name). The masks folder's file
+    names are held (a list of the label maps, not of the archive).
     """
-    folder = (Path(root) / masks).resolve()
-    if not folder.is_dir():
-        raise DataError(folder, "masks folder not found")
-    prefix = folder.relative_to(Path(root).resolve()).as_posix().rstrip("/") + "/"
-    by_name: dict[str, list[str]] = defaultdict(list)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            by_name[path.name].append(path.relative_to(Path(root).resolve()).as_posix())
-    paired = RowTable()
-    warnings: list[str] = []
-    unmatched = ambiguous = 0
-    for row in rows:
-        if row.path.startswith(prefix):
-            continue
-        candidates = by_name.get(row.path.rsplit("/", 1)[-1], [])
+
+    def __init__(self, root: Path, masks: str) -> None:
+        self.masks = masks
+        folder = (Path(root) / masks).resolve()
+        if not folder.is_dir():
+            raise DataError(folder, "masks folder not found")
+        self._prefix = folder.relative_to(Path(root).resolve()).as_posix().rstrip("/") + "/"
+        self._by_name: dict[str, list[str]] = defaultdict(list)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                self._by_name[path.name].append(path.relative_to(Path(root).resolve()).as_posix())
+        self._paired = self._unmatched = self._ambiguous = 0
+
+    def __call__(self, row: ManifestRow) -> ManifestRow | None:
+        if row.path.startswith(self._prefix):
+            return None
+        self._paired += 1
+        candidates = self._by_name.get(row.path.rsplit("/", 1)[-1], [])
         if len(candidates) == 1:
-            paired.append(replace(row, mask=candidates[0]))
-            continue
-        ambiguous += len(candidates) > 1
-        unmatched += 1
-        paired.append(row)
-    if ambiguous:
-        warnings.append(f"{ambiguous} image(s) match several masks of their file name in {masks}; none taken")
-    if unmatched:
-        warnings.append(f"{unmatched} of {len(paired)} images have no mask in {masks}")
-    return paired, warnings
+            return replace(row, mask=candidates[0])
+        self._ambiguous += len(candidates) > 1
+        self._unmatched += 1
+        return row
+
+    def warnings(self) -> list[str]:
+        warnings: list[str] = []
+        if self._ambiguous:
+            warnings.append(
+                f"{self._ambiguous} image(s) match several masks of their file name in {self.masks}; none taken"
+            )
+        if self._unmatched:
+            warnings.append(f"{self._unmatched} of {self._paired} images have no mask in {self.masks}")
+        return warnings
+
+
+def pair_masks(rows: Sequence[ManifestRow], root: Path, masks: str) -> tuple[RowTable, list[str]]:
+    """:class:`MaskPairing` over ``rows``: the rows (label maps dropped) and the warnings."""
+    pairing = MaskPairing(root, masks)
+    paired = RowTable(row for row in map(pairing, rows) if row is not None)
+    return paired, pairing.warnings()
+
+
+class SplitAssignment:
+    """Assign train/val/test by subject (never by image) to rows without a split.
+
+    A subject that already has a split (from a labels file) keeps it for all its rows: every row is first shown to
+    :meth:`observe` (the subjects with a split are held, not the rows); then calling it on a row gives the row with
+    its split. The others fall in a bucket drawn from a keyed hash of the subject, so the assignment is stable and
+    does not depend on the order of the rows.
+
+    Raises:
+        ValueError: fractions that are not non-negative train/val/test values with a positive sum.
+    """
+
+    def __init__(self, fractions: dict[str, float], salt: str) -> None:
+        total = sum(fractions.values())
+        if (
+            not fractions
+            or total <= 0
+            or any(v < 0 for v in fractions.values())
+            or not set(fractions) <= {"train", "val", "test"}
+        ):
+            raise ValueError(f"split fractions must be non-negative train/val/test values, got {fractions}")
+        self._bounds = np.cumsum([fractions[k] / total for k in fractions])
+        self._names = list(fractions)
+        self._salt = salt
+        self._known: dict[str, str] = {}
+
+    def observe(self, row: ManifestRow) -> None:
+        if row.split and row.subject:
+            self._known[row.subject] = row.split
+
+    def __call__(self, row: ManifestRow) -> ManifestRow:
+        if row.split:
+            return row
+        subject = row.subject or row.id
+        split = self._known.get(subject)
+        if split is None:
+            u = int(pseudonym(f"split:{subject}", self._salt, length=12), 16) / 16**12
+            split = self._names[int(np.searchsorted(self._bounds, u, side="right").clip(0, len(self._names) - 1))]
+        return replace(row, split=split)
 
 
 def assign_splits(rows: Sequence[ManifestRow], fractions: dict[str, float], salt: str) -> RowTable:
-    """Assign train/val/test by subject (never by image) to rows without a split.
-
-    A subject that already has a split (from a labels file) keeps it for all its rows; the
-    others fall in a bucket drawn from a keyed hash of the subject, so the assignment is stable.
-    """
-    total = sum(fractions.values())
-    if (
-        not fractions
-        or total <= 0
-        or any(v < 0 for v in fractions.values())
-        or not set(fractions)
-        <= {
-            "train",
-            "val",
-            "test",
-        }
-    ):
-        raise ValueError(f"split fractions must be non-negative train/val/test values, got {fractions}")
-    known = {r.subject: r.split for r in rows if r.split and r.subject}
-    bounds = np.cumsum([fractions[k] / total for k in fractions])
-    names = list(fractions)
-    out = RowTable()
+    """:class:`SplitAssignment` over ``rows`` (read twice: subjects with a split first)."""
+    assignment = SplitAssignment(fractions, salt)
     for row in rows:
-        if row.split:
-            out.append(row)
-            continue
-        subject = row.subject or row.id
-        split = known.get(subject)
-        if split is None:
-            u = int(pseudonym(f"split:{subject}", salt, length=12), 16) / 16**12
-            split = names[int(np.searchsorted(bounds, u, side="right").clip(0, len(names) - 1))]
-        out.append(replace(row, split=split))
-    return out
-
-
-@dataclass(frozen=True)
-class ScanOutputs:
-    """The files :func:`write_scan` wrote (``manifest`` only when there were rows)."""
-
-    manifest: Path | None
-    errors: Path
-    path_map: Path
-
-
-def errors_csv_path(manifest: Path) -> Path:
-    """``<manifest stem>.errors.csv`` beside the manifest."""
-    return manifest.with_name(manifest.name.removesuffix(".csv") + ".errors.csv")
+        assignment.observe(row)
+    return RowTable(map(assignment, rows))
 
 
 def write_scan(
     out: Path,
-    rows: Sequence[ManifestRow],
-    errors: Iterable[tuple[str, str]],
+    rows: Iterable[ManifestRow],
+    errors: Iterable[ScanError],
     root: Path,
     salt: str,
     path_map: Path | None = None,
 ) -> ScanOutputs:
-    """Write a scan's outputs with every relative path replaced by its file key.
+    """Write a scan's outputs (:class:`medssl.data.scan_writer.ScanWriter`) with every relative path replaced by its
+    file key: the path map (default ``<out stem>.paths.csv`` beside ``out``, private), ``<out stem>.errors.csv``
+    naming failures by key, and the manifest ``out`` (only when there are rows) naming its files by key."""
+    with ScanWriter(out, root, salt, path_map) as writer:
+        for row in rows:
+            writer.add_row(row)
+        for relative, reason in errors:
+            writer.add_error(relative, reason)
+        return writer.finish()
 
-    ``path_map`` (default ``<out stem>.paths.csv`` beside ``out``) gets the root and ``key -> relative path`` of
-    every row, mask and failed file, with permissions no wider than the archive's
-    (:func:`medssl.data.pathmap.write_path_map`); ``<out stem>.errors.csv`` names failures by key; the manifest
-    ``out`` (written only when there are rows, after the map) names its files by key and records where the map is.
+
+@dataclass
+class ScanReport:
+    """What :func:`scan_archive` did: the files written, the walk's counts, the counts of the rows written
+    (:meth:`medssl.data.manifest.Manifest.summary`'s), the errors by reason (``reason (detail)`` counted as
+    ``reason``) and the warnings of the masks, labels and splits."""
+
+    outputs: ScanOutputs
+    walk: ScanCounts
+    rows: dict[str, object]
+    errors: Counter[str]
+    warnings: list[str]
+
+
+def scan_archive(
+    root: Path,
+    options: ScanOptions,
+    out: Path,
+    *,
+    masks: str | None = None,
+    labels: Sequence[Path] = (),
+    split_fractions: dict[str, float] | None = None,
+    path_map: Path | None = None,
+) -> ScanReport:
+    """``medssl manifest scan``: scan ``root`` and write the keyed manifest, its errors CSV and its path map, without
+    holding the rows (they stream from the walk through the masks (``masks``: a folder of label maps under ``root``),
+    the ``labels`` CSVs (in order) and the split assignment into :class:`medssl.data.scan_writer.ScanWriter`, whose
+    external sort puts them in key order).
+
+    Raises:
+        DataError: ``root`` is not a folder; a labels file or the masks folder is missing or unreadable.
+        ValueError: bad ``split_fractions``.
+        ManifestError: two paths share one file key (nothing is written).
     """
-    out = Path(out)
-    keyed, keyed_errors, paths = key_paths(rows, errors, salt)  # keyed: made one row at a time as written
-    map_file = Path(path_map) if path_map is not None else default_map_path(out)
-    write_path_map(map_file, root, paths)
-    errors_file = errors_csv_path(out)
-    write_csv(errors_file, ("path", "reason"), keyed_errors)
-    if not rows:
-        return ScanOutputs(manifest=None, errors=errors_file, path_map=map_file)
-    write_manifest(out, keyed, None, path_map=map_file)
-    return ScanOutputs(manifest=out, errors=errors_file, path_map=map_file)
+    pairing = MaskPairing(root, masks) if masks else None
+    joins = [LabelJoin(Path(labels_csv), root, options.salt) for labels_csv in labels]
+    splits = SplitAssignment(split_fractions, options.salt) if split_fractions else None
+    walk = ScanCounts()
+    errors: Counter[str] = Counter()
+    with ScanWriter(out, root, options.salt, path_map) as writer:
+        for item in scan_items(root, options, walk):
+            if not isinstance(item, ManifestRow):
+                writer.add_error(*item)
+                errors[_reason_kind(item[1])] += 1
+                continue
+            row: ManifestRow | None = item if pairing is None else pairing(item)
+            if row is None:
+                continue
+            for join in joins:
+                row = join(row)
+            if splits is not None:
+                splits.observe(row)
+            writer.add_row(row)
+        outputs = writer.finish(splits)
+        rows = writer.counts.result()
+    warnings = [*(pairing.warnings() if pairing else []), *(w for join in joins for w in join.warnings())]
+    return ScanReport(outputs=outputs, walk=walk, rows=rows, errors=errors, warnings=warnings)
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its detail in parentheses (``unreadable image file (OSError)`` -> ``unreadable image file``)."""
+    return re.sub(r"\s*\(.*", "", reason)
