@@ -529,8 +529,9 @@ def _what_rows_cost(results: dict[str, Any]) -> list[str]:
         "",
         "What a row still costs: `scan` holds one run of CSV lines (about 250 bytes a line, 10,000 lines: the step "
         "between 1000 and 10000 rows), a read buffer per open run and the distinct subjects' hashes (8 bytes a "
-        "subject); DICOM headers are held until the walk ends (a series needs all of its files' headers), so an "
-        "archive of DICOM files is not flat yet (this archive has none). The cache build holds the entries it has to "
+        "subject); DICOM headers go through the same sort, by series, and are read back one series at a time (a "
+        "series needs all of its files' headers; this archive has no DICOM file, so that is tested in "
+        "`tests/test_scan_writer.py`, not measured here). The cache build holds the entries it has to "
         "write and the file-digest memo (one entry per distinct file: 5 here, one per file in a real archive). "
         "`stream` holds the rows' columns, the dataset's positions and its sample index (13 bytes a sample) and an "
         "epoch of shuffled batches (8 bytes a sample); `validate` 8 bytes a row of hashes. Between 10000 and 100000 "

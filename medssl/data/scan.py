@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import gzip
+import itertools
 import os
 import re
 import struct
@@ -36,7 +37,6 @@ from medssl.data.dicom import (
     MODALITIES_2D,
     DicomHeader,
     assemble_series,
-    group_by_series,
     looks_like_dicom,
     read_header,
 )
@@ -44,7 +44,7 @@ from medssl.data.errors import DataError
 from medssl.data.geometry import affine_from_lps, canonical_shape_spacing
 from medssl.data.manifest import SPLITS, ManifestRow, RowTable
 from medssl.data.pseudonym import pseudonym
-from medssl.data.scan_writer import ScanOutputs, ScanWriter
+from medssl.data.scan_writer import ScanOutputs, ScanWriter, SortedRuns
 from medssl.runtime.progress import progress
 
 _T = TypeVar("_T")
@@ -258,11 +258,14 @@ ScanError = tuple[str, str]
 """A file or series the scan cannot use: ``(path relative to the root, reason)``."""
 
 
-def scan_items(root: Path, options: ScanOptions, counts: ScanCounts | None = None) -> Iterator[ManifestRow | ScanError]:
+def scan_items(
+    root: Path, options: ScanOptions, counts: ScanCounts | None = None, spool: Path | None = None
+) -> Iterator[ManifestRow | ScanError]:
     """The rows and errors of the files under ``root``, as they are found (paths relative to ``root``): PNG, JPEG and
     NIfTI files in path order as they are probed (``4 x workers`` at a time), then the DICOM files' rows and errors,
-    which need every header of their series (the headers are held until the walk ends). ``counts``: filled as the
-    walk goes.
+    a series at a time (every header of a series is needed: the headers are sorted by series through unnamed private
+    temporary files in ``spool``, the system's temporary folder by default, and read back one series at a time).
+    ``counts``: filled as the walk goes.
 
     Raises:
         DataError: ``root`` is not a folder.
@@ -272,7 +275,8 @@ def scan_items(root: Path, options: ScanOptions, counts: ScanCounts | None = Non
         raise DataError(root, "folder not found")
     counts = counts if counts is not None else ScanCounts()
     total = sum(1 for _ in iter_files(root, options.exclude)) if options.progress else None  # for the progress bar
-    dicom_headers: list[DicomHeader] = []
+    # DICOM headers sorted by series through private temporary runs: a series at a time is held, not the headers
+    dicom_headers = SortedRuns(spool, 1)
     modality = (options.modality or "OT").upper()
     workers = max(1, options.workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -282,7 +286,7 @@ def scan_items(root: Path, options: ScanOptions, counts: ScanCounts | None = Non
             if isinstance(result, DataError):
                 yield rel, result.reason
             elif kind == "dicom":
-                dicom_headers.append(result)  # type: ignore[arg-type]
+                dicom_headers.add(_header_record(rel, result))  # type: ignore[arg-type]
             else:
                 info: FileInfo = result  # type: ignore[assignment]
                 yield ManifestRow(
@@ -295,10 +299,12 @@ def scan_items(root: Path, options: ScanOptions, counts: ScanCounts | None = Non
                     shape=info.shape,
                     spacing=info.spacing,
                 )
-    dicom_rows, dicom_errors = _dicom_rows(dicom_headers, root, options)
-    del dicom_headers
-    yield from dicom_rows
-    yield from dicom_errors
+    try:
+        for series_key, records in itertools.groupby(dicom_headers, key=lambda record: record[0]):
+            members = [_header_from_record(record, root) for record in records]
+            yield from _series_items(series_key, members, root, options)
+    finally:
+        dicom_headers.close()
 
 
 def scan_folder(root: Path, options: ScanOptions) -> ScanResult:
@@ -341,45 +347,94 @@ def _file_subject(rel: str, options: ScanOptions) -> str:
     return pseudonym(raw, options.salt, prefix="s")
 
 
-def _dicom_rows(
-    headers: Sequence[DicomHeader], root: Path, options: ScanOptions
-) -> tuple[RowTable, list[tuple[str, str]]]:
-    rows = RowTable()
-    errors: list[tuple[str, str]] = []
+def _series_items(
+    series_key: str, members: Sequence[DicomHeader], root: Path, options: ScanOptions
+) -> Iterator[ManifestRow | ScanError]:
+    """The rows and errors of one DICOM series (its files' headers, in walk order): a row per multi-frame file, a row
+    per file of a projection modality (or a series of one file), else one volume row for the series' folder."""
 
     def rel(path: Path) -> str:
         return path.relative_to(root).as_posix()
 
-    for series_key, members in group_by_series(headers).items():
-        singles = [h for h in members if h.frames <= 1]
-        for header in (h for h in members if h.frames > 1):
-            try:
-                info = multiframe_info(header.path)
-            except DataError as exc:
-                errors.append((rel(header.path), exc.reason))
-                continue
-            rows.append(_dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options))
-        if not singles:
-            continue
-        if singles[0].modality in MODALITIES_2D or len(singles) == 1:
-            for header in singles:
-                shape = (header.rows, header.columns)
-                rows.append(_dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options))
-            continue
-        folders = {h.path.parent for h in singles}
-        if len(folders) > 1:
-            for folder in sorted(folders):
-                errors.append((rel(folder), "one DICOM series is spread over several folders; move it into one"))
-            continue
-        folder = rel(next(iter(folders))) or "."
+    singles = [h for h in members if h.frames <= 1]
+    for header in (h for h in members if h.frames > 1):
         try:
-            geometry = assemble_series(singles, f"series of {len(singles)} files")
-        except ValueError as exc:
-            errors.append((folder, str(exc)))
+            info = multiframe_info(header.path)
+        except DataError as exc:
+            yield rel(header.path), exc.reason
             continue
-        row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options)
-        rows.append(replace(row, id=pseudonym(f"series:{series_key}", options.salt, prefix="i"), series=series_key))
-    return rows, errors
+        yield _dicom_row(header, rel(header.path), "dicom", info.shape, info.spacing, options)
+    if not singles:
+        return
+    if singles[0].modality in MODALITIES_2D or len(singles) == 1:
+        for header in singles:
+            shape = (header.rows, header.columns)
+            yield _dicom_row(header, rel(header.path), "dicom", shape, header.pixel_spacing, options)
+        return
+    folders = {h.path.parent for h in singles}
+    if len(folders) > 1:
+        for folder in sorted(folders):
+            yield rel(folder), "one DICOM series is spread over several folders; move it into one"
+        return
+    folder = rel(next(iter(folders))) or "."
+    try:
+        geometry = assemble_series(singles, f"series of {len(singles)} files")
+    except ValueError as exc:
+        yield folder, str(exc)
+        return
+    row = _dicom_row(singles[0], folder, "dicom_series", geometry.shape, geometry.spacing, options)
+    yield replace(row, id=pseudonym(f"series:{series_key}", options.salt, prefix="i"), series=series_key)
+
+
+def _floats_text(values: Sequence[float] | None) -> str:
+    """Numbers as exact text (``repr``), space-separated; ``-`` for None."""
+    return "-" if values is None else " ".join(repr(float(v)) for v in values)
+
+
+def _floats_from_text(text: str) -> tuple[float, ...] | None:
+    return None if text == "-" else tuple(float(v) for v in text.split())
+
+
+def _header_record(rel: str, header: DicomHeader) -> tuple[str, ...]:
+    """A DICOM header as strings (series first, the sort key; the path relative to the root), for the spool."""
+    return (
+        header.series_key,
+        rel,
+        header.instance_key,
+        header.subject,
+        header.modality,
+        str(header.rows),
+        str(header.columns),
+        str(header.frames),
+        _floats_text(header.position),
+        _floats_text(header.orientation),
+        _floats_text(header.pixel_spacing),
+        "1" if header.path_has_identifier else "",
+        header.redacted_path,
+    )
+
+
+def _header_from_record(record: Sequence[str], root: Path) -> DicomHeader:
+    """The header :func:`_header_record` wrote (the same values: numbers round-trip exactly)."""
+    series, rel, instance, subject, modality, rows, columns, frames, position, orientation, spacing, flag, redacted = (
+        record
+    )
+    pixel_spacing = _floats_from_text(spacing) or ()
+    return DicomHeader(
+        path=root / rel,
+        series_key=series,
+        instance_key=instance,
+        subject=subject,
+        modality=modality,
+        rows=int(rows),
+        columns=int(columns),
+        frames=int(frames),
+        position=_floats_from_text(position),
+        orientation=_floats_from_text(orientation),
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
+        path_has_identifier=flag == "1",
+        redacted_path=redacted,
+    )
 
 
 def _dicom_row(
@@ -677,7 +732,7 @@ def scan_archive(
     walk = ScanCounts()
     errors: Counter[str] = Counter()
     with ScanWriter(out, root, options.salt, path_map) as writer:
-        for item in scan_items(root, options, walk):
+        for item in scan_items(root, options, walk, spool=Path(out).parent):
             if not isinstance(item, ManifestRow):
                 writer.add_error(*item)
                 errors[_reason_kind(item[1])] += 1

@@ -38,12 +38,13 @@ class SortedRuns:
     values (compared as strings; those values must be ones CSV does not quote, like file keys and digests).
 
     Records are held as CSV lines up to ``run_lines``, then sorted and written to an unnamed temporary file in
-    ``directory`` (a run); iterating merges the runs and the lines held (:func:`heapq.merge`), and may be repeated.
-    At :data:`MAX_RUNS` runs they are merged into one. :meth:`close` drops the runs.
+    ``directory`` (a run; ``None``: the system's temporary folder); iterating merges the runs and the lines held
+    (:func:`heapq.merge`, stable: records with equal sort values come back in the order they were added), and may
+    be repeated. At :data:`MAX_RUNS` runs they are merged into one. :meth:`close` drops the runs.
     """
 
-    def __init__(self, directory: Path, fields: int, run_lines: int | None = None) -> None:
-        self._directory = Path(directory)
+    def __init__(self, directory: Path | None, fields: int, run_lines: int | None = None) -> None:
+        self._directory = directory  # None: the system's temporary folder
         self._fields = fields
         self._run_lines = max(1, RUN_LINES if run_lines is None else run_lines)
         self._lines: list[str] = []
