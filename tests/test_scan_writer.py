@@ -31,10 +31,9 @@ from medssl.data.scan import (
 from medssl.data.scan_writer import ScanWriter, SortedRuns
 
 SALT = "writer-test"
-# no "\r": the output CSVs end lines with "\n" alone, and csv does not quote a lone "\r" then (a limit of write_csv)
-TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=12)
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 ERRORS = st.tuples(st.text(alphabet="xyz,é", min_size=1, max_size=5), TEXT)
-PATHS = st.text(alphabet="ab,/\"' \nç", min_size=1, max_size=6).filter(
+PATHS = st.text(alphabet="ab,/\"' \n\rç", min_size=1, max_size=6).filter(
     lambda p: not p.startswith("/") and "//" not in p and not p.endswith("/")
 )
 

@@ -223,7 +223,7 @@ def build_cache(
     # each row's (id, content key, name) goes to an unnamed temporary file (gone with the process, whatever ends it)
     # and the index is written from it once the build says which contents failed: nothing a row is held
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=directory / "index") as spool:
-        spooled = csv.writer(spool, lineterminator="\n")
+        spooled = csv.writer(spool, lineterminator="\r\n")  # either character in a name: quoted
         for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
             try:
                 path = locate(row.path)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO, overload
 from medssl.data.compact import StringColumn, ValueColumn
 from medssl.data.errors import DataError, ManifestError
 from medssl.data.pathmap import PathCursor, PathMap, map_wider_than_root, read_map_root, read_path_map, root_escape
+from medssl.runtime.csv_lines import CsvLines
 from medssl.runtime.files import atomic_binary
 
 if TYPE_CHECKING:
@@ -379,17 +380,18 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], root: Path | None, p
 
     def write(text: TextIO) -> None:
         text.write(preamble)
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
+        writer = CsvLines(text)  # a "\r" in a label is quoted, not read back as a line break
+        writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow(row.to_record())
+            record = row.to_record()
+            writer.writerow([record[column] for column in COLUMNS])
 
     write_text_atomically(path, write)
 
 
 def write_csv(path: Path, header: Sequence[str], records: Iterable[Sequence[object]]) -> None:
     def write(text: TextIO) -> None:
-        writer = csv.writer(text, lineterminator="\n")
+        writer = CsvLines(text)
         writer.writerow(header)
         writer.writerows(records)
 

@@ -36,6 +36,7 @@ from typing import TextIO
 from medssl.data.compact import DuplicateKeyError, StringMap, sorted_pairs
 from medssl.data.errors import ManifestError
 from medssl.data.pseudonym import pseudonym
+from medssl.runtime.csv_lines import CsvLines
 from medssl.runtime.files import atomic_binary
 
 PATHS_MAGIC = "# medssl-paths v1"
@@ -239,7 +240,7 @@ def write_path_map(path: Path, root: Path, paths: Mapping[str, str] | MapEntries
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         try:
             text.write(f"{PATHS_MAGIC}\n# root: {written_root}\n")
-            writer = csv.writer(text, lineterminator="\n")
+            writer = CsvLines(text)  # a "\r" in a path is quoted, not read back as a line break
             writer.writerow(("key", "path"))
             for key, relative in sorted_pairs(paths):
                 _check_relative(relative, str(path))

@@ -53,6 +53,7 @@ from medssl.data.geometry import slice_to_display
 from medssl.data.preprocess import PreprocessConfig
 from medssl.downstream.spaces import SPACES
 from medssl.runtime.checks import at_least
+from medssl.runtime.csv_lines import CsvLines
 
 FORMATS = (".parquet", ".pt", ".csv")
 LEVELS = ("image", "slice", "volume")
@@ -269,7 +270,7 @@ def write_embeddings(table: EmbeddingTable, path: str | Path) -> Path:
 
 def _write_csv(table: EmbeddingTable, handle: Any) -> None:
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
-    writer = csv.writer(text, lineterminator="\n")
+    writer = CsvLines(text)  # a "\r" in a label is quoted, not read back as a line break
     writer.writerow(["id", "level", "slice", "modality", "split", "label", *(f"e{j}" for j in range(table.dim))])
     for i in range(len(table)):
         writer.writerow([table.ids[i], table.levels[i], int(table.slices[i]), table.modalities[i], table.splits[i],
