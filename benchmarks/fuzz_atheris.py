@@ -198,7 +198,7 @@ class Harness:
 
     def _labels(self, data: bytes) -> None:
         from medssl.data.errors import DataError
-        from medssl.data.scan import join_labels
+        from medssl.data.row_transforms import join_labels
 
         labels = self.folder / "archive" / "labels.csv"
         labels.write_bytes(data)

@@ -120,7 +120,8 @@ class Settings:
 
 # ---------------------------------------------------------------- manifests (split by patient first)
 def _scan(folder: Path, modality: str, subject: str | None, exclude: Sequence[str], masks: str | None = None) -> list:
-    from medssl.data.scan import ScanOptions, pair_masks, scan_folder
+    from medssl.data.row_transforms import pair_masks
+    from medssl.data.scan import ScanOptions, scan_folder
 
     pattern = re.compile(subject) if subject else None
     options = ScanOptions(salt=SALT, subject_pattern=pattern, modality=modality, progress=False,
@@ -141,7 +142,7 @@ def _thin(rows: list, keep: int | None) -> list:
 
 def prepare_manifests(settings: Settings) -> dict[str, Path]:
     from medssl.data.manifest import write_manifest
-    from medssl.data.scan import assign_splits
+    from medssl.data.row_transforms import assign_splits
 
     out = settings.out / "manifests"
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import pytest
 from factories import write_nifti, write_png
 
 from medssl.data.manifest import ManifestRow, write_manifest
-from medssl.data.scan import ScanOptions, assign_splits, scan_folder
+from medssl.data.row_transforms import assign_splits
+from medssl.data.scan import ScanOptions, scan_folder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HIPPOCAMPUS = SHARED / "msd-hippocampus"

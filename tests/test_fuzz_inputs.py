@@ -648,7 +648,8 @@ def _labels_seeds() -> dict[str, tuple[dict[str, bytes], str]]:
 
 def _labels_pipeline(work: Path, seed: str, data: bytes, outcomes: list[str]) -> None:
     from medssl.data.labelled import load_cases
-    from medssl.data.scan import ScanOptions, join_labels, scan_folder
+    from medssl.data.row_transforms import join_labels
+    from medssl.data.scan import ScanOptions, scan_folder
 
     files, labels_rel = _labels_seeds()[seed]
     for rel, content in files.items():
@@ -769,7 +770,7 @@ def test_unreadable_labels_csv_is_a_data_error_naming_it(
 ) -> None:
     """Found by fuzzing: each of these stopped ``manifest scan --labels`` with an exception that did not name the
     labels file (UnicodeDecodeError, csv.Error, TypeError, ValueError from a NUL)."""
-    from medssl.data.scan import join_labels
+    from medssl.data.row_transforms import join_labels
 
     labels, rows = _labels_case(tmp_path, text)
     if error is not None:
@@ -784,7 +785,7 @@ def test_unreadable_labels_csv_is_a_data_error_naming_it(
 
 def test_labels_warnings_name_the_line_in_the_file(tmp_path: Path) -> None:
     """The line a record ends on, as the CSV reader counts it: right after blank lines and quoted newlines."""
-    from medssl.data.scan import join_labels
+    from medssl.data.row_transforms import join_labels
 
     labels, rows = _labels_case(tmp_path, b"path,split\n\narchive/png/img.png,bogus\n")
     _, warnings = join_labels(rows, labels, tmp_path / "archive", SALT)
@@ -797,7 +798,7 @@ def test_labels_warnings_name_the_line_in_the_file(tmp_path: Path) -> None:
 
 def test_a_file_listed_twice_in_the_labels_is_a_warning_naming_both_lines(tmp_path: Path) -> None:
     """A path on two lines was overwritten silently (the last line won): it still wins, with a warning."""
-    from medssl.data.scan import join_labels
+    from medssl.data.row_transforms import join_labels
 
     text = b"path,split,label\narchive/png/img.png,train,cat\narchive/dx/img.dcm,val,\n./archive/png/img.png,test,dog\n"
     labels, rows = _labels_case(tmp_path, text)

@@ -19,15 +19,8 @@ from hypothesis import strategies as st
 import medssl.data.scan_writer as scan_writer_module
 from medssl.data.manifest import ManifestRow, read_manifest
 from medssl.data.pathmap import file_key, read_path_map
-from medssl.data.scan import (
-    ScanOptions,
-    assign_splits,
-    join_labels,
-    pair_masks,
-    scan_archive,
-    scan_folder,
-    write_scan,
-)
+from medssl.data.row_transforms import assign_splits, join_labels, pair_masks
+from medssl.data.scan import ScanOptions, scan_archive, scan_folder, write_scan
 from medssl.data.scan_writer import ScanWriter, SortedRuns
 
 SALT = "writer-test"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,10 +213,3 @@ def series_headers_in_folder(folder: Path, series_key: str, salt: str = "") -> l
     if not headers:
         raise DataError(folder, "no readable DICOM file of this series in the folder (moved or deleted?)")
     return headers
-
-
-def group_by_series(headers: Sequence[DicomHeader]) -> dict[str, list[DicomHeader]]:
-    groups: dict[str, list[DicomHeader]] = defaultdict(list)
-    for header in headers:
-        groups[header.series_key].append(header)
-    return dict(groups)

@@ -55,7 +55,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medssl.data.dicom import read_header
-from medssl.data.scan import ScanOptions, ScanResult, join_labels, scan_folder
+from medssl.data.row_transforms import join_labels
+from medssl.data.scan import ScanOptions, ScanResult, scan_folder
 from medssl.runtime.checks import at_least
 from medssl.runtime.files import atomic_write_text, process_alive
 
