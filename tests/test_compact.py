@@ -59,26 +59,12 @@ def test_a_string_map_refuses_a_key_given_twice(pairs):
     assert raised.value.args[0] in {"a", "b"}
 
 
-def test_a_repeated_pair_is_kept_once_when_allowed_and_a_repeated_key_with_another_value_never():
-    mapping = StringMap.from_pairs([("b", "x"), ("a", "y"), ("b", "x"), ("a", "y")], repeats=True)
-    assert dict(mapping) == {"a": "y", "b": "x"}
-    with pytest.raises(DuplicateKeyError):
-        StringMap.from_pairs([("a", "y"), ("a", "z")], repeats=True)
-
-
 def test_columns_hold_about_their_bytes():
     paths = [f"site{i // 500:02d}/patient{i // 20:06d}/study{i % 2}/image{i % 10:02d}.png" for i in range(10_000)]
     column = StringColumn(paths)
     assert column.nbytes == sum(len(p) for p in paths) + 4 * len(paths)  # 4-byte offsets under 4 GiB
     mapping = StringMap.from_pairs((f"p{i:019x}", p) for i, p in enumerate(paths))
     assert mapping.nbytes < 100 * len(paths)  # a dict of the same pairs: ~250 bytes a pair
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(["pa", "pb", "pc", "é1", "zz"]), max_size=30) | st.lists(TEXT, max_size=30))
-def test_argsort_is_a_stable_sort_whether_the_strings_are_of_one_width_or_not(values):
-    order = [int(i) for i in StringColumn(values).argsort()]
-    assert order == sorted(range(len(values)), key=values.__getitem__)
 
 
 def test_codes_and_offsets_take_the_smallest_type_that_holds_them():

@@ -41,6 +41,7 @@ from medssl.data.errors import DataError
 from medssl.data.manifest import Manifest, ManifestRow, RowTable, write_csv
 from medssl.data.preprocess import CT_MODALITIES, PreprocessConfig, preprocess
 from medssl.data.readers import read_row
+from medssl.runtime.csv_lines import CsvLines
 from medssl.runtime.files import atomic_write_text, atomic_write_with, remove_stale_temporaries
 from medssl.runtime.preflight import check_room
 from medssl.runtime.progress import progress as progress_of
@@ -223,7 +224,7 @@ def build_cache(
     # each row's (id, content key, name) goes to an unnamed temporary file (gone with the process, whatever ends it)
     # and the index is written from it once the build says which contents failed: nothing a row is held
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=directory / "index") as spool:
-        spooled = csv.writer(spool, lineterminator="\r\n")  # either character in a name: quoted
+        spooled = CsvLines(spool)
         for row in progress_of(manifest.rows, desc="hash", unit="item", enabled=progress):
             try:
                 path = locate(row.path)

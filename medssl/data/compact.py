@@ -14,6 +14,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from collections.abc import Hashable, ItemsView, Iterable, Iterator, Mapping, Sequence
+from itertools import pairwise
 from typing import Generic, TypeVar, overload
 
 _ENCODING = "utf-8"
@@ -75,26 +76,6 @@ class StringColumn(Sequence[str]):
         for end in self._ends:
             yield blob[start:end].decode(_ENCODING, _ERRORS)
             start = end
-
-    def argsort(self) -> Sequence[int]:
-        """The positions ``[N]`` in string order (stable: equal strings keep their order). Strings of one length (file
-        keys, ids) are sorted as a fixed-width view of the buffer, without making a string each."""
-        size = len(self._ends)
-        width = self._ends[0] if size else 0
-        if (
-            size
-            and width
-            and len(self._blob) == width * size
-            and all(self._ends[i] == width * (i + 1) for i in range(size))
-        ):
-            import numpy as np  # here: the column itself needs no numpy
-
-            view = np.frombuffer(self._blob, dtype=f"S{width}")
-            try:
-                return np.argsort(view, kind="stable")  # type: ignore[no-any-return]  # [N] int64: 8 bytes a row
-            finally:
-                del view  # the buffer may grow again once no view of it is left
-        return sorted(range(size), key=self.__getitem__)
 
     @property
     def nbytes(self) -> int:
@@ -171,42 +152,30 @@ class StringMap(Mapping[str, str]):
         self._values = values
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str]], repeats: bool = False) -> StringMap:
-        """The map of ``pairs``; ``repeats``: a key may come again with the same value (kept once).
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> StringMap:
+        """The map of ``pairs``.
 
         Raises:
-            DuplicateKeyError: a key comes twice (with another value, where ``repeats``); ``args[0]`` is the key.
+            DuplicateKeyError: a key comes twice; ``args[0]`` is the key.
         """
         keys, values = StringColumn(), StringColumn()
         last: str | None = None
-        last_value = ""
         in_order = True
         for key, value in pairs:
             if last is not None and key <= last:
                 if key == last:
-                    if repeats and value == last_value:
-                        continue
                     raise DuplicateKeyError(key)
                 in_order = False
             keys.append(key)
             values.append(value)
-            last, last_value = key, value
+            last = key
         if in_order:
             return cls(keys, values)
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        sorted_keys, sorted_values = StringColumn(), StringColumn()
-        previous: str | None = None
-        previous_value = ""
-        for i in order:
-            key, value = keys[i], values[i]
-            if key == previous:
-                if repeats and value == previous_value:
-                    continue
-                raise DuplicateKeyError(key)
-            sorted_keys.append(key)
-            sorted_values.append(value)
-            previous, previous_value = key, value
-        return cls(sorted_keys, sorted_values)
+        for first, second in pairwise(order):
+            if keys[first] == keys[second]:
+                raise DuplicateKeyError(keys[first])
+        return cls(StringColumn(keys[i] for i in order), StringColumn(values[i] for i in order))
 
     def _find(self, key: object) -> int:
         """The position of ``key``, or -1."""

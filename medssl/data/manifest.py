@@ -494,18 +494,22 @@ def read_manifest(
     the header and comments now and the rows each time they are iterated (:class:`StreamedRows`): nothing a row is
     held."""
     path = Path(path)
+    if not hold_rows:  # the header and the comments (a ``# paths:`` line may come last) now, the rows when iterated
+        header, comments = _header_and_comments(path)
+        _check_columns(path, header)
+        return _located(path, StreamedRows(path), comments, root, paths)
     with _record_stream(path) as stream:
-        missing = [c for c in ("id", "path", "format", "dims") if c not in stream.header]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-        if hold_rows:
-            rows: RowTable | StreamedRows = RowTable(stream.rows())
-        else:
-            for _ in stream.lines:  # the comments under the header (a ``# paths:`` line may come last)
-                pass
-            rows = StreamedRows(path)
+        _check_columns(path, stream.header)
+        rows = RowTable(stream.rows())
         comments = stream.comments
     return _located(path, rows, comments, root, paths)
+
+
+def _check_columns(path: Path, header: Sequence[str]) -> None:
+    """Raises :class:`ManifestError` when ``header`` lacks a column every manifest has."""
+    missing = [c for c in ("id", "path", "format", "dims") if c not in header]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
 
 
 class StreamedRows(Collection[ManifestRow]):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import heapq
-import io
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from typing import IO
 
 from medssl.data.manifest import COLUMNS, ManifestCounts, ManifestRow, write_csv, write_manifest
 from medssl.data.pathmap import MapEntries, default_map_path, file_key, write_path_map
+from medssl.runtime.csv_lines import CsvLines
 
 RUN_LINES = 10_000
 """Records held before a run is sorted and spilled (about 2 MB of CSV lines for manifest rows)."""
@@ -49,16 +49,11 @@ class SortedRuns:
         self._run_lines = max(1, RUN_LINES if run_lines is None else run_lines)
         self._lines: list[str] = []
         self._runs: list[IO[str]] = []
-        self._line = io.StringIO()
-        # "\r\n" ends a line: csv quotes a field holding either character (with "\n" alone a "\r" would not be)
-        self._writer = csv.writer(self._line, lineterminator="\r\n")
+        self._csv = CsvLines()  # a "\r" or "\n" in a field quoted
         self.count = 0
 
     def add(self, record: Sequence[str]) -> None:
-        self._writer.writerow(record)
-        self._lines.append(self._line.getvalue())
-        self._line.seek(0)
-        self._line.truncate()
+        self._lines.append(self._csv.line(record))
         self.count += 1
         if len(self._lines) >= self._run_lines:
             self._spill()
@@ -77,7 +72,7 @@ class SortedRuns:
         self._runs.append(run)
         if len(self._runs) >= MAX_RUNS:
             merged = self._new_run()
-            csv.writer(merged, lineterminator="\r\n").writerows(self._merge(self._runs, []))
+            CsvLines(merged).writerows(self._merge(self._runs, []))
             self.close()
             self._runs = [merged]
 

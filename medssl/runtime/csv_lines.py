@@ -22,18 +22,22 @@ class CsvLines:
 
     __slots__ = ("_line", "_text", "_writer")
 
-    def __init__(self, text: TextIO) -> None:
+    def __init__(self, text: TextIO | None = None) -> None:  # None: lines made with :meth:`line` only
         self._text = text
         self._line = io.StringIO()
         self._writer = csv.writer(self._line, lineterminator="\r\n")
 
-    def writerow(self, record: Sequence[object]) -> None:
+    def line(self, record: Sequence[object]) -> str:
+        """``record`` as one CSV line ending in ``"\n"`` (what :meth:`writerow` writes)."""
         self._writer.writerow(record)
         line = self._line.getvalue()
         self._line.seek(0)
         self._line.truncate()
-        self._text.write(line[:-2])
-        self._text.write("\n")
+        return line[:-2] + "\n"
+
+    def writerow(self, record: Sequence[object]) -> None:
+        assert self._text is not None, "CsvLines(None) makes lines only"
+        self._text.write(self.line(record))
 
     def writerows(self, records: Iterable[Sequence[object]]) -> None:
         for record in records:
