@@ -181,6 +181,26 @@ def test_scan_folder_library_api(mixed_folder: Path) -> None:
     assert result.error_summary() == {"unsupported file type": 1}
 
 
+def test_scan_walks_the_tree_once_with_progress_on(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A progress report must not cost a second walk (a counting pass over a network share takes minutes): each
+    folder is listed once, and the report counts the files read."""
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: str) -> object:
+        listed.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr("medssl.data.scan.os.scandir", counting_scandir)
+    result = scan_folder(mixed_folder, ScanOptions(salt=SALT, workers=1, progress=True))
+    assert result.files_seen == 10
+    assert len(listed) == len(set(listed)), f"a folder listed twice: {sorted(listed)}"
+    assert os.fspath(mixed_folder) in listed
+    assert "scan: 10 files" in capsys.readouterr().err  # the final line of the (log-file) report
+
+
 # --------------------------------------------------------------------------- bad inputs, one at a time
 
 

@@ -265,7 +265,8 @@ def scan_items(
     NIfTI files in path order as they are probed (``4 x workers`` at a time), then the DICOM files' rows and errors,
     a series at a time (every header of a series is needed: the headers are sorted by series through unnamed private
     temporary files in ``spool``, the system's temporary folder by default, and read back one series at a time).
-    ``counts``: filled as the walk goes.
+    ``counts``: filled as the walk goes. The folder tree is walked once; with ``options.progress`` the report counts
+    the files probed so far (no total: that would need a second walk, which on a network share costs minutes).
 
     Raises:
         DataError: ``root`` is not a folder.
@@ -274,7 +275,6 @@ def scan_items(
     if not root.is_dir():
         raise DataError(root, "folder not found")
     counts = counts if counts is not None else ScanCounts()
-    total = sum(1 for _ in iter_files(root, options.exclude)) if options.progress else None  # for the progress bar
     # DICOM headers sorted by series through private temporary runs: a series at a time is held, not the headers
     dicom_headers = SortedRuns(spool, 1)
     modality = (options.modality or "OT").upper()
@@ -282,7 +282,8 @@ def scan_items(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         files = iter_files(root, options.exclude, counts)
         probes = _in_order(pool, lambda rel: _probe(root, rel, options.salt), files, 4 * workers)
-        for rel, kind, result in progress(probes, total=total, desc="scan", unit="file", enabled=options.progress):
+        # one walk: the bar counts the files as they come, without a total (counting first would walk the tree twice)
+        for rel, kind, result in progress(probes, desc="scan", unit="file", enabled=options.progress):
             if isinstance(result, DataError):
                 yield rel, result.reason
             elif kind == "dicom":
