@@ -5,7 +5,7 @@ small API (``update``, ``set_postfix``, ``set_postfix_str``, ``write``, ``close`
 iteration, context manager) that prints one complete, flushed line at most every ``MEDSSL_PROGRESS_SECONDS`` seconds
 (default 30) and one at the end, e.g.::
 
-    scan: 1200/5000 files (24%), elapsed 00:35, 34.3 files/s, eta 01:51
+    preprocess: 1200/5000 items (24%), elapsed 00:35, 34.3 items/s, eta 01:51
 
 instead of tqdm's carriage-return updates, which a log file (``docker run`` without ``-t``, SLURM) shows as one
 endless line.
