@@ -82,21 +82,30 @@ def test_codes_and_offsets_take_the_smallest_type_that_holds_them():
     assert ValueColumn(["MR", "CT"] * 100)._codes.itemsize == 1
 
 
-def _root_escape_by_pathlib(relative: str) -> str | None:
-    """The reference: what pathlib's pure paths say (the implementation before root_escape worked on strings)."""
+def _root_escape_by_pathlib(relative: str, windows: bool) -> str | None:
+    """The reference: what pathlib's pure paths say (the implementation before root_escape worked on strings), by
+    Windows' rules or by POSIX's."""
     from pathlib import PurePosixPath, PureWindowsPath
 
-    windows = PureWindowsPath(relative)
-    if PurePosixPath(relative).is_absolute() or windows.drive or windows.root:
+    posix = PurePosixPath(relative)
+    if not windows:
+        if posix.is_absolute():
+            return "an absolute path"
+        return "a path with a '..' component" if ".." in posix.parts else None
+    as_windows = PureWindowsPath(relative)
+    if posix.is_absolute() or as_windows.drive or as_windows.root:
         return "an absolute path"
-    if ".." in windows.parts:
+    if ".." in as_windows.parts:
         return "a path with a '..' component"
     return None
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.text(alphabet="/\\.:aC?é ", max_size=10) | st.sampled_from(["", "..", "C:", "a/..", "\\\\s\\x", "//s/x"]))
-def test_root_escape_on_strings_says_what_pathlib_says(relative):
+@given(
+    st.text(alphabet="/\\.:aC?é ", max_size=10) | st.sampled_from(["", "..", "C:", "a/..", "\\\\s\\x", "//s/x"]),
+    st.booleans(),
+)
+def test_root_escape_on_strings_says_what_pathlib_says(relative, windows):
     from medssl.data.pathmap import root_escape
 
-    assert root_escape(relative) == _root_escape_by_pathlib(relative)
+    assert root_escape(relative, windows=windows) == _root_escape_by_pathlib(relative, windows)

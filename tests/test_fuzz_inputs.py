@@ -1,6 +1,7 @@
 """Fuzzing (issue 18): mutated DICOM, NIfTI, PNG/JPEG files and manifest CSVs through scan, validate and cache build;
 multi-frame DICOM files the same way; labels CSVs through ``manifest scan --labels``; segmentation masks through the
-fine-tuning loader; path maps through reading, validate and cache build.
+fine-tuning loader; path maps through reading, validate and cache build; file and folder names with control
+characters, quotes and CSV separators through scan, labels join, validate and cache build.
 
 Every case runs under a watchdog (no hang); the properties are: no uncaught exception, every bad file named in the
 errors with a reason, the CLI answers with an exit code (never a traceback), and the cache holds no partial entry.
@@ -1122,3 +1123,64 @@ def test_bad_path_map_is_a_manifest_error_naming_it(tmp_path: Path, text: bytes,
     with pytest.raises(ManifestError, match=message) as caught:
         read_path_map(map_file)
     assert "a.png" not in str(caught.value)  # never quotes an entry
+
+
+# --- file and folder names: control characters, quotes, CSV separators, non-ASCII -------------------------------------
+
+# Linux allows every character in a name but "/" and NUL; these are the ones a CSV writer or a terminal trips on
+# ("a\rb.png" once cut its path-map entry in two, commit 4fae8e0).
+_TRICKY = "\r\n\t\x0b\x0c\x1b\x7f\x85\u2028\u202e\"',;= é"
+_NAME = st.text(
+    st.sampled_from(list(_TRICKY)) | st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
+    min_size=1,
+    max_size=10,
+).filter(lambda name: not name.startswith(".") and len(name.encode()) < 200)  # a leading dot: hidden, skipped
+_IMAGE_PATHS = st.lists(
+    st.tuples(st.lists(_NAME, max_size=2), _NAME).map(lambda t: "/".join([f"{f}_d" for f in t[0]] + [f"{t[1]}.png"])),
+    min_size=1,
+    max_size=4,
+    unique=True,
+)
+
+
+def _names_pipeline(work: Path, images: list[str], bad: str) -> None:
+    root = work / "archive"
+    rng = np.random.default_rng(0)
+    for rel in images:
+        write_png(root / rel, rng.integers(0, 255, (12, 12), dtype=np.uint8))
+    (root / bad).parent.mkdir(parents=True, exist_ok=True)
+    (root / bad).write_bytes(b"not a PNG")
+    labels = {rel: f"L{i}" for i, rel in enumerate(images)}
+    buffer = io.StringIO()  # RFC 4180 lines ending "\r\n", as spreadsheets write them (a bare "\r" is quoted)
+    csv.writer(buffer).writerows([("path", "label"), *((f"archive/{p}", v) for p, v in labels.items())])
+    (work / "labels.csv").write_text(buffer.getvalue(), encoding="utf-8", newline="")
+    out = work / "m.csv"
+    argv = ["manifest", "scan", str(root), "--out", str(out), "--labels", str(work / "labels.csv"), "--salt", SALT]
+    code, stdout, err = _cli([*argv, "--workers", "1", "--no-progress"])
+    assert code == 0, (code, err)
+    for name in [*images, bad]:  # the console names files by count and reason, never by (possibly escaping) name
+        assert name not in stdout + err
+    path_map = read_path_map(work / "m.paths.csv").paths
+    assert sorted(path_map.values()) == sorted([*images, bad]), "a file's path-map entry is not its name"
+    with open(work / "m.errors.csv", newline="", encoding="utf-8") as handle:
+        assert [path_map[r["path"]] for r in csv.DictReader(handle)] == [bad]
+    manifest = read_manifest(out)
+    assert {path_map[r.path]: r.label for r in manifest.rows} == labels
+    code, _, err = _cli(["manifest", "validate", str(out)])
+    assert code == 0, (code, err)
+    report = build_cache(manifest, work / "cache", PreprocessConfig(), workers=1, progress=False)
+    assert not report.errors
+    assert set(open_cache(manifest, work / "cache", PreprocessConfig())) == {r.id for r in manifest.rows}
+
+
+@FUZZ
+@given(images=_IMAGE_PATHS, bad=_NAME.map(lambda name: f"{name}.png"))
+@example(images=["a\rb.png", 'q"_d/x,\n.png'], bad="\x1b[2J.png")
+@example(images=["0.png"], bad="\\.png")  # found: a Linux file named "\\.png" was refused as absolute; the scan stopped
+def test_file_and_folder_names_with_control_characters_round_trip(images: list[str], bad: str) -> None:
+    """Every file is in the path map under its exact name, its label joins, the bad file is reported by key, the
+    manifest validates and caches: whatever the characters of its name and of its folders' names."""
+    if bad in images:
+        bad = "0" + bad
+    with tempfile.TemporaryDirectory(dir=FAST_TMP) as tmp:
+        _with_watchdog(lambda: _names_pipeline(Path(tmp), images, bad))

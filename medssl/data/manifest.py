@@ -70,7 +70,8 @@ def resolve_under_root(root: Path, relative: str, manifest: Path | None = None) 
     """``root / relative`` for a file that a manifest row names by its path, refusing a path that could leave the root.
 
     The check is on the text (symbolic links inside the root are followed as the file system does): an absolute path
-    (``/x``, ``C:\\x``, ``\\\\server\\x``) or a ``..`` component (with either separator) is refused.
+    or a ``..`` component is refused, by this machine's rules (:func:`medssl.data.pathmap.root_escape`: on Windows
+    also ``C:\\x``, ``\\\\server\\x`` and ``..`` between backslashes; on POSIX a backslash is part of a name).
 
     Args:
         manifest: the manifest file, named in the message.

@@ -72,16 +72,33 @@ class PathMap:
         return len(self.paths)
 
 
-def root_escape(relative: str) -> str | None:
-    """Why ``relative`` could name a file outside its root, on the text alone: ``an absolute path`` (``/x``,
-    ``C:\\x``, ``C:x``, ``\\\\server\\x``), ``a path with a '..' component`` (with either separator), or None.
+WINDOWS_PATHS = os.name == "nt"
+"""Whether this machine reads ``\\`` as a separator and ``C:`` as a drive (what :func:`root_escape` checks by
+default)."""
 
-    Worked on the string (what ``PureWindowsPath`` would say, with both separators and drives), not by making a
-    ``Path``: a map of 100,000 entries would fill pathlib's table of interned strings with every part."""
+
+def root_escape(relative: str, windows: bool = WINDOWS_PATHS) -> str | None:
+    """Why ``relative`` could name a file outside its root on the machine that opens it, on the text alone: ``an
+    absolute path`` or ``a path with a '..' component``, else None.
+
+    POSIX (``windows=False``): a leading ``/`` or a ``..`` between ``/``. A backslash and a colon are ordinary
+    characters of a name there (a file may be called ``\\x.png`` or ``C:x.png``), so such a path stays under the root.
+    Windows: also ``C:\\x``, ``C:x``, ``\\\\server\\x`` and a ``..`` between either separator (what
+    ``PureWindowsPath`` would say). Each machine checks what its own file system would do, so a manifest made on one
+    and read on the other is refused there when it would leave the root.
+
+    Worked on the string, not by making a ``Path``: a map of 100,000 entries would fill pathlib's table of interned
+    strings with every part."""
     first = relative[:1]
-    if first in ("/", "\\") or (relative[1:2] == ":" and first.isascii() and first.isalpha()):  # a root, a drive
+    if windows:
+        if first in ("/", "\\") or (relative[1:2] == ":" and first.isascii() and first.isalpha()):  # a root, a drive
+            return "an absolute path"
+        if ".." in relative.replace("\\", "/").split("/"):
+            return "a path with a '..' component"
+        return None
+    if first == "/":
         return "an absolute path"
-    if ".." in relative.replace("\\", "/").split("/"):
+    if ".." in relative.split("/"):
         return "a path with a '..' component"
     return None
 
