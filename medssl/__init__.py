@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medssl import export as _export_package  # the sub-package (a docstring; light), made callable below
+from medssl.version import __version__
 
 if TYPE_CHECKING:
     from medssl.downstream.embed import EmbeddingTable
     from medssl.train.trainer import TrainResult
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "embed", "export", "finetune", "pretrain"]
 
 _PLAIN = re.compile(r"[\w./:@%+~*?|$-]+")  # a string Hydra's override grammar reads as itself, unquoted

@@ -39,7 +39,8 @@ from medssl.cli import main
 from medssl.data.geometry import slice_to_display
 from medssl.data.preprocess import PreprocessConfig, preprocess
 from medssl.data.readers import LoadedImage, read_image_file, read_nifti
-from medssl.export.bundle import ExportedBackbone, backbone_from_run_dir, export_bundle, inflate_to_3d, write_bundle
+from medssl.export.backbones import ExportedBackbone, backbone_from_run_dir, inflate_to_3d
+from medssl.export.bundle import export_bundle, write_bundle
 from medssl.export.metadata import SCHEMA_MD5, SCHEMA_URL, schema_path, verify_metadata_offline
 from medssl.models.encoders import create_encoder, monai_resnet
 from medssl.train.config import compose_pretrain_config

@@ -1,17 +1,19 @@
-"""The package's layers point one way: configs (package data) <- runtime <- data <- models <- objectives <- train <-
-export <- downstream <- demo / cli. Every import in every module (top level, inside functions, under TYPE_CHECKING)
-is read from the source, so an upward import fails here however it is written."""
+"""The package's layers point one way: configs (package data), version <- runtime <- data <- models <- objectives <-
+train <- export <- downstream <- demo / cli. Every import in every module (top level, inside functions, under
+TYPE_CHECKING) is read from the source, so an upward import fails here however it is written. Inside a layer the
+modules import each other without a circle (an import inside a function counts: it only hides a circle)."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medssl"
 LAYERS = [
-    *("configs", "runtime", "data", "models", "objectives", "train"),
+    *("configs", "version", "runtime", "data", "models", "objectives", "train"),
     *("export", "downstream", "demo", "cli", "__main__"),
 ]
 TOP = LAYERS.index("demo")  # demo, cli and __main__ are the entry points: they may import everything
@@ -83,3 +85,111 @@ def test_the_check_sees_an_upward_import():
     names = [name for _, name in _imports(source, "medssl.data.probe")]
     assert names == ["medssl.models.heads", "medssl.train.trainer", "medssl.objectives", "medssl", "medssl.export"]
     assert [_room(n) for n in names] == ["models", "train", "objectives", None, "export"]
+
+
+def _import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the medssl modules it imports when it runs, for ``modules`` (name -> file; imports under ``if
+    TYPE_CHECKING:`` never run). ``from medssl.a import b`` is ``medssl.a.b`` when that is a module, else
+    ``medssl.a``; a package that Python imports on the way to a module (its ``__init__``) is not counted."""
+
+    def module_of(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)
+        }
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str | None] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {module_of(alias.name) for alias in node.names if alias.name.startswith("medssl")}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                source = ".".join(part for part in (base, node.module or "") if part)
+                if source.startswith("medssl"):
+                    targets |= {
+                        f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else module_of(source)
+                        for alias in node.names
+                    }
+        graph[name] = {target for target in targets if target is not None and target != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(graph) + 100))
+    try:
+        for node in sorted(graph):
+            if node not in index:
+                visit(node)
+    finally:
+        sys.setrecursionlimit(limit)
+    return found
+
+
+def test_no_import_circles():
+    """A circle closed by an import inside a function imports fine and still ties its modules together: none may
+    change or be read alone. Each circle is listed with the imports that close it."""
+    graph = _import_graph({_module_name(p).removesuffix(".__init__"): p for p in _modules()})
+    circles = _circles(graph)
+    described = [
+        " <-> ".join(circle) + ": " + "; ".join(f"{a} imports {sorted(graph[a] & set(circle))}" for a in circle)
+        for circle in circles
+    ]
+    assert not circles, "\n".join(described)
+
+
+def test_the_circle_check_finds_a_circle_closed_inside_a_function(tmp_path: Path):
+    texts = {
+        "medssl.a": "def f():\n    from medssl.b import x\n",  # closes the circle from inside a function
+        "medssl.b": "from . import c\n",
+        "medssl.c": "import medssl.a\n",
+        "medssl.d": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from medssl import a\n",  # never runs
+        "medssl.e": "from medssl import d\n",
+    }
+    modules = {}
+    for name, text in texts.items():
+        modules[name] = tmp_path / f"{name.split('.')[1]}.py"
+        modules[name].write_text(text, encoding="utf-8")
+    graph = _import_graph(modules)
+    assert graph == {"medssl.a": {"medssl.b"}, "medssl.b": {"medssl.c"}, "medssl.c": {"medssl.a"}, "medssl.d": set(),
+                     "medssl.e": {"medssl.d"}}  # fmt: skip
+    assert _circles(graph) == [["medssl.a", "medssl.b", "medssl.c"]]

@@ -27,8 +27,8 @@ from training import tiny_overrides, write_training_data
 from medssl.cli import main
 from medssl.data.manifest import read_manifest, write_manifest
 from medssl.downstream.common import load_backbone
-from medssl.export.bundle import export_bundle, resolve_source
-from medssl.export.sources import EXAMPLE_BATCH, MODEL_NAME
+from medssl.export.bundle import export_bundle
+from medssl.export.sources import EXAMPLE_BATCH, MODEL_NAME, resolve_source
 from medssl.runtime.checkpoints import load_checkpoint
 from medssl.runtime.tracking import git_state, provenance_tags, use_tracking_uri
 from medssl.train.config import compose_pretrain_config

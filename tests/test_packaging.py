@@ -98,3 +98,15 @@ def test_the_wheel_holds_the_configs_and_runs_outside_the_checkout(tmp_path):
     # the Hydra job folder is the run folder: .hydra/ beside the checkpoints, nothing else in the working directory
     assert "run.name=installed" in (work / "outputs" / "installed" / ".hydra" / "overrides.yaml").read_text("utf-8")
     assert sorted(p.name for p in (work / "outputs").iterdir()) == ["installed"]
+
+
+def test_the_package_version_is_the_projects():
+    """``medssl --version``, the runs' ``medssl.version`` tag (source trees) and the MLflow model's requirements read
+    ``medssl.version``; the wheel's metadata reads ``pyproject.toml``: one number."""
+    import tomllib
+
+    import medssl
+    from medssl.version import __version__
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert __version__ == project["version"] == medssl.__version__

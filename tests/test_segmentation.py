@@ -21,7 +21,8 @@ from medssl.downstream.segmentation import (
     dice_per_class,
     run_segmentation,
 )
-from medssl.export.bundle import ExportedBackbone, write_bundle
+from medssl.export.backbones import ExportedBackbone
+from medssl.export.bundle import write_bundle
 from medssl.models.encoders import create_encoder
 from medssl.runtime.configs import structured_config
 

@@ -117,7 +117,7 @@ def load_backbone(
 ) -> LoadedBackbone:
     """The encoder for a downstream task, from a bundle folder, an MLflow run id, an MLflow model URI
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone_model``, resolved against
-    ``tracking_uri``: :func:`medssl.export.bundle.resolve_source`), or ``none`` (random init).
+    ``tracking_uri``: :func:`medssl.export.sources.resolve_source`), or ``none`` (random init).
 
     A 2D bundle is inflated to 3D (I3D, :mod:`medssl.export.inflate`) when ``spatial_dims=3``. Every tensor of the
     bundle must match the network by name and shape; otherwise this raises instead of loading part of it.

@@ -33,6 +33,7 @@ import monai
 import numpy as np
 import torch
 
+from medssl.export.backbones import CHECKPOINT_PREFIX, ExportedBackbone, inflate_to_3d
 from medssl.export.inference import inference_config as inference_config_of
 from medssl.export.metadata import (
     SCHEMA_URL,
@@ -44,11 +45,11 @@ from medssl.export.metadata import (
     pretraining_modalities,
     required_packages,
 )
-from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from medssl.export.sources import resolve_source
+from medssl.runtime.checkpoints import save_checkpoint
 from medssl.runtime.files import atomic_write_text
 
 BUNDLE_VERSION = "1.0.0"
-CHECKPOINT_PREFIX = "model.encoder.backbone."  # where the encoder's weights sit in a training checkpoint
 AXIS_ORDER_3D = (
     "3D input [C, D, H, W]: D along the slice normal (the pretraining stacks' plane), each [H, W] in the 2D "
     "encoder's display orientation, from a volume reoriented to RAS+"
@@ -57,149 +58,6 @@ AXIS_ORDER = (
     "2D input [C, H, W]: one slice in radiological display orientation (superior/anterior at the top, the "
     "patient's right on the left), taken from a volume reoriented to RAS+ [X, Y, Z]; a 2D image as stored"
 )
-
-
-@dataclass
-class ExportedBackbone:
-    """A 2D encoder ready to write: MONAI ``ResNet`` kwargs, its weights, and what produced it."""
-
-    network_kwargs: dict[str, Any]
-    weights: dict[str, torch.Tensor]
-    out_dim: int
-    config: dict[str, Any]  # the run's resolved pretraining config
-    run_id: str | None
-    run_name: str
-    spatial_dims: int = 2
-    inflation: dict[str, Any] | None = None  # how a 3D network was inflated from the 2D encoder
-
-
-def inflate_to_3d(
-    exported: ExportedBackbone, depth_kernel: int | None = None, depth_stride: int = 1
-) -> ExportedBackbone:
-    """The same encoder as a 3D MONAI ResNet (I3D inflation, :mod:`medssl.export.inflate`)."""
-    from medssl.export.inflate import inflate_state_dict, inflated_config
-
-    config_3d = inflated_config(exported.network_kwargs, depth_kernel, depth_stride)
-    weights = inflate_state_dict(exported.weights, config_3d)
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in config_3d.items()}
-    return ExportedBackbone(
-        network_kwargs=_plain_norm(kwargs),
-        weights=weights,
-        out_dim=exported.out_dim,
-        config=exported.config,
-        run_id=exported.run_id,
-        run_name=exported.run_name,
-        spatial_dims=3,
-        inflation={
-            "method": "I3D (Carreira & Zisserman, CVPR 2017): 2D kernels repeated along depth, divided by depth",
-            "stem_kernel": kwargs["conv1_t_size"],
-            "stem_stride": kwargs["conv1_t_stride"],
-        },
-    )
-
-
-def _plain_norm(kwargs: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(kwargs)
-    norm = kwargs.get("norm", "batch")
-    kwargs["norm"] = list(norm) if isinstance(norm, tuple) else norm
-    return kwargs
-
-
-def backbone_from_checkpoint(path: Path) -> ExportedBackbone:
-    """The encoder of a training checkpoint (``outputs/<run>/checkpoints/step_*.pt``)."""
-    from medssl.models.joint import JointModel
-    from medssl.train.config import pretrain_config
-
-    state = load_checkpoint(path)
-    if "objective" not in state or "config" not in state:
-        raise ValueError(f"{path}: not a medssl pretraining checkpoint")
-    config = pretrain_config(state["config"])
-    encoder = JointModel(config.model).encoder
-    weights = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state["objective"].items() if k.startswith(CHECKPOINT_PREFIX)}
-    missing = set(encoder.backbone.state_dict()) - set(weights)
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} encoder tensors missing (e.g. {sorted(missing)[0]})")
-    return ExportedBackbone(
-        network_kwargs=_plain_norm(encoder.backbone_config),
-        weights=weights,
-        out_dim=int(encoder.stage_channels[-1]),
-        config=state["config"],
-        run_id=state.get("mlflow_run_id"),
-        run_name=str(state.get("run_name", path.parent.parent.name)),
-    )
-
-
-def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
-    """``backbone.pt`` + ``backbone.json`` of a finished run, else its latest checkpoint."""
-    meta_path, weights_path = run_dir / "backbone.json", run_dir / "backbone.pt"
-    if meta_path.is_file() and weights_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        checkpoint = latest_checkpoint(run_dir)
-        config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else {}
-        return ExportedBackbone(
-            network_kwargs=_plain_norm(meta["kwargs"]),
-            weights=load_checkpoint(weights_path),
-            out_dim=int(meta["out_dim"]),
-            config=config,
-            run_id=meta.get("run_id"),
-            run_name=str(meta.get("run_name", run_dir.name)),
-        )
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir}: no backbone.pt/backbone.json and no checkpoints/latest")
-    return backbone_from_checkpoint(checkpoint)
-
-
-def backbone_from_mlflow(run_id: str, tracking_uri: str) -> ExportedBackbone:
-    """Download ``backbone/`` of an MLflow run and read it."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        client.get_run(run_id)
-    except Exception:
-        raise ValueError(f"{run_id}: no such MLflow run in {tracking_uri}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(run_id, "backbone", tmp))
-        if not (local / "backbone.pt").is_file():
-            raise FileNotFoundError(f"MLflow run {run_id} has no backbone/backbone.pt (did the run finish?)")
-        exported = backbone_from_run_dir(local)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            config_file = Path(client.download_artifacts(run_id, "config/pretrain.yaml", tmp))
-        except Exception:  # an older run without its config: the metadata says less, the weights are the same
-            config_file = None
-        if config_file is not None:
-            import yaml
-
-            exported.config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    exported.run_id = run_id
-    return exported
-
-
-def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBackbone:
-    """A run folder, a checkpoint file, an MLflow run id (32 hex digits), or an MLflow model URI
-    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone_model``; :mod:`medssl.export.sources`).
-    """
-    from medssl.export import sources
-
-    if sources.is_model_uri(source):
-        from medssl.runtime.tracking import default_tracking_uri
-
-        return sources.backbone_from_model_uri(source, tracking_uri or default_tracking_uri(Path.cwd()))
-    path = Path(source)
-    if path.is_dir():
-        return backbone_from_run_dir(path)
-    if path.is_file():
-        return backbone_from_checkpoint(path)
-    if len(source) == 32 and all(c in "0123456789abcdef" for c in source):
-        from medssl.runtime.tracking import default_tracking_uri
-
-        return backbone_from_mlflow(source, tracking_uri or default_tracking_uri(Path.cwd()))
-    raise FileNotFoundError(
-        f"{source}: not a run folder, a checkpoint file or an MLflow run id (nor an MLflow model URI: "
-        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/backbone_model)"
-    )
 
 
 def network_definition(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The pretrained backbone as an MLflow model, and MLflow model URIs as a source of a backbone.
+"""Where ``medssl export`` and fine-tuning get a backbone: :func:`resolve_source` picks between a run folder, a
+checkpoint, an MLflow run id (:mod:`medssl.export.backbones`) and an MLflow model URI (here).
+
+The pretrained backbone as an MLflow model, and MLflow model URIs as a source of a backbone.
 
 A finished pretraining run (``logging.log_model=true``) logs its encoder with ``mlflow.pytorch.log_model`` as the
 model ``backbone_model`` of the run (:func:`log_backbone_model`), next to ``backbone/backbone.pt``: the plain MONAI
@@ -9,7 +12,7 @@ version of ``NAME`` in the model registry, with the alias ``logging.register_ali
 
 :func:`backbone_from_model_uri` reads such a model back, by MLflow's own resolution against a tracking URI:
 ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/<model id>`` and
-``runs:/RUN_ID/backbone_model`` (what :func:`medssl.export.bundle.resolve_source` accepts besides run folders,
+``runs:/RUN_ID/backbone_model`` (what :func:`resolve_source` accepts besides run folders,
 checkpoints and run ids).
 """
 
@@ -18,15 +21,17 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from medssl.export.bundle import ExportedBackbone
+from medssl.export.backbones import (
+    ExportedBackbone,
+    backbone_from_checkpoint,
+    backbone_from_mlflow,
+    backbone_from_run_dir,
+)
 from medssl.train.backbone_model import _METADATA_KEY, EXAMPLE_BATCH, MODEL_NAME, backbone_network, pip_requirements
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "EXAMPLE_BATCH",
@@ -35,6 +40,7 @@ __all__ = [
     "backbone_network",
     "is_model_uri",
     "pip_requirements",
+    "resolve_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,4 +139,27 @@ def backbone_from_model_uri(uri: str, tracking_uri: str) -> ExportedBackbone:
         config=_run_config(tracking_uri, run_id),
         run_id=run_id,
         run_name=str(meta.get("run_name") or uri),
+    )
+
+
+def resolve_source(source: str, tracking_uri: str | None = None) -> ExportedBackbone:
+    """A run folder, a checkpoint file, an MLflow run id (32 hex digits), or an MLflow model URI
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/backbone_model``:
+    :func:`backbone_from_model_uri`)."""
+    if is_model_uri(source):
+        from medssl.runtime.tracking import default_tracking_uri
+
+        return backbone_from_model_uri(source, tracking_uri or default_tracking_uri(Path.cwd()))
+    path = Path(source)
+    if path.is_dir():
+        return backbone_from_run_dir(path)
+    if path.is_file():
+        return backbone_from_checkpoint(path)
+    if len(source) == 32 and all(c in "0123456789abcdef" for c in source):
+        from medssl.runtime.tracking import default_tracking_uri
+
+        return backbone_from_mlflow(source, tracking_uri or default_tracking_uri(Path.cwd()))
+    raise FileNotFoundError(
+        f"{source}: not a run folder, a checkpoint file or an MLflow run id (nor an MLflow model URI: "
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/backbone_model)"
     )

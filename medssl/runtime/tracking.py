@@ -223,9 +223,7 @@ def git_state(package_dir: Path | None = None) -> dict[str, str]:
     commands, each at most 10 s; never raises.
     """
     if package_dir is None:
-        import medssl
-
-        package_dir = Path(medssl.__file__).resolve().parent
+        package_dir = Path(__file__).resolve().parents[1]  # medssl/ (this file is medssl/runtime/tracking.py)
     if not package_dir.is_dir() or _git(["ls-files", "--error-unmatch", "--", "__init__.py"], package_dir) is None:
         return {}
     commit = (_git(["rev-parse", "--verify", "HEAD"], package_dir) or "").strip()
@@ -244,13 +242,13 @@ def provenance_tags() -> dict[str, str]:
     ``mlflow.source.git.commit``, which the UI shows) and ``medssl.git_dirty``. Never raises."""
     import importlib.metadata
 
-    import medssl
+    from medssl.version import __version__
 
     tags: dict[str, str] = {}
     try:
         tags["medssl.version"] = importlib.metadata.version("medssl")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        tags["medssl.version"] = str(getattr(medssl, "__version__", "unknown"))
+        tags["medssl.version"] = __version__
     for name in ("torch", "monai"):
         try:
             module = __import__(name)

@@ -34,11 +34,11 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from medssl.runtime.configs import SHIPPED_CONFIG_MODULE, user_config_dir
+from medssl.runtime.configs import user_config_dir
+from medssl.runtime.hydra_app import config_error, hydra_with_configs, register_resolvers
 
 if TYPE_CHECKING:
     import argparse
@@ -72,74 +72,11 @@ class SweepStopped(RuntimeError):
 
 
 # ---------------------------------------------------------------- Hydra with the shipped configs
-RUN_NAME_RESOLVER = "medssl.run_name"
-
-
-def job_run_name(name: str | None, method: str) -> str:
-    """The ``medssl.run_name`` resolver of the shipped Hydra settings (``${medssl.run_name:${run.name},${method.name}}``
-    in ``hydra.run.dir``): ``run.name`` when given, else the trainer's default ``<method>-<YYYYmmdd-HHMMSS>``."""
-    return str(name) if name is not None else f"{method}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def register_resolvers() -> None:
-    """The OmegaConf resolvers the shipped configs use (cached: one config resolves one timestamp)."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver(RUN_NAME_RESOLVER):
-        OmegaConf.register_new_resolver(RUN_NAME_RESOLVER, job_run_name, use_cache=True)
-
-
-@contextlib.contextmanager
-def hydra_with_configs(user: Path | None, task_name: str = TASK_NAME, schema: Any = None) -> Iterator[Hydra]:
-    """Hydra initialised as ``@hydra.main(config_path="pkg://medssl.configs")`` initialises it, with ``user`` where
-    Hydra's own ``--config-dir`` puts it (after the primary path, before the structured schema: the user's folder
-    adds group options and top-level configs; a name in both is the shipped file); the same search path
-    ``hydra._internal.utils.run_hydra`` builds. ``schema`` is stored as ``pretrain_schema``, the first entry of
-    ``pretrain.yaml``'s defaults (:class:`medssl.train.config.PretrainConfig`; ``None``: an empty node, for the tab
-    completion, which must not wait for torch to import). Yields the Hydra object (``run``, ``multirun``,
-    ``show_cfg``...); the global Hydra state is restored afterwards."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    ConfigStore.instance().store(name="pretrain_schema", node=schema if schema is not None else {})
-    register_resolvers()
-    backup = get_gh_backup()
-    search_path = create_config_search_path(f"pkg://{SHIPPED_CONFIG_MODULE}")
-    if user is not None:
-        search_path.prepend(provider="command-line", path=f"file://{user}", anchor=SearchPathQuery(provider="schema"))
-    GlobalHydra.instance().clear()
-    try:
-        yield Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path)
-    finally:
-        restore_gh_from_backup(backup)
-
-
 def _typed_hydra(user: Path | None) -> contextlib.AbstractContextManager[Hydra]:
     """:func:`hydra_with_configs` with the typed schema (imports torch: the config dataclasses name the models)."""
     from medssl.train.config import shipped_configs_with
 
     return shipped_configs_with(user, TASK_NAME)
-
-
-def config_error(exc: Exception) -> ValueError:
-    """A Hydra or OmegaConf composition error as one line naming the key or option (what ``medssl pretrain`` prints
-    before exiting with code 2), without Hydra's search-path dump."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(exc, HydraException):
-        text = str(exc).split("Config search path:")[0]
-        if exc.__cause__ is not None:  # e.g. the OmegaConf type error behind "Error merging override ..."
-            text += f": {str(exc.__cause__).splitlines()[0]}"
-        return ValueError(" ".join(line.strip() for line in text.splitlines() if line.strip()))
-    if isinstance(exc, OmegaConfBaseException):
-        key = getattr(exc, "full_key", None) or "?"
-        return ValueError(f"{key}: {str(exc).splitlines()[0]}")
-    return ValueError(str(exc))
 
 
 # ---------------------------------------------------------------- checking overrides before anything runs
@@ -370,7 +307,7 @@ def hydra_help(
     """``--hydra-help``: Hydra's own help (its flags and the ``hydra/`` groups: launchers, sweepers, logging)."""
     from argparse import Namespace
 
-    with hydra_with_configs(user_config_dir(config_dir)) as hydra:
+    with hydra_with_configs(user_config_dir(config_dir), TASK_NAME) as hydra:
         hydra.hydra_help(config_name, parser, Namespace(overrides=list(overrides)))
 
 
@@ -452,7 +389,7 @@ def shell_completion(
     previous = os.environ.get("COMP_LINE")
     os.environ["COMP_LINE"] = line
     try:
-        with hydra_with_configs(user_config_dir(line_dir or config_dir)) as hydra:
+        with hydra_with_configs(user_config_dir(line_dir or config_dir), TASK_NAME) as hydra:
             hydra.shell_completion(line_name or config_name, ["query=bash"])
     except (HydraException, FileNotFoundError):
         print()  # no suggestions rather than an error in the user's shell

@@ -40,9 +40,7 @@ def pip_requirements() -> list[str]:
     try:
         medssl_version = importlib.metadata.version("medssl")
     except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
-        import medssl
-
-        medssl_version = medssl.__version__
+        from medssl.version import __version__ as medssl_version
     return [
         f"medssl=={medssl_version}",
         f"torch=={torch.__version__.split('+')[0]}",

@@ -22,6 +22,7 @@ from medssl.models.joint import JointModelConfig
 from medssl.objectives.joint import JointObjectiveConfig
 from medssl.objectives.simclr import MoCHiConfig
 from medssl.runtime.configs import structured_config, user_config_dir
+from medssl.runtime.hydra_app import config_error, hydra_with_configs
 
 if TYPE_CHECKING:
     from hydra._internal.hydra import Hydra
@@ -254,13 +255,11 @@ def to_container(config: PretrainConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def shipped_configs_with(user: Path | None, task_name: str = "medssl") -> Iterator[Hydra]:
-    """Hydra initialised as ``medssl pretrain`` is (:func:`medssl.train.app.hydra_with_configs`): the shipped
+    """Hydra initialised as ``medssl pretrain`` is (:func:`medssl.runtime.hydra_app.hydra_with_configs`): the shipped
     configs (``pkg://medssl.configs``) as the primary config path and ``user`` where Hydra's own ``--config-dir``
     puts it (the user's folder adds group options and top-level configs; a name in both is the shipped file), with
     :class:`PretrainConfig` as the typed schema under the YAML files. Yields the Hydra object; the global Hydra
     state is restored afterwards."""
-    from medssl.train.app import hydra_with_configs
-
     # The typed schema under the YAML files: every key of PretrainConfig exists (and can be overridden) even
     # where a group's YAML leaves it out, and Hydra checks types while it composes.
     with hydra_with_configs(user, task_name, schema=PretrainConfig) as hydra:
@@ -280,8 +279,6 @@ def compose_pretrain_config(
     """
     from hydra import compose
     from hydra.errors import HydraException
-
-    from medssl.train.app import config_error
 
     try:
         with shipped_configs_with(user_config_dir(directory)):
