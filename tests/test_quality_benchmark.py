@@ -222,3 +222,38 @@ def test_the_staged_method_starts_from_the_study_s_finished_2d_run(tmp_path: Pat
         ("hippocampus-staged-simclr", 120, simclr_run),
         ("hippocampus-staged-simclr", 120, simclr_run),
     ]
+
+
+def test_the_alarm_calibration_replays_a_study_s_logged_windows(tmp_path: Path) -> None:
+    import json
+
+    import alarm_calibration
+
+    from medssl.runtime.tracking import Tracker
+
+    def study(name: str, spread: list[float], knn: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"backbone": b, "protocol": "knn", "label_fraction": 0.1, "auroc": [v, 0.0]} for b, v in
+                (("swav2d", knn), ("random", 0.96))]  # fmt: skip
+        (folder / "quality.json").write_text(json.dumps({"tables": {"cxr": {"rows": rows}}}))
+        tracker = Tracker(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="cxr-swav2d")
+        tracker.log_params({"trainer.optimizer.warmup_steps": 20, "method.objective.freeze_prototypes_steps": 30})
+        for i, u in enumerate(spread):
+            tracker.log_metrics(
+                {
+                    "health/intra_uniformity": u,
+                    "health/intra_prediction_entropy": 0.99,
+                    "health/intra_gap_to_uniform": 0.05,
+                },
+                10 * (i + 1),
+            )
+        tracker.finish()
+        return folder
+
+    cone = study("cone", [-2.5, -1.0, -0.7, -0.6, -0.6, -0.6, -0.6, -0.6, -0.6], 0.87)
+    spread = study("spread", [-2.6, -2.9, -3.3, -3.4, -3.5, -3.5, -3.6, -3.6, -3.6], 0.97)
+    rows = alarm_calibration.table("cxr", "swav2d", [("cone", cone), ("spread", spread)], "auroc").splitlines()
+    # the alarm starts at step 30 (the freeze outlasts the warm-up); 5 windows from there: steps 30..70
+    assert rows[-2] == "| cone | 90 | 30 | -0.70 | -0.60 | -0.60 | warning intra at step 70 | 0.870 / 0.960 |"
+    assert rows[-1] == "| spread | 90 | 30 | -3.30 | -3.30 | -3.60 | note intra at step 70 | 0.970 / 0.960 |"

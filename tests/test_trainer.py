@@ -192,21 +192,42 @@ def test_a_compute_budget_stops_the_run_as_finished_with_its_backbone(dataset, c
         run(folder, manifest, "trainer.max_minutes=0", "run.name=budget0", "logging=none")
 
 
-def test_uniform_swav_predictions_raise_a_health_warning_in_the_log_and_mlflow(dataset, monkeypatch, capsys):
+def test_a_swav_run_in_a_cone_raises_a_health_warning_in_the_log_and_mlflow(dataset, monkeypatch, capsys):
     folder, manifest = dataset
     original = JointObjective.forward
 
-    def collapsed(self, *args, **kwargs):  # what a run stuck at SwAV's trivial solution logs
+    def collapsed(self, *args, **kwargs):  # what a run at SwAV's trivial solution, embeddings in a cone, logs
         loss, metrics = original(self, *args, **kwargs)
         metrics["health/intra_prediction_entropy"] = torch.ones(())
+        metrics["health/intra_uniformity"] = torch.tensor(-0.5)
         return loss, metrics
 
     monkeypatch.setattr(JointObjective, "forward", collapsed)
     result = run(folder, manifest, "trainer.max_steps=7", "run.name=collapsed", "method=swav2d")
     out = capsys.readouterr().out
-    assert out.count("health warning at step 5: L_intra predictions are (nearly) uniform") == 1  # windows 1..5
+    assert out.count("health warning at step 5: the L_intra embeddings are drawn into a cone") == 1  # windows 1..5
     tags = client(folder).get_run(result.run_id).data.tags
     assert tags["health_warning_intra"].startswith("health warning at step 5")
+    assert "predictions are (nearly) uniform over the prototypes too" in tags["health_warning_intra"]
+
+
+def test_uniform_predictions_with_spread_embeddings_are_a_health_note(dataset, monkeypatch, capsys):
+    folder, manifest = dataset
+    original = JointObjective.forward
+
+    def not_started(self, *args, **kwargs):  # a short healthy run: clustering not started, embeddings spread (KoLeo)
+        loss, metrics = original(self, *args, **kwargs)
+        metrics["health/intra_prediction_entropy"] = torch.ones(())
+        metrics["health/intra_uniformity"] = torch.tensor(-3.5)
+        return loss, metrics
+
+    monkeypatch.setattr(JointObjective, "forward", not_started)
+    result = run(folder, manifest, "trainer.max_steps=7", "run.name=notstarted", "method=swav2d")
+    out = capsys.readouterr().out
+    assert out.count("health note at step 5: L_intra predictions are (nearly) uniform") == 1
+    assert "health warning" not in out
+    tags = client(folder).get_run(result.run_id).data.tags
+    assert tags["health_note_intra"].startswith("health note at step 5") and "health_warning_intra" not in tags
 
 
 def test_a_learning_swav_run_raises_no_health_warning(dataset, monkeypatch, capsys):

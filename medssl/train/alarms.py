@@ -1,16 +1,25 @@
-"""Run-health alarms: turn the logged health metrics into one clear warning while a run can still be stopped.
+"""Run-health alarms: turn the logged health metrics into one clear message while a run can still be stopped.
 
-:class:`UniformPredictionAlarm` watches the SwAV prediction entropy (``health/*_prediction_entropy``, the mean entropy
-of ``softmax(scores / temperature)`` divided by ``ln K``, :class:`medssl.objectives.swav.SwAVLoss`) and the gap
-between ``ln K`` and the loss (``health/*_gap_to_uniform``). When the entropy stays at ``threshold`` or above, or the
-gap below ``gap_threshold``, for ``patience`` consecutive logging windows, the predictions are (nearly) uniform over
-the prototypes: the swapped-prediction loss sits at or near ``ln K`` and the encoder receives little clustering
-signal. The soft form (entropy 0.94-0.97, loss a few tenths of a nat under ``ln K``) escapes an entropy threshold,
-hence the gap. This is SwAV's trivial
-solution (Caron et al., NeurIPS 2020; the facebookresearch/swav README calls a loss stuck at ``ln(nmb_prototypes)`` a
-collapse); small batches and few prototypes make it likely. :func:`frozen_prototypes_warning` checks a run's
-configuration before it starts: SwAV prototypes frozen for the whole run never train. Pure bookkeeping: no I/O, the
-trainer prints and logs.
+:class:`UniformPredictionAlarm` watches, per SwAV stream (``intra``, ``inter``), the prediction entropy
+(``health/*_prediction_entropy``, the mean entropy of ``softmax(scores / temperature)`` divided by ``ln K``,
+:class:`medssl.objectives.swav.SwAVLoss`), the gap between ``ln K`` and the loss (``health/*_gap_to_uniform``) and,
+for the 2D stream, the uniformity of the embeddings (``health/intra_uniformity``, Wang & Isola, ICML 2020).
+
+* **Stuck**: the entropy stays at ``threshold`` or above, or the gap below ``gap_threshold``, for ``patience``
+  consecutive logging windows: the predictions are (nearly) uniform over the prototypes and the swapped-prediction
+  loss sits at or near ``ln K``, SwAV's trivial solution (Caron et al., NeurIPS 2020; the facebookresearch/swav
+  README calls a loss stuck at ``ln(nmb_prototypes)`` a collapse). The soft form (entropy 0.94-0.97, loss a few
+  tenths of a nat under ``ln K``) escapes an entropy threshold, hence the gap.
+* **Cone**: the 2D embeddings' uniformity stays above ``cone_threshold`` for ``patience`` windows: they are drawn
+  together, and the encoder loses features (2D SwAV without a spreading term on Kermany: uniformity -2.5 -> -0.5,
+  kNN AUROC 0.10 under random init; BENCHMARKS.md, issue 14).
+
+A cone is a **health warning** (tag ``health_warning_<stream>``). A stuck stream is a warning too, unless the 2D
+embeddings are measured and spread (uniformity at or under ``cone_threshold``): then it is a **health note** (tag
+``health_note_intra``), since at short budgets the clustering of a healthy run has not started yet and its
+features still beat random init (the loss says little there; the probes tell). :func:`frozen_prototypes_warning`
+checks a run's configuration before it starts: SwAV prototypes frozen for the whole run never train. Pure
+bookkeeping: no I/O, the trainer prints and logs.
 """
 
 from __future__ import annotations
@@ -18,20 +27,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["GAP_THRESHOLD", "UniformPredictionAlarm", "frozen_prototypes_warning"]
+__all__ = ["CONE_THRESHOLD", "GAP_THRESHOLD", "UniformPredictionAlarm", "frozen_prototypes_warning"]
 
 # ln K - loss (nats) under which SwAV counts as stuck: calibrated in BENCHMARKS.md ("health alarm calibration").
 GAP_THRESHOLD = 0.5
+# Uniformity (Wang & Isola, t = 2) of the 2D clustering stream's embeddings above which they count as drawn into a
+# cone: calibrated in BENCHMARKS.md ("health alarm calibration") on collapsed runs (-0.95 to -0.50 after the first
+# tenth) and healthy ones (-2.03 at most after the first tenth).
+CONE_THRESHOLD = -1.75
+CONE_ADVICE = (
+    "raise the spreading term (method.objective.koleo_weight, 0.1 by default; 0 turns it off) or add one "
+    "(method.objective.uniformity_weight), or for a short CPU budget use method=simclr (or "
+    "method.objective.intra_clustering=simclr under the 3D terms), whose negatives keep the embeddings apart"
+)
 
 ADVICE = {
     "intra": (
         "try a queue so that queue + batch covers the prototypes (method.objective.queue_length, e.g. 480 for a batch "
         "of 32 and 512 prototypes), a sharper Sinkhorn (method.objective.epsilon=0.03) or a larger batch "
-        "(trainer.batch.images). At short budgets the loss stays near ln K even when the features are good: with the "
-        "KoLeo term on (method.objective.koleo_weight, 0.1 by default) check the embedding uniformity, which falls "
-        "in a good run and rises into a cone in a collapsed one; for a short CPU budget method=simclr (or "
-        "method.objective.intra_clustering=simclr under the 3D terms) learns where SwAV has not started "
-        "(BENCHMARKS.md, issue 14 levers)"
+        "(trainer.batch.images); for a short CPU budget method=simclr (or method.objective.intra_clustering=simclr "
+        "under the 3D terms) learns where SwAV has not started (BENCHMARKS.md, issue 14 levers)"
     ),
     "inter": (
         "try a queue of volume embeddings (method.objective.inter_queue_length), a sharper Sinkhorn "
@@ -43,22 +58,28 @@ ADVICE = {
 
 @dataclass
 class UniformPredictionAlarm:
-    """Fires once per stream (``intra``, ``inter``) when its predictions stay uniform.
+    """Fires once per stream (``intra``, ``inter``): a warning when its predictions stay uniform or its 2D
+    embeddings stay in a cone, a note when its predictions stay uniform while its 2D embeddings are spread.
 
     Args:
         threshold: normalised prediction entropy counted as uniform (1.0 = exactly uniform; a freshly initialised
             ResNet-18 + projector measured 0.94 with 512 prototypes and a temperature of 0.1 on Kermany crops).
         gap_threshold: ``ln K − loss`` (nats) under which the loss counts as stuck at the trivial solution.
-        patience: consecutive logging windows at or above ``threshold`` before the alarm fires.
-        start_step: windows logged before this step are ignored (learning-rate warm-up).
+        cone_threshold: ``health/intra_uniformity`` above which the 2D embeddings count as drawn into a cone (the
+            volume embeddings of ``inter`` start near one point and are not judged by it).
+        patience: consecutive logging windows in a state before its message.
+        start_step: windows logged before this step are ignored (learning-rate warm-up, prototype freeze).
     """
 
     threshold: float = 0.98
     gap_threshold: float = GAP_THRESHOLD
+    cone_threshold: float = CONE_THRESHOLD
     patience: int = 5
     start_step: int = 0
-    _streak: dict[str, int] = field(default_factory=dict, init=False)
+    _stuck: dict[str, int] = field(default_factory=dict, init=False)
+    _cone: dict[str, int] = field(default_factory=dict, init=False)
     fired: set[str] = field(default_factory=set, init=False)
+    noted: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1 or self.patience < 1 or self.start_step < 0:
@@ -68,32 +89,65 @@ class UniformPredictionAlarm:
             )
         if not self.gap_threshold >= 0:
             raise ValueError(f"gap_threshold must be >= 0, got {self.gap_threshold}")
+        if not -10 < self.cone_threshold < 0:  # uniformity with t = 2 lies in [-4, 0]
+            raise ValueError(f"cone_threshold must be a uniformity in (-10, 0), got {self.cone_threshold}")
 
     def update(self, step: int, metrics: Mapping[str, float]) -> list[tuple[str, str]]:
-        """Feed one logging window's metrics; returns ``(stream, warning)`` for the alarms that fire now (each
-        stream at most once per run)."""
+        """Feed one logging window's metrics; returns ``(tag, message)`` for what fires now: tag
+        ``health_warning_<stream>`` (at most once per stream and run) or ``health_note_<stream>`` (likewise)."""
         messages = []
         for stream in ("intra", "inter"):
             value = metrics.get(f"health/{stream}_prediction_entropy")
             gap = metrics.get(f"health/{stream}_gap_to_uniform")
             if (value is None and gap is None) or step < self.start_step or stream in self.fired:
                 continue
+            spread = metrics.get(f"health/{stream}_uniformity") if stream == "intra" else None
             uniform = value is not None and value >= self.threshold
             near = gap is not None and gap < self.gap_threshold
-            self._streak[stream] = self._streak.get(stream, 0) + 1 if uniform or near else 0
-            if self._streak[stream] >= self.patience:
+            cone = spread is not None and spread > self.cone_threshold
+            self._stuck[stream] = self._stuck.get(stream, 0) + 1 if uniform or near else 0
+            self._cone[stream] = self._cone.get(stream, 0) + 1 if cone else 0
+            stuck = self._stuck[stream] >= self.patience
+            what = ""
+            if uniform:
+                what = f"normalised prediction entropy {value:.3f} >= {self.threshold:g}"
+            elif near:
+                what = f"loss only {gap:.2f} nat below ln K, under {self.gap_threshold:g}"
+            if self._cone[stream] >= self.patience:
                 self.fired.add(stream)
-                if uniform:
-                    what = f"normalised prediction entropy {value:.3f} >= {self.threshold:g}"
-                else:
-                    what = f"loss only {gap:.2f} nat below ln K, under {self.gap_threshold:g}"
+                also = f"; the predictions are (nearly) uniform over the prototypes too ({what})" if stuck else ""
                 messages.append(
                     (
-                        stream,
+                        f"health_warning_{stream}",
+                        f"health warning at step {step}: the L_{stream} embeddings are drawn into a cone (uniformity "
+                        f"{spread:.2f} above {self.cone_threshold:g} for {self.patience} logging windows{also}): the "
+                        f"clustering collapses and the encoder loses features (2D SwAV runs like this fell below "
+                        f"random init, BENCHMARKS.md issue 14). {CONE_ADVICE[0].upper()}{CONE_ADVICE[1:]}.",
+                    )
+                )
+            elif stuck and spread is None:
+                self.fired.add(stream)
+                messages.append(
+                    (
+                        f"health_warning_{stream}",
                         f"health warning at step {step}: L_{stream} predictions are (nearly) uniform over the "
                         f"prototypes ({what} for {self.patience} logging windows): the {stream} clustering sits at "
                         f"SwAV's trivial solution and teaches the encoder little. "
                         f"{ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
+                    )
+                )
+            elif stuck and stream not in self.noted:
+                self.noted.add(stream)
+                messages.append(
+                    (
+                        f"health_note_{stream}",
+                        f"health note at step {step}: L_{stream} predictions are (nearly) uniform over the prototypes "
+                        f"({what} for {self.patience} logging windows): the clustering has not started, as is usual "
+                        f"at a short budget. The embeddings are spread (uniformity {spread:.2f}, at or under "
+                        f"{self.cone_threshold:g}), so the encoder still learns: such 2D SwAV runs were level with or "
+                        f"above random init on Kermany and MedNIST (BENCHMARKS.md, issue 14); the probes tell, not "
+                        f"the loss. A warning follows if the embeddings draw into a cone. To start the clustering: "
+                        f"{ADVICE[stream]}.",
                     )
                 )
         return messages

@@ -611,10 +611,10 @@ class Trainer:
                 if run.ctx.is_main:
                     run.bar.write(f"{loop.state.run_name}: warning: {name} stream: {SkippedEntries.describe(counts)}")
         run.tracker.log_metrics(metrics, step)
-        for stream, warning in run.alarm.update(step, metrics):
+        for tag, message in run.alarm.update(step, metrics):
             if run.ctx.is_main:
-                run.bar.write(f"{loop.state.run_name}: {warning}")
-            run.tracker.set_tags({f"health_warning_{stream}": warning})
+                run.bar.write(f"{loop.state.run_name}: {message}")
+            run.tracker.set_tags({tag: message})
         for k, v in metrics.items():
             loop.state.history.setdefault(k, []).append([float(step), float(v)])
         run.bar.set_postfix(
