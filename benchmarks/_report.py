@@ -20,3 +20,10 @@ def update_section(path: Path, text: str, tag: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(current, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def show_table(text: str, update: str | None, tag: str) -> None:
+    """Print ``text`` and, with ``update`` (a Markdown file), write it into that file's ``tag`` section."""
+    print(text)
+    if update:
+        update_section(Path(update), text + "\n", tag)

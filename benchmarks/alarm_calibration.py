@@ -17,13 +17,12 @@ studies' own.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from _report import update_section
-from lever_table import probe
+from _report import show_table
+from lever_table import probe, study_parser
 
 from medssl.train.alarms import UniformPredictionAlarm
 
@@ -95,13 +94,8 @@ def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("studies", nargs="+", metavar="NAME=FOLDER", help="quality.py --out folders")
-    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "auroc"))
-    parser.add_argument("--task", default="mednist")
-    parser.add_argument("--method", default="swav2d")
-    parser.add_argument("--update", help="write the table into this Markdown file's --section")
-    parser.add_argument("--section", default="alarm-table")
+    parser = study_parser(__doc__, "NAME=FOLDER", "quality.py --out folders")
+    parser.set_defaults(section="alarm-table")
     args = parser.parse_args(argv)
     studies = []
     for item in args.studies:
@@ -110,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{item!r}: expected NAME=FOLDER with FOLDER/quality.json")
         studies.append((name, Path(folder)))
     text = table(args.task, args.method, studies, args.metric)
-    print(text)
-    if args.update:
-        update_section(Path(args.update), text + "\n", args.section)
+    show_table(text, args.update, args.section)
     return 0
 
 

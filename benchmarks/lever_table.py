@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _report import update_section
+from _report import show_table
 
 
 def probe(
@@ -129,19 +129,22 @@ def seed_table(task: str, method: str, levers: list[tuple[str, list[Path]]], met
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "studies",
-        nargs="+",
-        metavar="NAME=FOLDER[,FOLDER...]",
-        help="quality.py --out folders per lever (one per seed)",
-    )
+def study_parser(description: str | None, metavar: str, help_text: str) -> argparse.ArgumentParser:
+    """The options of a table made from quality studies: the studies, ``--task``, ``--method``, ``--metric`` and
+    where to write it (``--update`` FILE, ``--section`` TAG)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("studies", nargs="+", metavar=metavar, help=help_text)
     parser.add_argument("--metric", default="accuracy", choices=("accuracy", "auroc"))
     parser.add_argument("--task", default="mednist")
     parser.add_argument("--method", default="swav2d")
     parser.add_argument("--update", help="write the table into this Markdown file's --section")
-    parser.add_argument("--section", default="levers-table")
+    parser.add_argument("--section", default="table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = study_parser(__doc__, "NAME=FOLDER[,FOLDER...]", "quality.py --out folders per lever (one per seed)")
+    parser.set_defaults(section="levers-table")
     args = parser.parse_args(argv)
     levers: list[tuple[str, list[Path]]] = []
     for item in args.studies:
@@ -163,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(args.task, args.method, studies, args.metric)
     if any(len(folders) > 1 for _, folders in levers):
         text += "\n\n" + seed_table(args.task, args.method, levers, args.metric)
-    print(text)
-    if args.update:
-        update_section(Path(args.update), text + "\n", args.section)
+    show_table(text, args.update, args.section)
     return 0
 
 

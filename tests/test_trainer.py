@@ -192,17 +192,21 @@ def test_a_compute_budget_stops_the_run_as_finished_with_its_backbone(dataset, c
         run(folder, manifest, "trainer.max_minutes=0", "run.name=budget0", "logging=none")
 
 
-def test_a_swav_run_in_a_cone_raises_a_health_warning_in_the_log_and_mlflow(dataset, monkeypatch, capsys):
-    folder, manifest = dataset
+def _logging_health(monkeypatch: pytest.MonkeyPatch, **values: float) -> None:
+    """The joint objective reports these ``health/intra_*`` values (a state the alarm must recognise)."""
     original = JointObjective.forward
 
-    def collapsed(self, *args, **kwargs):  # what a run at SwAV's trivial solution, embeddings in a cone, logs
+    def reporting(self, *args, **kwargs):
         loss, metrics = original(self, *args, **kwargs)
-        metrics["health/intra_prediction_entropy"] = torch.ones(())
-        metrics["health/intra_uniformity"] = torch.tensor(-0.5)
+        metrics.update({f"health/intra_{name}": torch.tensor(value) for name, value in values.items()})
         return loss, metrics
 
-    monkeypatch.setattr(JointObjective, "forward", collapsed)
+    monkeypatch.setattr(JointObjective, "forward", reporting)
+
+
+def test_a_swav_run_in_a_cone_raises_a_health_warning_in_the_log_and_mlflow(dataset, monkeypatch, capsys):
+    folder, manifest = dataset
+    _logging_health(monkeypatch, prediction_entropy=1.0, uniformity=-0.5)  # trivial solution, embeddings in a cone
     result = run(folder, manifest, "trainer.max_steps=7", "run.name=collapsed", "method=swav2d")
     out = capsys.readouterr().out
     assert out.count("health warning at step 5: the L_intra embeddings are drawn into a cone") == 1  # windows 1..5
@@ -213,15 +217,7 @@ def test_a_swav_run_in_a_cone_raises_a_health_warning_in_the_log_and_mlflow(data
 
 def test_uniform_predictions_with_spread_embeddings_are_a_health_note(dataset, monkeypatch, capsys):
     folder, manifest = dataset
-    original = JointObjective.forward
-
-    def not_started(self, *args, **kwargs):  # a short healthy run: clustering not started, embeddings spread (KoLeo)
-        loss, metrics = original(self, *args, **kwargs)
-        metrics["health/intra_prediction_entropy"] = torch.ones(())
-        metrics["health/intra_uniformity"] = torch.tensor(-3.5)
-        return loss, metrics
-
-    monkeypatch.setattr(JointObjective, "forward", not_started)
+    _logging_health(monkeypatch, prediction_entropy=1.0, uniformity=-3.5)  # clustering not started, embeddings spread
     result = run(folder, manifest, "trainer.max_steps=7", "run.name=notstarted", "method=swav2d")
     out = capsys.readouterr().out
     assert out.count("health note at step 5: L_intra predictions are (nearly) uniform") == 1
