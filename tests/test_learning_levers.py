@@ -146,6 +146,17 @@ def test_every_metric_of_a_step_is_a_tensor() -> None:
         assert isinstance(value, torch.Tensor) and value.ndim == 0, f"{key} is a {type(value).__name__}"
 
 
+def test_the_intra_loss_is_at_least_its_codes_entropy() -> None:
+    """SwAV's loss is a cross-entropy of the codes and the predictions: H(codes) + KL >= H(codes), term by term, and
+    each global crop's codes enter as many terms; so ``loss/intra >= health/intra_code_entropy >= 0`` (one head)."""
+    obj = objective(weights=LossWeights(intra=1, inter=0, mask=0))
+    obj.eval()
+    crops, _, _ = batches()
+    with torch.no_grad():
+        _, metrics = obj(crops, step=0)
+    assert 0.0 <= float(metrics["health/intra_code_entropy"]) <= float(metrics["loss/intra"]) + 1e-6
+
+
 # ---------------------------------------------------------------- prototype freezing per stream
 def test_staged_inter_prototypes_are_frozen_from_the_start_of_the_3d_stage() -> None:
     obj = objective(weights=LossWeights(intra=1, inter=1, mask=1), stages=[2, 4], freeze_prototypes_steps=3)

@@ -456,9 +456,11 @@ class JointObjective(nn.Module):
 
 def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
     """Copy a clustering loss's health metrics under ``health/<stream>_*``: effective prototypes (of the predictions
-    for SwAV, of the batch's k-means labels for DeepCluster-v2), and for SwAV the prediction entropy and the gap between
-    ``ln K`` and the loss."""
+    for SwAV, of the batch's k-means labels for DeepCluster-v2), and for SwAV the prediction entropy, the gap between
+    ``ln K`` and the loss, and the codes' entropy in nats (the loss is ``H(codes) + KL(codes || predictions)``, so
+    ``loss − code_entropy`` is how far the predictions are from their targets, and a code entropy near ``ln K`` says
+    that the Sinkhorn targets themselves are flat: the lever is then epsilon or a queue, not the encoder)."""
     metrics[f"health/{stream}_effective_prototypes"] = m["effective_prototypes"]
-    for key in ("prediction_entropy", "gap_to_uniform"):  # SwAV (DeepCluster-v2 has no swapped predictions)
+    for key in ("prediction_entropy", "gap_to_uniform", "code_entropy"):  # SwAV only (DeepCluster-v2 swaps nothing)
         if key in m:
             metrics[f"health/{stream}_{key}"] = m[key]
