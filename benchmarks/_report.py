@@ -27,3 +27,14 @@ def show_table(text: str, update: str | None, tag: str) -> None:
     print(text)
     if update:
         update_section(Path(update), text + "\n", tag)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header cells, a separator, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def metric_label(metric: str) -> str:
+    """How a table's header names a probe metric (``acc``, ``AUROC``)."""
+    return {"accuracy": "acc", "auroc": "AUROC"}.get(metric, metric)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _report import show_table
+from _report import markdown_table, metric_label, show_table
 from lever_table import probe, study_parser
 
 from medssl.train.alarms import UniformPredictionAlarm
@@ -71,26 +71,23 @@ def replay(params: dict[str, str], by_step: dict[int, dict[str, float]]) -> dict
     }
 
 
+def _value(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}"
+
+
 def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str) -> str:
-    short = {"accuracy": "acc", "auroc": "AUROC"}.get(metric, metric)
-    lines = [
-        f"| study | steps | alarm from step | uniformity at its start | largest from there | end | what the alarm "
-        f"said | kNN {short} @10% ({method} / random) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["study", "steps", "alarm from step", "uniformity at its start", "largest from there", "end"]
+    header += ["what the alarm said", f"kNN {metric_label(metric)} @10% ({method} / random)"]
+    rows = []
     for name, study in studies:
         found = replay(*windows(study, f"{task}-{method}"))
         ours = probe(study, task, method, "knn", metric=metric)
         random = probe(study, task, "random", "knn", metric=metric)
-
-        def value(x: float | None) -> str:
-            return "?" if x is None else f"{x:.2f}"
-
-        cells = [name, str(found["steps"]), str(found["start"]), value(found["first"]), value(found["largest"])]
-        cells += [value(found["end"]), found["said"]]
+        cells = [name, str(found["steps"]), str(found["start"]), _value(found["first"]), _value(found["largest"])]
+        cells += [_value(found["end"]), found["said"]]
         cells.append(f"{ours[0]:.3f} / {random[0]:.3f}" if ours and random else "not finished")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _report import show_table
+from _report import markdown_table, metric_label, show_table
 
 
 def probe(
@@ -85,12 +85,11 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
 
 
 def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str = "accuracy") -> str:
-    short = {"accuracy": "acc", "auroc": "AUROC"}.get(metric, metric)
-    lines = [
-        f"| lever | steps | L_intra end | ln K − L_intra | uniformity first → end | prediction entropy end | "
-        f"kNN {short} @10% ({method} / random) | linear {short} @10% ({method} / random) | kNN − random per seed |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    short = metric_label(metric)
+    header = ["lever", "steps", "L_intra end", "ln K − L_intra", "uniformity first → end", "prediction entropy end"]
+    header += [f"kNN {short} @10% ({method} / random)", f"linear {short} @10% ({method} / random)"]
+    header.append("kNN − random per seed")
+    rows = []
     for name, study in studies:
         curves = health(study, f"{task}-{method}")
         k = int(json.loads(curves.get("prototypes", "[512]"))[0])
@@ -108,25 +107,23 @@ def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str =
             cells.append(f"{ours[0]:.3f} ± {ours[1]:.3f} / {random[0]:.3f}" if ours and random else "not finished")
         differences = per_seed(study, task, method, "knn", metric=metric)
         cells.append(", ".join(f"{d:+.3f}" for d in differences) if differences else "?")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def seed_table(task: str, method: str, levers: list[tuple[str, list[Path]]], metric: str = "accuracy") -> str:
     """Per lever, per pretraining seed (one folder each): ``metric`` minus random init's, mean over evaluation seeds."""
-    lines = [
-        f"| lever | pretraining seeds | kNN {metric} − random, per pretraining seed | mean | "
-        f"linear {metric} − random, per pretraining seed | mean |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["lever", "pretraining seeds", f"kNN {metric} − random, per pretraining seed", "mean"]
+    header += [f"linear {metric} − random, per pretraining seed", "mean"]
+    rows = []
     for name, folders in levers:
         cells = [name, str(len(folders))]
         for protocol in ("knn", "linear"):
             means = [statistics.fmean(d) for f in folders if (d := per_seed(f, task, method, protocol, metric=metric))]
             cells.append(", ".join(f"{m:+.3f}" for m in means) if means else "?")
             cells.append(f"{statistics.fmean(means):+.3f}" if means else "?")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def study_parser(description: str | None, metavar: str, help_text: str) -> argparse.ArgumentParser:
