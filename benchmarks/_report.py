@@ -36,5 +36,5 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def metric_label(metric: str) -> str:
-    """How a table's header names a probe metric (``acc``, ``AUROC``)."""
-    return {"accuracy": "acc", "auroc": "AUROC"}.get(metric, metric)
+    """How a table's header names a probe metric (``acc``, ``AUROC``, ``balanced acc``)."""
+    return {"accuracy": "acc", "auroc": "AUROC", "balanced_accuracy": "balanced acc"}.get(metric, metric)

@@ -113,8 +113,9 @@ def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str =
 
 def seed_table(task: str, method: str, levers: list[tuple[str, list[Path]]], metric: str = "accuracy") -> str:
     """Per lever, per pretraining seed (one folder each): ``metric`` minus random init's, mean over evaluation seeds."""
-    header = ["lever", "pretraining seeds", f"kNN {metric} − random, per pretraining seed", "mean"]
-    header += [f"linear {metric} − random, per pretraining seed", "mean"]
+    name = metric.replace("_", " ")
+    header = ["lever", "pretraining seeds", f"kNN {name} − random, per pretraining seed", "mean"]
+    header += [f"linear {name} − random, per pretraining seed", "mean"]
     rows = []
     for name, folders in levers:
         cells = [name, str(len(folders))]
@@ -131,7 +132,7 @@ def study_parser(description: str | None, metavar: str, help_text: str) -> argpa
     where to write it (``--update`` FILE, ``--section`` TAG)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="+", metavar=metavar, help=help_text)
-    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "auroc"))
+    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "auroc", "balanced_accuracy"))
     parser.add_argument("--task", default="mednist")
     parser.add_argument("--method", default="swav2d")
     parser.add_argument("--update", help="write the table into this Markdown file's --section")

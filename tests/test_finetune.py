@@ -139,6 +139,9 @@ def test_evaluate_reports_mean_and_std_over_seeds_for_every_backbone(labelled, c
     assert "matched" in report and "random initialisation (resnet10, 2D)" in report
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text(encoding="utf-8"))["results"]
     assert len(results) == 2 * 3 * 2 * 2  # ... x seeds
+    for row in results:  # per-class recall kept: it says which class an accuracy change comes from
+        assert set(row["recall"]) == {"background", "target"}
+        assert row["balanced_accuracy"] == pytest.approx(sum(row["recall"].values()) / 2)
     assert (tmp_path / "evaluation" / "auroc_vs_label_fraction.png").is_file()
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
     run = mlflow.search_runs([mlflow.get_experiment_by_name("medssl-evaluate").experiment_id])[0]

@@ -162,7 +162,8 @@ def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seed
         (study / "evaluation-cxr").mkdir(parents=True)
         (study / "quality.json").write_text(json.dumps({"tables": {"cxr": {"rows": []}}}))
         results = [
-            {"backbone": b, "protocol": p, "label_fraction": 0.1, "seed": seed, "auroc": value, "accuracy": 0.5}
+            {"backbone": b, "protocol": p, "label_fraction": 0.1, "seed": seed, "auroc": value, "accuracy": 0.5,
+             "balanced_accuracy": value}
             for p in ("knn", "linear")
             for seed, value, b in ((0, ours[0], "swav2d"), (1, ours[1], "swav2d"), (0, 0.85, "random"),
                                    (1, 0.88, "random"))
@@ -173,6 +174,9 @@ def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seed
     row = text.splitlines()[-1]
     # seed 0: (0.90 - 0.85 + 0.94 - 0.88) / 2 = +0.055; seed 1: (0.80 - 0.85 + 0.86 - 0.88) / 2 = -0.035
     assert row == "| koleo | 2 | +0.055, -0.035 | +0.010 | +0.055, -0.035 | +0.010 |"
+    balanced = lever_table.seed_table("cxr", "swav2d", [("koleo", folders)], metric="balanced_accuracy")
+    assert "| kNN balanced accuracy − random, per pretraining seed |" in balanced.splitlines()[0]
+    assert balanced.splitlines()[-1] == row
 
 
 def test_calibrate_only_measures_the_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

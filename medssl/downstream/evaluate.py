@@ -174,7 +174,7 @@ def run_evaluate(config: EvaluateConfig, project_dir: Path | None = None) -> dic
                     assert features is not None
                     metrics = probe(features, protocol, fraction, seed, config.knn_k)
                 results.append({"backbone": name, "protocol": protocol, "label_fraction": fraction, "seed": seed,
-                                **{k: metrics[k] for k in (*METRICS, "train_samples")}})  # fmt: skip
+                                **{k: metrics[k] for k in (*METRICS, "train_samples", "recall")}})  # fmt: skip
                 jobs.set_postfix_str(
                     f"{name} {protocol} fraction {fraction:g} seed {seed}: AUROC {metrics['auroc']:.4f}", refresh=False
                 )
