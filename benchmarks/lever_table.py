@@ -10,7 +10,8 @@ Usage (from the repository root)::
 For every study it reads ``quality.json`` (the probes of ``--method`` and of random init at 10% of the labels, mean
 over the evaluation seeds) and, from the study's MLflow store, the pretraining run's health curves: the L_intra loss
 and its gap to ``ln K`` at the end, the embedding uniformity at the first and the last logged step, the prediction
-entropy at the end. Nothing is typed in: every figure comes from the study's own files.
+entropy (normalised) and the Sinkhorn codes' entropy (nats; the loss is never below it) at the end. Nothing is typed
+in: every figure comes from the study's own files.
 
 A lever given several folders (``NAME=F1,F2,...``, one pretraining seed each) gets one row per folder and a line in
 a second table: per pretraining seed, ``--metric`` of ``--method`` minus random init's, averaged over the evaluation
@@ -77,7 +78,8 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
         "prototypes": run.data.params.get("model.intra_prototypes", "[512]"),
         "seed": run.data.params.get("seed"),
     }
-    for key in ("loss/intra", "health/intra_uniformity", "health/intra_prediction_entropy"):
+    curves = ("loss/intra", "health/intra_uniformity", "health/intra_prediction_entropy", "health/intra_code_entropy")
+    for key in curves:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         if history:
             out[key] = (history[0].value, history[-1].value, history[-1].step)
@@ -87,6 +89,7 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
 def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str = "accuracy") -> str:
     short = metric_label(metric)
     header = ["lever", "steps", "L_intra end", "ln K − L_intra", "uniformity first → end", "prediction entropy end"]
+    header.append("code entropy end (nats)")
     header += [f"kNN {short} @10% ({method} / random)", f"linear {short} @10% ({method} / random)"]
     header.append("kNN − random per seed")
     rows = []
@@ -96,11 +99,13 @@ def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str =
         loss = curves.get("loss/intra")
         spread = curves.get("health/intra_uniformity")
         entropy = curves.get("health/intra_prediction_entropy")
+        codes = curves.get("health/intra_code_entropy")  # logged from commit 9117aee on
         cells = [name, str(loss[2]) if loss else "?"]
         cells.append(f"{loss[1]:.2f}" if loss else "?")
         cells.append(f"{math.log(k) - loss[1]:.2f}" if loss else "?")
         cells.append(f"{spread[0]:.2f} → {spread[1]:.2f}" if spread else "?")
         cells.append(f"{entropy[1]:.3f}" if entropy else "?")
+        cells.append(f"{codes[1]:.2f}" if codes else "not logged")
         for protocol in ("knn", "linear"):
             ours = probe(study, task, method, protocol, metric=metric)
             random = probe(study, task, "random", protocol, metric=metric)

@@ -138,15 +138,16 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
     (study / "evaluation-mednist" / "results.json").write_text(json.dumps({"results": seeds}))
     tracker = Tracker(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="mednist-swav2d")
     tracker.log_params({"model.intra_prototypes": "[512]"})
-    for step, loss, spread, entropy in ((10, 6.4, -2.4, 0.95), (300, 5.0, -1.9, 0.80)):
+    for step, loss, spread, entropy, codes in ((10, 6.4, -2.4, 0.95, 5.5), (300, 5.0, -1.9, 0.80, 4.25)):
         tracker.log_metrics(
-            {"loss/intra": loss, "health/intra_uniformity": spread, "health/intra_prediction_entropy": entropy}, step
-        )
+            {"loss/intra": loss, "health/intra_uniformity": spread, "health/intra_prediction_entropy": entropy,
+             "health/intra_code_entropy": codes}, step
+        )  # fmt: skip
     tracker.finish()
     text = lever_table.table("mednist", "swav2d", [("eps 0.03", study)])
     row = text.splitlines()[-1]
     assert row.startswith("| eps 0.03 | 300 | 5.00 |")
-    assert f"| {math.log(512) - 5.0:.2f} |" in row and "-2.40 → -1.90" in row and "| 0.800 |" in row
+    assert f"| {math.log(512) - 5.0:.2f} |" in row and "-2.40 → -1.90" in row and "| 0.800 | 4.25 |" in row
     assert "0.930 ± 0.010 / 0.910" in row and "0.970 ± 0.010 / 0.960" in row
     assert row.endswith("| +0.040, -0.010 |")
 
