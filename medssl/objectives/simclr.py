@@ -59,6 +59,14 @@ class MoCHiConfig:
         return self.n_synthetic + self.n_synthetic_query
 
 
+@dataclass
+class SimCLRConfig:
+    """``method.simclr``: the InfoNCE temperature (Chen et al., ICML 2020) and optional hard negative mixing."""
+
+    temperature: float = 0.1
+    hard_negative_mixing: MoCHiConfig | None = None
+
+
 def mix_hard_negatives(
     anchors: Tensor,
     keys: Tensor,

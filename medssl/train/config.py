@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from medssl.data.config import DataConfig
 from medssl.models.joint import JointModelConfig
 from medssl.objectives.joint import JointObjectiveConfig
-from medssl.objectives.simclr import MoCHiConfig
+from medssl.objectives.simclr import SimCLRConfig
 from medssl.runtime.configs import structured_config, user_config_dir
 from medssl.runtime.hydra_app import config_error, hydra_with_configs
 
@@ -30,12 +30,6 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "lars", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class SimCLRConfig:
-    temperature: float = 0.1
-    hard_negative_mixing: MoCHiConfig | None = None
 
 
 @dataclass

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from medssl.data.cache import build_cache
-from medssl.data.datasets import CachedItem, MultiCropSliceDataset, TwoViewStackDataset, cached_items
+from medssl.data.datasets import MultiCropSliceDataset, TwoViewStackDataset, cached_items
 from medssl.data.errors import ManifestError
-from medssl.data.manifest import Manifest, read_manifest
+from medssl.data.manifest import read_manifest
 from medssl.data.samplers import BalancedGroupBatchSampler
 from medssl.train.config import PretrainConfig
 from medssl.train.distributed import DistributedContext
 from medssl.train.loaders import ShardedBatchSampler, Stream, balanced_batches, shuffled_batches
 from medssl.train.methods import method_named
+from medssl.train.prepared import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +23,6 @@ log = logging.getLogger(__name__)
 def needed_streams(config: PretrainConfig) -> list[str]:
     """The streams the configured method reads at some step."""
     return method_named(config.method.name).streams(config)
-
-
-@dataclass
-class PreparedData:
-    manifest: Manifest
-    items: list[CachedItem]
-    images: MultiCropSliceDataset | None
-    stacks: TwoViewStackDataset | None
-    sep: MultiCropSliceDataset | None
-    dropped: list[str] = field(default_factory=list)  # loss terms without data (``inter``, ``mask``: no volumes)
 
 
 def prepare_data(config: PretrainConfig, streams: list[str], build: bool = True, progress: bool = True) -> PreparedData:

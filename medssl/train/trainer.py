@@ -59,7 +59,8 @@ from medssl.train.initialise import initialise_model
 from medssl.train.loaders import StepTimer, Stream, to_device
 from medssl.train.methods import method_named
 from medssl.train.optim import build_optimizer, set_schedule_values
-from medssl.train.pipeline import PreparedData, build_streams, needed_streams, prepare_data
+from medssl.train.pipeline import build_streams, needed_streams, prepare_data
+from medssl.train.prepared import PreparedData
 from medssl.train.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)

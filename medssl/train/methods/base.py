@@ -10,20 +10,50 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from medssl.data.errors import ManifestError
 from medssl.data.views import MultiCropConfig
 from medssl.models.joint import JointModel
+from medssl.objectives.joint import JointObjectiveConfig
+from medssl.objectives.simclr import SimCLRConfig
 from medssl.runtime.configs import structured_config
-
-if TYPE_CHECKING:
-    from medssl.train.config import PretrainConfig
-    from medssl.train.pipeline import PreparedData
+from medssl.train.prepared import PreparedData
 
 StepCounts = dict[str, Any]  # step counts a trainer.max_minutes calibration scales: int, list[int] or None each
+
+
+class MethodSection(Protocol):
+    """What a method reads of ``method.*`` (:class:`medssl.train.config.MethodConfig`)."""
+
+    @property
+    def objective(self) -> JointObjectiveConfig: ...
+    @property
+    def simclr(self) -> SimCLRConfig: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+
+
+class DataSection(Protocol):
+    """What a method reads of ``data.*`` (:class:`medssl.data.config.DataConfig`)."""
+
+    @property
+    def views(self) -> MultiCropConfig: ...
+
+
+class MethodSettings(Protocol):
+    """The part of the pretraining config a method reads; :class:`medssl.train.config.PretrainConfig` has it.
+
+    A protocol rather than the config class itself: the config checks ``method.name`` and ``method.options``
+    against the methods' registry, so the methods must not import the config module (one direction only).
+    """
+
+    @property
+    def method(self) -> MethodSection: ...
+    @property
+    def data(self) -> DataSection: ...
 
 
 class Method:
@@ -41,26 +71,26 @@ class Method:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def read_options(self, config: PretrainConfig) -> Any:
+    def read_options(self, config: MethodSettings) -> Any:
         """``method.options`` as an instance of ``options``; an error naming the key when they do not fit."""
         return check_options(self, config.method.options)
 
     # ------------------------------------------------------------------ data
-    def streams(self, config: PretrainConfig) -> list[str]:
+    def streams(self, config: MethodSettings) -> list[str]:
         """The streams the method reads at some step, of ``images`` (2D crops), ``stacks`` (3D), ``sep``."""
         return ["images"]
 
-    def image_views(self, config: PretrainConfig) -> MultiCropConfig:
+    def image_views(self, config: MethodSettings) -> MultiCropConfig:
         """The views of the ``images`` stream: the two global crops (no local crops it would discard)."""
         return replace(config.data.views, n_local=0)
 
-    def terms_without_volumes(self, config: PretrainConfig, manifest: Path) -> list[str]:
+    def terms_without_volumes(self, config: MethodSettings, manifest: Path) -> list[str]:
         """The loss terms to drop when the archive has no 3D volume for the ``stacks`` stream; raises when the
         method cannot train without them."""
         raise ManifestError(f"data.manifest: {manifest}: no 3D volume for method={self.name}")
 
     # ------------------------------------------------------------------ objective
-    def build(self, model: JointModel, config: PretrainConfig, data: PreparedData) -> nn.Module:
+    def build(self, model: JointModel, config: MethodSettings, data: PreparedData) -> nn.Module:
         """The objective over ``model``: ``forward(**inputs, step=step) -> (loss, {name: 0-d tensor})``."""
         raise NotImplementedError(f"method {self.name!r} does not build an objective")
 
@@ -83,7 +113,7 @@ class Method:
         """Work between the backward pass and the optimiser step (frozen prototypes drop their gradients)."""
 
     # ------------------------------------------------------------------ schedule
-    def step_counts(self, config: PretrainConfig) -> StepCounts:
+    def step_counts(self, config: MethodSettings) -> StepCounts:
         """The method's step counts, relative to ``trainer.max_steps`` (a ``trainer.max_minutes`` calibration scales
         them with the run's length)."""
         return {}
@@ -96,15 +126,15 @@ class Method:
         return 0
 
     # ------------------------------------------------------------------ health, pictures, initialisation
-    def prototype_streams(self, config: PretrainConfig, dropped: list[str]) -> list[str]:
+    def prototype_streams(self, config: MethodSettings, dropped: list[str]) -> list[str]:
         """The streams clustered by SwAV prototypes (their freeze is checked against the run's length)."""
         return []
 
-    def trains_intra_prototypes(self, config: PretrainConfig) -> bool:
+    def trains_intra_prototypes(self, config: MethodSettings) -> bool:
         """Whether the 2D prototypes learn (their pictures would mislead otherwise)."""
         return False
 
-    def without_volumes_message(self, config: PretrainConfig, dropped: list[str]) -> str:
+    def without_volumes_message(self, config: MethodSettings, dropped: list[str]) -> str:
         """What a run whose volume terms were dropped trains."""
         return f"no 3D volume in the manifest: {', '.join(dropped)} dropped"
 

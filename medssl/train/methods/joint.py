@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,11 +16,8 @@ from medssl.data.errors import ManifestError
 from medssl.data.views import MultiCropConfig
 from medssl.models.joint import JointModel
 from medssl.objectives.joint import JointObjective, LossWeights
-from medssl.train.methods.base import Method, StepCounts
-
-if TYPE_CHECKING:
-    from medssl.train.config import PretrainConfig
-    from medssl.train.pipeline import PreparedData
+from medssl.train.methods.base import Method, MethodSettings, StepCounts
+from medssl.train.prepared import PreparedData
 
 STREAMS = ("images", "stacks", "sep")
 # The model's modules that each loss term trains (besides the encoder).
@@ -44,7 +41,7 @@ class JointFamily(Method):
     """``method.objective`` (:class:`medssl.objectives.joint.JointObjectiveConfig`) sets the terms, their weights,
     the clustering of each stream, queues, spreading terms, the prototype freeze and the staged schedule."""
 
-    def streams(self, config: PretrainConfig) -> list[str]:
+    def streams(self, config: MethodSettings) -> list[str]:
         objective = config.method.objective
         streams = streams_of(objective.weights)
         if objective.stages is not None:  # the staged schedule reads 2D and 3D in turn
@@ -53,10 +50,10 @@ class JointFamily(Method):
             raise ValueError("method.objective.weights: every loss weight is 0; nothing to train")
         return streams
 
-    def image_views(self, config: PretrainConfig) -> MultiCropConfig:
+    def image_views(self, config: MethodSettings) -> MultiCropConfig:
         return config.data.views  # global and local crops (multi-crop)
 
-    def terms_without_volumes(self, config: PretrainConfig, manifest: Path) -> list[str]:
+    def terms_without_volumes(self, config: MethodSettings, manifest: Path) -> list[str]:
         """L_inter and L_mask are dropped when another term has data (the joint method then trains its 2D part);
         an error when every active term reads volumes, or for the staged schedule (its later stages are 3D)."""
         objective = config.method.objective
@@ -68,7 +65,7 @@ class JointFamily(Method):
             )
         return [term for term in ("inter", "mask") if getattr(objective.weights, term) > 0]
 
-    def build(self, model: JointModel, config: PretrainConfig, data: PreparedData) -> nn.Module:
+    def build(self, model: JointModel, config: MethodSettings, data: PreparedData) -> nn.Module:
         """A copy of the method's settings (the trainer adjusts the copy: terms without data get weight 0, a
         ``trainer.max_minutes`` calibration scales its step counts)."""
         sizes = (len(data.images) if data.images is not None else 0, len(data.stacks) if data.stacks is not None else 0)
@@ -96,7 +93,7 @@ class JointFamily(Method):
     def after_backward(self, objective: nn.Module, step: int) -> None:
         _joint(objective).after_backward(step)
 
-    def step_counts(self, config: PretrainConfig) -> StepCounts:
+    def step_counts(self, config: MethodSettings) -> StepCounts:
         objective = config.method.objective
         return {
             "freeze_prototypes_steps": objective.freeze_prototypes_steps,
@@ -118,7 +115,7 @@ class JointFamily(Method):
     def quiet_steps(self, objective: nn.Module) -> int:
         return _joint(objective).config.freeze_prototypes_steps
 
-    def prototype_streams(self, config: PretrainConfig, dropped: list[str]) -> list[str]:
+    def prototype_streams(self, config: MethodSettings, dropped: list[str]) -> list[str]:
         objective = config.method.objective
         return [
             stream
@@ -128,10 +125,10 @@ class JointFamily(Method):
             and stream not in dropped
         ]
 
-    def trains_intra_prototypes(self, config: PretrainConfig) -> bool:
+    def trains_intra_prototypes(self, config: MethodSettings) -> bool:
         return config.method.objective.intra_clustering != "simclr" and "images" in self.streams(config)
 
-    def without_volumes_message(self, config: PretrainConfig, dropped: list[str]) -> str:
+    def without_volumes_message(self, config: MethodSettings, dropped: list[str]) -> str:
         """E.g. the joint method's 2D SwAV part."""
         objective = config.method.objective
         kept = [term for term in ("intra", "sep") if getattr(objective.weights, term) > 0]

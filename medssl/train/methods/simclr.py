@@ -4,27 +4,23 @@ MoCHi hard negative mixing (Kalantidis et al., NeurIPS 2020)."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from medssl.models.joint import JointModel
 from medssl.objectives.baseline import SimCLRObjective
-from medssl.train.methods.base import Method, StepCounts
-
-if TYPE_CHECKING:
-    from medssl.train.config import PretrainConfig
-    from medssl.train.pipeline import PreparedData
+from medssl.train.methods.base import Method, MethodSettings, StepCounts
+from medssl.train.prepared import PreparedData
 
 
 class SimCLR(Method):
     """``method.simclr``: temperature and MoCHi; the MoCHi start step scales with a calibrated run length."""
 
-    def build(self, model: JointModel, config: PretrainConfig, data: PreparedData) -> nn.Module:
+    def build(self, model: JointModel, config: MethodSettings, data: PreparedData) -> nn.Module:
         settings = config.method.simclr
         return SimCLRObjective(model, settings.temperature, copy.deepcopy(settings.hard_negative_mixing))
 
-    def step_counts(self, config: PretrainConfig) -> StepCounts:
+    def step_counts(self, config: MethodSettings) -> StepCounts:
         mixing = config.method.simclr.hard_negative_mixing
         return {"mixing_start_step": mixing.start_step if mixing is not None else None}
 
