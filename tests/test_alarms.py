@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medssl.objectives.swav import SwAVLoss
-from medssl.train.alarms import CONE_THRESHOLD, UniformPredictionAlarm, frozen_prototypes_warning
+from medssl.train.alarms import CONE_THRESHOLD, UniformPredictionAlarm, codes_or_predictions, frozen_prototypes_warning
 
 
 def reference_prediction_entropy(scores: list[torch.Tensor], temperature: float) -> float:
@@ -176,3 +176,33 @@ def test_the_cone_threshold_separates_the_calibration_runs(curve: list[float], f
     assert ("health_warning_intra" in tags) is fires
     assert ("health_note_intra" in tags) is not fires
     assert max(HEALTHY_KERMANY) < CONE_THRESHOLD < min(COLLAPSED_KERMANY)
+
+
+def stuck_window(loss: float, code_entropy: float, k: int = 512) -> dict[str, float]:
+    """A 2D SwAV window whose predictions are nearly uniform, with its loss, gap and codes' entropy."""
+    return {
+        "loss/intra": loss,
+        "health/intra_gap_to_uniform": math.log(k) - loss,
+        "health/intra_code_entropy": code_entropy,
+        "health/intra_prediction_entropy": 0.99,
+        "health/intra_uniformity": -3.5,
+    }
+
+
+def test_a_stuck_stream_says_whether_the_codes_or_the_predictions_hold_the_loss() -> None:
+    """The windows at the end of two Kermany runs (BENCHMARKS.md, issue 14, 300 steps, seed 0): epsilon 0.05, loss
+    6.14 over codes of 5.68 nats (flat: 0.56 nat of room under ln 512), and epsilon 0.02, loss 5.90 over codes of
+    4.06 nats (room 2.18 nats; the predictions miss the codes by 1.84)."""
+    flat = UniformPredictionAlarm(patience=1).update(300, stuck_window(6.14, 5.68))
+    assert [tag for tag, _ in flat] == ["health_note_intra"]
+    assert "targets themselves are flat: their entropy, 5.68 nats, leaves the loss at most 0.56 nat under" in flat[0][1]
+    sharp = UniformPredictionAlarm(patience=1).update(300, stuck_window(5.90, 4.06))
+    assert "predictions miss them by 1.84 nats" in sharp[0][1] and "room for the loss to fall 2.18 nat" in sharp[0][1]
+    assert "flat" not in sharp[0][1]
+    no_codes = stuck_window(6.14, 5.68)
+    del no_codes["health/intra_code_entropy"]  # runs logged before the codes' entropy, DeepCluster-v2
+    assert codes_or_predictions("intra", no_codes) == ""
+    warned = UniformPredictionAlarm(patience=1).update(
+        300, {**stuck_window(6.14, 5.68), "health/intra_uniformity": -0.5}
+    )
+    assert "cone" in warned[0][1]  # a cone's warning is about the spread, not the codes

@@ -27,7 +27,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CONE_THRESHOLD", "GAP_THRESHOLD", "UniformPredictionAlarm", "frozen_prototypes_warning"]
+__all__ = [
+    "CONE_THRESHOLD",
+    "FLAT_CODES_ROOM",
+    "GAP_THRESHOLD",
+    "UniformPredictionAlarm",
+    "codes_or_predictions",
+    "frozen_prototypes_warning",
+]
 
 # ln K - loss (nats) under which SwAV counts as stuck: calibrated in BENCHMARKS.md ("health alarm calibration").
 GAP_THRESHOLD = 0.5
@@ -35,6 +42,10 @@ GAP_THRESHOLD = 0.5
 # cone: calibrated in BENCHMARKS.md ("health alarm calibration") on collapsed runs (-0.95 to -0.50 after the first
 # tenth) and healthy ones (-2.03 at most after the first tenth).
 CONE_THRESHOLD = -1.75
+# ln K − H(codes) (nats) under which a stuck stream's Sinkhorn targets count as flat: SwAV's loss is H(codes) +
+# KL(codes || predictions), so it can never fall further than this under ln K, whatever the encoder learns; 1 nat is
+# the gap issue 14 asks of a healthy run (BENCHMARKS.md: Kermany's codes at epsilon 0.05 left 0.56 nat of room).
+FLAT_CODES_ROOM = 1.0
 CONE_ADVICE = (
     "raise the spreading term (method.objective.koleo_weight, 0.1 by default; 0 turns it off) or add one "
     "(method.objective.uniformity_weight), or for a short CPU budget use method=simclr (or "
@@ -132,8 +143,8 @@ class UniformPredictionAlarm:
                         f"health_warning_{stream}",
                         f"health warning at step {step}: L_{stream} predictions are (nearly) uniform over the "
                         f"prototypes ({what} for {self.patience} logging windows): the {stream} clustering sits at "
-                        f"SwAV's trivial solution and teaches the encoder little. "
-                        f"{ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
+                        f"SwAV's trivial solution and teaches the encoder little."
+                        f"{codes_or_predictions(stream, metrics)} {ADVICE[stream][0].upper()}{ADVICE[stream][1:]}.",
                     )
                 )
             elif stuck and stream not in self.noted:
@@ -146,11 +157,37 @@ class UniformPredictionAlarm:
                         f"at a short budget. The embeddings are spread (uniformity {spread:.2f}, at or under "
                         f"{self.cone_threshold:g}), so the encoder still learns: such 2D SwAV runs were level with or "
                         f"above random init on Kermany and MedNIST (BENCHMARKS.md, issue 14); the probes tell, not "
-                        f"the loss. A warning follows if the embeddings draw into a cone. To start the clustering: "
-                        f"{ADVICE[stream]}.",
+                        f"the loss. A warning follows if the embeddings draw into a cone."
+                        f"{codes_or_predictions(stream, metrics)} To start the clustering: {ADVICE[stream]}.",
                     )
                 )
         return messages
+
+
+def codes_or_predictions(stream: str, metrics: Mapping[str, float]) -> str:
+    """Which side holds a stuck stream's loss near ``ln K``, as a sentence ('' when the window lacks the metrics).
+
+    With the loss ``L`` (``loss/<stream>``), its gap ``ln K − L`` and the codes' entropy ``H`` (nats), the room
+    ``ln K − H`` is the most the gap can become and ``L − H`` is the KL by which the predictions miss the codes: flat
+    codes (room under :data:`FLAT_CODES_ROOM`) are the Sinkhorn's doing (epsilon, rows per prototype), sharp codes
+    that the predictions miss are the encoder's, which has not learnt to predict them yet.
+    """
+    loss = metrics.get(f"loss/{stream}")
+    gap = metrics.get(f"health/{stream}_gap_to_uniform")
+    codes = metrics.get(f"health/{stream}_code_entropy")
+    if loss is None or gap is None or codes is None:
+        return ""
+    room, miss = loss + gap - codes, loss - codes
+    if room < FLAT_CODES_ROOM:
+        return (
+            f" The Sinkhorn targets themselves are flat: their entropy, {codes:.2f} nats, leaves the loss at most "
+            f"{room:.2f} nat under ln K whatever the encoder learns; a smaller method.objective.epsilon sharpens them."
+        )
+    return (
+        f" The Sinkhorn targets are sharp enough (entropy {codes:.2f} nats, room for the loss to fall {room:.2f} nat "
+        f"under ln K) and the predictions miss them by {miss:.2f} nats (KL): the encoder has not learnt to predict "
+        f"them yet, which takes steps, not a sharper Sinkhorn."
+    )
 
 
 def frozen_prototypes_warning(swav_streams: Sequence[str], freeze_steps: int, max_steps: int) -> str | None:
