@@ -6,6 +6,8 @@ Usage (from the repository root)::
         baseline=outputs/levers/s1-baseline eps0.03=outputs/levers/s1-eps003 ... [--update BENCHMARKS.md]
     .venv/bin/python benchmarks/lever_table.py --task cxr --metric auroc \\
         baseline=out/b-s0,out/b-s1,out/b-s2 koleo=out/k-s0,out/k-s1,out/k-s2     # one folder per pretraining seed
+    .venv/bin/python benchmarks/lever_table.py --task sepclr --method sepclr/salient --baseline sepclr/common \\
+        --fraction 1 --metric auroc --seeds-only sepclr=out/sep-s0,out/sep-s1,out/sep-s2   # salient minus common
 
 For every study it reads ``quality.json`` (the probes of ``--method`` and of random init at 10% of the labels, mean
 over the evaluation seeds) and, from the study's MLflow store, the pretraining run's health curves: the L_intra loss
@@ -43,9 +45,16 @@ def probe(
 
 
 def per_seed(
-    study: Path, task: str, backbone: str, protocol: str, fraction: float = 0.1, metric: str = "accuracy"
+    study: Path,
+    task: str,
+    backbone: str,
+    protocol: str,
+    fraction: float = 0.1,
+    metric: str = "accuracy",
+    baseline: str = "random",
 ) -> list[float]:
-    """``metric`` of ``backbone`` minus random init's, evaluation seed by seed (``evaluation-<task>/results.json``)."""
+    """``metric`` of ``backbone`` minus ``baseline``'s (random init unless told), evaluation seed by seed
+    (``evaluation-<task>/results.json``)."""
     path = study / f"evaluation-{task}" / "results.json"
     if not path.is_file():
         return []
@@ -58,8 +67,8 @@ def per_seed(
             if r["backbone"] == name and r["protocol"] == protocol and r["label_fraction"] == fraction
         }
 
-    ours, random = by_seed(backbone), by_seed("random")
-    return [ours[seed] - random[seed] for seed in sorted(ours) if seed in random]
+    ours, theirs = by_seed(backbone), by_seed(baseline)
+    return [ours[seed] - theirs[seed] for seed in sorted(ours) if seed in theirs]
 
 
 def health(study: Path, run_name: str) -> dict[str, Any]:
@@ -86,12 +95,21 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
     return out
 
 
-def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str = "accuracy") -> str:
-    short = metric_label(metric)
+def table(
+    task: str,
+    method: str,
+    studies: list[tuple[str, Path]],
+    metric: str = "accuracy",
+    baseline: str = "random",
+    fraction: float = 0.1,
+) -> str:
+    """One row per study: the pretraining run's health curves and both probes of ``method`` and ``baseline`` with
+    ``fraction`` of the labels."""
+    short, at = metric_label(metric), f"@{fraction:.0%}"
     header = ["lever", "steps", "L_intra end", "ln K − L_intra", "uniformity first → end", "prediction entropy end"]
     header.append("code entropy end (nats)")
-    header += [f"kNN {short} @10% ({method} / random)", f"linear {short} @10% ({method} / random)"]
-    header.append("kNN − random per seed")
+    header += [f"kNN {short} {at} ({method} / {baseline})", f"linear {short} {at} ({method} / {baseline})"]
+    header.append(f"kNN − {baseline} per seed")
     rows = []
     for name, study in studies:
         curves = health(study, f"{task}-{method}")
@@ -107,25 +125,37 @@ def table(task: str, method: str, studies: list[tuple[str, Path]], metric: str =
         cells.append(f"{entropy[1]:.3f}" if entropy else "?")
         cells.append(f"{codes[1]:.2f}" if codes else "not logged")
         for protocol in ("knn", "linear"):
-            ours = probe(study, task, method, protocol, metric=metric)
-            random = probe(study, task, "random", protocol, metric=metric)
-            cells.append(f"{ours[0]:.3f} ± {ours[1]:.3f} / {random[0]:.3f}" if ours and random else "not finished")
-        differences = per_seed(study, task, method, "knn", metric=metric)
+            ours = probe(study, task, method, protocol, fraction, metric)
+            theirs = probe(study, task, baseline, protocol, fraction, metric)
+            cells.append(f"{ours[0]:.3f} ± {ours[1]:.3f} / {theirs[0]:.3f}" if ours and theirs else "not finished")
+        differences = per_seed(study, task, method, "knn", fraction, metric, baseline)
         cells.append(", ".join(f"{d:+.3f}" for d in differences) if differences else "?")
         rows.append(cells)
     return markdown_table(header, rows)
 
 
-def seed_table(task: str, method: str, levers: list[tuple[str, list[Path]]], metric: str = "accuracy") -> str:
-    """Per lever, per pretraining seed (one folder each): ``metric`` minus random init's, mean over evaluation seeds."""
-    name = metric.replace("_", " ")
-    header = ["lever", "pretraining seeds", f"kNN {name} − random, per pretraining seed", "mean"]
-    header += [f"linear {name} − random, per pretraining seed", "mean"]
+def seed_table(
+    task: str,
+    method: str,
+    levers: list[tuple[str, list[Path]]],
+    metric: str = "accuracy",
+    baseline: str = "random",
+    fraction: float = 0.1,
+) -> str:
+    """Per lever, per pretraining seed (one folder each): ``metric`` of ``method`` minus ``baseline``'s (random init
+    unless told), mean over evaluation seeds."""
+    label = metric.replace("_", " ")
+    header = ["lever", "pretraining seeds", f"kNN {label} − {baseline}, per pretraining seed", "mean"]
+    header += [f"linear {label} − {baseline}, per pretraining seed", "mean"]
     rows = []
     for name, folders in levers:
         cells = [name, str(len(folders))]
         for protocol in ("knn", "linear"):
-            means = [statistics.fmean(d) for f in folders if (d := per_seed(f, task, method, protocol, metric=metric))]
+            means = [
+                statistics.fmean(d)
+                for f in folders
+                if (d := per_seed(f, task, method, protocol, fraction, metric, baseline))
+            ]
             cells.append(", ".join(f"{m:+.3f}" for m in means) if means else "?")
             cells.append(f"{statistics.fmean(means):+.3f}" if means else "?")
         rows.append(cells)
@@ -142,12 +172,15 @@ def study_parser(description: str | None, metavar: str, help_text: str) -> argpa
     parser.add_argument("--method", default="swav2d")
     parser.add_argument("--update", help="write the table into this Markdown file's --section")
     parser.add_argument("--section", default="table")
+    parser.add_argument("--baseline", default="random", help="the backbone subtracted (e.g. sepclr/common)")
+    parser.add_argument("--fraction", type=float, default=0.1, help="label fraction of the probes read")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__, "NAME=FOLDER[,FOLDER...]", "quality.py --out folders per lever (one per seed)")
     parser.set_defaults(section="levers-table")
+    parser.add_argument("--seeds-only", action="store_true", help="only the per-pretraining-seed table")
     args = parser.parse_args(argv)
     levers: list[tuple[str, list[Path]]] = []
     for item in args.studies:
@@ -166,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, folders in levers
         for i, folder in enumerate(folders)
     ]
-    text = table(args.task, args.method, studies, args.metric)
-    if any(len(folders) > 1 for _, folders in levers):
-        text += "\n\n" + seed_table(args.task, args.method, levers, args.metric)
+    parts = []
+    if not args.seeds_only:
+        parts.append(table(args.task, args.method, studies, args.metric, args.baseline, args.fraction))
+    if args.seeds_only or any(len(folders) > 1 for _, folders in levers):
+        parts.append(seed_table(args.task, args.method, levers, args.metric, args.baseline, args.fraction))
+    text = "\n\n".join(parts)
     show_table(text, args.update, args.section)
     return 0
 

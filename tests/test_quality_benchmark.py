@@ -180,6 +180,32 @@ def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seed
     assert balanced.splitlines()[-1] == row
 
 
+def test_the_seed_table_subtracts_any_baseline_at_any_label_fraction(tmp_path: Path) -> None:
+    """SepCLR's question: the salient space minus the common space, probes with all the labels."""
+    import json
+
+    import lever_table
+
+    folders = []
+    for name, salient in (("s0", 0.72), ("s1", 0.69)):
+        study = tmp_path / name
+        (study / "evaluation-sepclr").mkdir(parents=True)
+        (study / "quality.json").write_text(json.dumps({"tables": {"sepclr": {"rows": []}}}))
+        results = [
+            {"backbone": b, "protocol": p, "label_fraction": f, "seed": 0, "auroc": value}
+            for p in ("knn", "linear")
+            for b, f, value in (("sepclr/salient", 1.0, salient), ("sepclr/common", 1.0, 0.70),
+                                ("sepclr/salient", 0.1, 0.0), ("random", 1.0, 0.5))
+        ]  # fmt: skip
+        (study / "evaluation-sepclr" / "results.json").write_text(json.dumps({"results": results}))
+        folders.append(study)
+    text = lever_table.seed_table(
+        "sepclr", "sepclr/salient", [("sepclr", folders)], "auroc", baseline="sepclr/common", fraction=1.0
+    )
+    assert "kNN auroc − sepclr/common, per pretraining seed" in text.splitlines()[0]
+    assert text.splitlines()[-1] == "| sepclr | 2 | +0.020, -0.010 | +0.005 | +0.020, -0.010 | +0.005 |"
+
+
 def test_calibrate_only_measures_the_budgets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, object] = {}
 
