@@ -9,11 +9,12 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/lever_table.py --task sepclr --method sepclr/salient --baseline sepclr/common \\
         --fraction 1 --metric auroc --seeds-only sepclr=out/sep-s0,out/sep-s1,out/sep-s2   # salient minus common
 
-For every study it reads ``quality.json`` (the probes of ``--method`` and of random init at 10% of the labels, mean
-over the evaluation seeds) and, from the study's MLflow store, the pretraining run's health curves: the L_intra loss
-and its gap to ``ln K`` at the end, the embedding uniformity at the first and the last logged step, the prediction
-entropy (normalised) and the Sinkhorn codes' entropy (nats; the loss is never below it) at the end. Nothing is typed
-in: every figure comes from the study's own files.
+For every study it reads ``quality.json`` (the probes of ``--method`` and of ``--baseline``, random init unless
+told, at ``--fraction`` of the labels, 10% unless told, mean over the evaluation seeds) and, from the study's MLflow
+store, the pretraining run's health curves: the L_intra loss and its gap to ``ln K`` at the end, the embedding
+uniformity at the first and the last logged step, the prediction entropy (normalised) and the Sinkhorn codes'
+entropy (nats; the loss is never below it) at the end. Nothing is typed in: every figure comes from the study's own
+files.
 
 A lever given several folders (``NAME=F1,F2,...``, one pretraining seed each) gets one row per folder and a line in
 a second table: per pretraining seed, ``--metric`` of ``--method`` minus random init's, averaged over the evaluation

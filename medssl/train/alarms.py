@@ -186,8 +186,8 @@ def codes_or_predictions(stream: str, metrics: Mapping[str, float]) -> str:
     return (
         f" The Sinkhorn targets are sharp enough (entropy {codes:.2f} nats, room for the loss to fall {room:.2f} nat "
         f"under ln K) and the predictions miss them by {miss:.2f} nats (KL): the encoder has not learnt to predict "
-        f"them yet, which takes steps, not a sharper Sinkhorn nor sharper predictions (BENCHMARKS.md, issue 14, "
-        f"round 3)."
+        f"them yet, which takes steps; a smaller epsilon (one of the levers below) did not close such a KL, nor did "
+        f"sharper predictions (BENCHMARKS.md, issue 14, round 3)."
     )
 
 
