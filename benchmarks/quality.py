@@ -109,6 +109,7 @@ class Settings:
     reuse: bool  # reuse finished pretraining runs in <out>/runs instead of pretraining again
     seg_steps: int  # hippocampus: segmentation fine-tuning steps
     seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
+    seg_fractions: tuple[float, ...]  # hippocampus: fractions of the labelled training cases to fine-tune with
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
     steps: dict[str, int] | None = None  # method -> optimiser steps ("*": every method); None: calibrate per run
 
@@ -378,7 +379,7 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
 
     rows = []
     for name, source in backbones.items():
-        for fraction in (0.1, 1.0):
+        for fraction in settings.seg_fractions:
             dice: dict[str, list[float]] = {}
             for seed in settings.seeds:
                 config = SegmentationConfig(
@@ -585,6 +586,11 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         help="hippocampus: a pretrained encoder's learning rate relative to the decoder's (random: 1)",
     )
     parser.add_argument(
+        "--seg-fractions",
+        default="0.1,1",
+        help="hippocampus: comma-separated fractions of the labelled training cases, each fine-tuned per seed",
+    )
+    parser.add_argument(
         "--finetune-steps",
         type=int,
         default=600,
@@ -630,6 +636,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         cache_dir=Path(args.cache_dir) if args.cache_dir else Path(args.out) / "cache",
         seg_steps=40 if args.quick and args.seg_steps == 300 else args.seg_steps,
         seg_encoder_lr_scale=args.seg_encoder_lr_scale,
+        seg_fractions=_fractions(parser, args.seg_fractions),
         reuse=args.reuse,
         finetune_steps=40 if args.quick and args.finetune_steps == 600 else args.finetune_steps,
     )
@@ -649,6 +656,17 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
             parser.error(f"--methods: unknown {[m for m in chosen if m not in known]}; choose from {sorted(known)}")
         methods = {t: [m for m in ms if m in chosen or m == "random"] for t, ms in methods.items()}
     return args, settings, methods
+
+
+def _fractions(parser: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
+    """``--seg-fractions``: ``0.1,1`` -> (0.1, 1.0); each in (0, 1], or the command line is refused."""
+    try:
+        fractions = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        parser.error(f"--seg-fractions: {text!r} is not a comma-separated list of numbers")
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        parser.error(f"--seg-fractions: {text!r}: each fraction must be in (0, 1]")
+    return fractions
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,17 @@ def test_quick_shrinks_only_what_was_not_given(tmp_path: Path) -> None:
     assert given.seg_steps == 80 and given.encoder == "resnet34"
 
 
+def test_segmentation_fractions_are_read_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, default, _ = quality.parse(["--out", str(tmp_path)])
+    assert default.seg_fractions == (0.1, 1.0)
+    _, tenth, _ = quality.parse(["--out", str(tmp_path), "--seg-fractions", "0.1"])
+    assert tenth.seg_fractions == (0.1,)
+    for wrong in ("0", "1.5", "a,b", ","):
+        with pytest.raises(SystemExit):
+            quality.parse(["--out", str(tmp_path), "--seg-fractions", wrong])
+        assert "--seg-fractions" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", [["--tasks", "cxr,ct"], ["--methods", "swav"]])
 def test_a_wrong_name_is_refused(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
