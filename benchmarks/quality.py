@@ -401,7 +401,8 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                 for key in ("dice/anterior", "dice/posterior", "dice_mean"):
                     dice.setdefault(key, []).append(float(result[key]))
             rows.append({"backbone": name, "label_fraction": fraction, "seeds": len(settings.seeds),
-                         **{k: _mean_std(v) for k, v in dice.items()}})  # fmt: skip
+                         **{k: _mean_std(v) for k, v in dice.items()},
+                         "per_seed": {"seeds": list(settings.seeds), **dice}})  # fmt: skip
     return rows
 
 

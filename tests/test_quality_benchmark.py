@@ -104,6 +104,27 @@ def test_segmentation_defaults_match_medssl_finetune(tmp_path: Path) -> None:
     assert settings.seg_encoder_lr_scale == SegmentationConfig().encoder_lr_scale == 1.0
 
 
+def test_segmentation_keeps_every_seed_s_dice_for_the_chosen_fractions(tmp_path: Path, monkeypatch) -> None:
+    """Per-seed Dice in the rows (the seed-by-seed differences a study reports), one row per ``--seg-fractions``."""
+    import medssl.downstream.segmentation as segmentation
+
+    seen: list[tuple[str, float, int]] = []
+
+    def fake_segmentation(config):
+        seen.append((config.model.pretrained, config.data.label_fraction, config.seed))
+        dice = 0.7 + config.seed / 100
+        return {"dice/anterior": dice, "dice/posterior": dice + 0.01, "dice_mean": dice + 0.005}
+
+    monkeypatch.setattr(segmentation, "run_segmentation", fake_segmentation)
+    _, settings, _ = quality.parse(["--out", str(tmp_path), "--seeds", "3", "--seg-fractions", "0.1"])
+    rows = quality._segmentation(settings, tmp_path / "m.csv", {"random": "none", "simclr": "/runs/simclr"})
+    assert [(r["backbone"], r["label_fraction"]) for r in rows] == [("random", 0.1), ("simclr", 0.1)]
+    assert len(seen) == 6 and {fraction for _, fraction, _ in seen} == {0.1}
+    assert rows[1]["per_seed"]["seeds"] == [0, 1, 2]
+    assert rows[1]["per_seed"]["dice_mean"] == pytest.approx([0.705, 0.715, 0.725])
+    assert rows[1]["dice_mean"][0] == pytest.approx(0.715)
+
+
 def test_fixed_step_budgets_replace_the_wall_clock_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from medssl.train.config import compose_pretrain_config
 
