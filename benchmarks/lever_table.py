@@ -88,7 +88,14 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
         "prototypes": run.data.params.get("model.intra_prototypes", "[512]"),
         "seed": run.data.params.get("seed"),
     }
-    curves = ("loss/intra", "health/intra_uniformity", "health/intra_prediction_entropy", "health/intra_code_entropy")
+    curves = (
+        "loss/intra",
+        "health/intra_uniformity",
+        "health/intra_prediction_entropy",
+        "health/intra_code_entropy",
+        "loss/total",
+        "health/uniformity",
+    )  # the last two: an instance method's (SimCLR) only loss and spread
     for key in curves:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         if history:
@@ -115,16 +122,17 @@ def table(
     for name, study in studies:
         curves = health(study, f"{task}-{method}")
         k = int(json.loads(curves.get("prototypes", "[512]"))[0])
-        loss = curves.get("loss/intra")
-        spread = curves.get("health/intra_uniformity")
+        clustering = "loss/intra" in curves
+        loss = curves.get("loss/intra") or curves.get("loss/total")  # SimCLR: its InfoNCE, with no ln K to compare
+        spread = curves.get("health/intra_uniformity") or curves.get("health/uniformity")
         entropy = curves.get("health/intra_prediction_entropy")
         codes = curves.get("health/intra_code_entropy")  # logged from commit 9117aee on
         cells = [name, str(loss[2]) if loss else "?"]
         cells.append(f"{loss[1]:.2f}" if loss else "?")
-        cells.append(f"{math.log(k) - loss[1]:.2f}" if loss else "?")
+        cells.append((f"{math.log(k) - loss[1]:.2f}" if clustering else "n/a (InfoNCE)") if loss else "?")
         cells.append(f"{spread[0]:.2f} → {spread[1]:.2f}" if spread else "?")
-        cells.append(f"{entropy[1]:.3f}" if entropy else "?")
-        cells.append(f"{codes[1]:.2f}" if codes else "not logged")
+        cells.append(f"{entropy[1]:.3f}" if entropy else "?" if clustering else "n/a")
+        cells.append(f"{codes[1]:.2f}" if codes else "not logged" if clustering else "n/a")
         for protocol in ("knn", "linear"):
             ours = probe(study, task, method, protocol, fraction, metric)
             theirs = probe(study, task, baseline, protocol, fraction, metric)

@@ -184,6 +184,30 @@ def test_the_lever_table_reads_each_study_s_own_files(tmp_path: Path) -> None:
     assert row.endswith("| +0.040, -0.010 |")
 
 
+def test_the_lever_table_shows_an_instance_method_s_own_loss_and_spread(tmp_path: Path) -> None:
+    """SimCLR logs no L_intra: its InfoNCE (loss/total) and health/uniformity fill the row, the SwAV-only columns say
+    n/a instead of a gap to a ln K that its loss has no reason to approach."""
+    import json
+
+    import lever_table
+
+    from medssl.runtime.tracking import Tracker
+
+    study = tmp_path / "t05"
+    study.mkdir()
+    rows = [{"backbone": b, "protocol": p, "label_fraction": 0.1, "auroc": [v, 0.0]}
+            for b, p, v in (("simclr", "knn", 0.97), ("random", "knn", 0.96), ("simclr", "linear", 0.98),
+                            ("random", "linear", 0.98))]  # fmt: skip
+    (study / "quality.json").write_text(json.dumps({"tables": {"cxr": {"rows": rows}}}))
+    tracker = Tracker(f"sqlite:///{study / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="cxr-simclr")
+    for step, loss, spread in ((10, 4.1, -2.6), (300, 2.5, -1.7)):
+        tracker.log_metrics({"loss/total": loss, "health/uniformity": spread}, step)
+    tracker.finish()
+    row = lever_table.table("cxr", "simclr", [("t 0.5", study)], metric="auroc").splitlines()[-1]
+    assert row.startswith("| t 0.5 | 300 | 2.50 | n/a (InfoNCE) | -2.60 → -1.70 | n/a | n/a |"), row
+    assert "0.970 ± 0.000 / 0.960" in row
+
+
 def test_the_lever_table_averages_each_pretraining_seed_over_the_evaluation_seeds(tmp_path: Path) -> None:
     import json
 
