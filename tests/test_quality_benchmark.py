@@ -344,3 +344,34 @@ def test_the_alarm_calibration_replays_a_study_s_logged_windows(tmp_path: Path) 
     # the alarm starts at step 30 (the freeze outlasts the warm-up); 5 windows from there: steps 30..70
     assert rows[-2] == "| cone | 90 | 30 | -0.70 | -0.60 | -0.60 | warning intra at step 70 | 0.870 / 0.960 |"
     assert rows[-1] == "| spread | 90 | 30 | -3.30 | -3.30 | -3.60 | note intra at step 70 | 0.970 / 0.960 |"
+
+
+def test_the_segmentation_table_compares_studies_seed_by_seed(tmp_path: Path) -> None:
+    """seg_table: per-seed Dice from each study's quality.json, differences from the baseline row matched by seed."""
+    import json
+
+    import seg_table
+
+    def study(name: str, rows: dict[str, list[float]]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        table = [{"backbone": b, "label_fraction": 0.1, "per_seed": {"seeds": [0, 1, 2], "dice_mean": v}}
+                 for b, v in rows.items()]  # fmt: skip
+        (folder / "quality.json").write_text(json.dumps({"tables": {"hippocampus": {"rows": table}}}))
+        return folder
+
+    a = study("a", {"random": [0.70, 0.72, 0.74], "simclr": [0.72, 0.71, 0.77]})
+    b = study("b", {"joint-simclr": [0.75, 0.75, 0.75]})
+    entries = [seg_table.parse_entry(f"random={a}:random"), seg_table.parse_entry(f"SimCLR={a}:simclr"),
+               seg_table.parse_entry(f"joint={b}:joint-simclr")]  # fmt: skip
+    lines = seg_table.table(entries, "random", 0.1).splitlines()
+    assert lines[3] == "| SimCLR | 0.733 ± 0.026 | 0.720, 0.710, 0.770 | +2.0, -1.0, +3.0 | +1.3 |"
+    assert lines[4].endswith("| +5.0, +3.0, +1.0 | +3.0 |")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "quality.json").write_text(json.dumps({"tables": {"hippocampus": {"rows": [
+        {"backbone": "random", "label_fraction": 0.1, "dice_mean": [0.7, 0.0]}]}}}))  # fmt: skip
+    with pytest.raises(SystemExit, match="no per-seed Dice"):
+        seg_table.table([seg_table.parse_entry(f"random={old}:random")], None, 0.1)
+    with pytest.raises(SystemExit, match="LABEL=STUDY:BACKBONE"):
+        seg_table.parse_entry("no-equals-sign")

@@ -1,0 +1,88 @@
+"""Segmentation backbones of several quality studies side by side, seed by seed (hippocampus, issue 14).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/seg_table.py --baseline random \\
+        "random=out/hippo-a:random" "SimCLR, 485 steps=out/hippo-a:simclr" "joint=out/hippo-b:joint-simclr" \\
+        [--fraction 0.1] [--update BENCHMARKS.md --section NAME]
+
+Each entry is ``LABEL=STUDY:BACKBONE``: a ``benchmarks/quality.py --out`` folder and a backbone of its hippocampus
+table. Several folders for one label (``LABEL=S1:B,S2:B``, one pretraining seed each) give one row per folder. The
+table shows, per row, the mean Dice over the fine-tuning seeds, each seed's Dice, and each seed's difference from the
+``--baseline`` row (the entry with that label; Dice x 100), read from the studies' ``quality.json`` (``per_seed``):
+nothing is typed in. Seeds are matched by number; a study without per-seed figures is refused with its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from _report import markdown_table, show_table
+
+
+def seed_dice(study: Path, backbone: str, fraction: float, key: str = "dice_mean") -> dict[int, float]:
+    """Seed -> Dice of one backbone at one label fraction in the study's ``quality.json``."""
+    path = study / "quality.json"
+    rows = json.loads(path.read_text(encoding="utf-8"))["tables"].get("hippocampus", {}).get("rows", [])
+    for row in rows:
+        if row["backbone"] == backbone and row["label_fraction"] == fraction:
+            if "per_seed" not in row:
+                raise SystemExit(f"{path}: {backbone} at {fraction:g} has no per-seed Dice (a study from before them)")
+            return dict(zip(row["per_seed"]["seeds"], row["per_seed"][key], strict=True))
+    raise SystemExit(f"{path}: no hippocampus row for backbone {backbone!r} at label fraction {fraction:g}")
+
+
+def parse_entry(text: str) -> tuple[str, list[tuple[Path, str]]]:
+    """``LABEL=S1:B1,S2:B2`` -> (label, [(study, backbone), ...])."""
+    label, sep, sources = text.partition("=")
+    pairs = [source.rpartition(":") for source in sources.split(",") if source]
+    if not sep or not label or not pairs or any(not study or not backbone for study, _, backbone in pairs):
+        raise SystemExit(f"entry {text!r}: expected LABEL=STUDY:BACKBONE[,STUDY:BACKBONE...]")
+    return label, [(Path(study), backbone) for study, _, backbone in pairs]
+
+
+def table(entries: list[tuple[str, list[tuple[Path, str]]]], baseline: str | None, fraction: float) -> str:
+    """One row per (label, study): mean ± std Dice, each seed's Dice, each seed's difference from the baseline."""
+    reference = None
+    if baseline is not None:
+        chosen = [sources for label, sources in entries if label == baseline]
+        if not chosen:
+            raise SystemExit(f"--baseline {baseline!r} is not one of the entries' labels")
+        reference = seed_dice(*chosen[0][0], fraction)
+    header = ["backbone", "Dice mean", "per seed"]
+    if reference is not None:
+        header += [f"− {baseline} per seed (x 100)", "mean"]
+    rows = []
+    for label, sources in entries:
+        for study, backbone in sources:
+            dice = seed_dice(study, backbone, fraction)
+            values = [dice[s] for s in sorted(dice)]
+            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+            cells = [label, f"{statistics.fmean(values):.3f} ± {spread:.3f}", ", ".join(f"{v:.3f}" for v in values)]
+            if reference is not None:
+                differences = [100 * (dice[s] - reference[s]) for s in sorted(dice) if s in reference]
+                cells += [", ".join(f"{d:+.1f}" for d in differences), f"{statistics.fmean(differences):+.1f}"]
+            rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="+", metavar="LABEL=STUDY:BACKBONE[,...]")
+    parser.add_argument("--baseline", help="the label of the row every seed is compared with")
+    parser.add_argument("--fraction", type=float, default=0.1, help="label fraction (default 0.1)")
+    parser.add_argument("--update", help="write the table into this Markdown file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--section", default="seg-table", help="section name in --update")
+    args = parser.parse_args(argv)
+    text = table([parse_entry(e) for e in args.entries], args.baseline, args.fraction)
+    show_table(text, args.update, args.section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
