@@ -375,3 +375,18 @@ def test_the_segmentation_table_compares_studies_seed_by_seed(tmp_path: Path) ->
         seg_table.table([seg_table.parse_entry(f"random={old}:random")], None, 0.1)
     with pytest.raises(SystemExit, match="LABEL=STUDY:BACKBONE"):
         seg_table.parse_entry("no-equals-sign")
+
+
+def test_the_curves_script_prints_a_run_s_logged_points(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import curves
+
+    from medssl.runtime.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "medssl-quality", run_name="hip-joint")
+    for step, loss in ((10, 4.95), (20, 4.5), (30, 4.1)):
+        tracker.log_metrics({"loss/inter": loss}, step)
+    tracker.finish()
+    assert curves.main([str(tmp_path), "hip-joint", "loss/inter", "health/x", "--every", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["loss/inter: 10:4.95 30:4.10", "health/x: not logged"]
+    with pytest.raises(SystemExit, match="no run named 'other'"):
+        curves.main([str(tmp_path), "other", "loss/inter"])
