@@ -14,24 +14,31 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+
+def study_run(study: Path, run_name: str) -> tuple[Any, Any] | None:
+    """(MLflow client, run) of the run ``run_name`` in the study's store (experiment medssl-quality), or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medssl-quality")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'") if experiment else []
+    return (client, runs[0]) if runs else None
+
+
+def history(client: Any, run: Any, key: str) -> list[tuple[int, float]]:
+    """[(step, value), ...] of one metric of ``run``, in step order (empty when not logged)."""
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
 def curves(study: Path, run_name: str, keys: Sequence[str], every: int = 1) -> dict[str, list[tuple[int, float]]]:
-    """Metric -> [(step, value), ...] of the study's run ``run_name`` (experiment medssl-quality), every
-    ``every``-th point; a missing run is an error naming the store."""
-    from mlflow.tracking import MlflowClient
-
-    store = f"sqlite:///{study / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=store)
-    experiment = client.get_experiment_by_name("medssl-quality")
-    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'") if experiment else []
-    if not runs:
-        raise SystemExit(f"{store}: no run named {run_name!r} in experiment medssl-quality")
-    out = {}
-    for key in keys:
-        history = sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)
-        out[key] = [(m.step, m.value) for m in history[::every]]
-    return out
+    """Metric -> [(step, value), ...] of the study's run ``run_name``, every ``every``-th point; a missing run is an
+    error naming the store."""
+    found = study_run(study, run_name)
+    if found is None:
+        raise SystemExit(f"{study / 'mlruns'}: no run named {run_name!r} in experiment medssl-quality")
+    return {key: history(*found, key)[::every] for key in keys}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

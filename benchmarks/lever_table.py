@@ -13,8 +13,9 @@ For every study it reads ``quality.json`` (the probes of ``--method`` and of ``-
 told, at ``--fraction`` of the labels, 10% unless told, mean over the evaluation seeds) and, from the study's MLflow
 store, the pretraining run's health curves: the L_intra loss and its gap to ``ln K`` at the end, the embedding
 uniformity at the first and the last logged step, the prediction entropy (normalised) and the Sinkhorn codes'
-entropy (nats; the loss is never below it) at the end. Nothing is typed in: every figure comes from the study's own
-files.
+entropy (nats; the loss is never below it) at the end; for an instance method (SimCLR, no L_intra) its InfoNCE loss
+and embedding uniformity, with n/a in the SwAV-only columns. Nothing is typed in: every figure comes from the study's
+own files.
 
 A lever given several folders (``NAME=F1,F2,...``, one pretraining seed each) gets one row per folder and a line in
 a second table: per pretraining seed, ``--metric`` of ``--method`` minus random init's, averaged over the evaluation
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from _report import markdown_table, metric_label, show_table
+from curves import history, study_run
 
 
 def probe(
@@ -74,21 +76,15 @@ def per_seed(
 
 def health(study: Path, run_name: str) -> dict[str, Any]:
     """First and last values of the pretraining run's curves, and its steps, from the study's MLflow store."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("medssl-quality")
-    if experiment is None:
+    found = study_run(study, run_name)
+    if found is None:
         return {}
-    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
-    if not runs:
-        return {}
-    run = runs[0]
+    client, run = found
     out: dict[str, Any] = {
         "prototypes": run.data.params.get("model.intra_prototypes", "[512]"),
         "seed": run.data.params.get("seed"),
     }
-    curves = (
+    keys = (
         "loss/intra",
         "health/intra_uniformity",
         "health/intra_prediction_entropy",
@@ -96,10 +92,9 @@ def health(study: Path, run_name: str) -> dict[str, Any]:
         "loss/total",
         "health/uniformity",
     )  # the last two: an instance method's (SimCLR) only loss and spread
-    for key in curves:
-        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-        if history:
-            out[key] = (history[0].value, history[-1].value, history[-1].step)
+    for key in keys:
+        if points := history(client, run, key):
+            out[key] = (points[0][1], points[-1][1], points[-1][0])
     return out
 
 

@@ -25,15 +25,15 @@ from pathlib import Path
 from _report import markdown_table, show_table
 
 
-def seed_dice(study: Path, backbone: str, fraction: float, key: str = "dice_mean") -> dict[int, float]:
-    """Seed -> Dice of one backbone at one label fraction in the study's ``quality.json``."""
+def seed_dice(study: Path, backbone: str, fraction: float) -> dict[int, float]:
+    """Seed -> mean Dice of one backbone at one label fraction in the study's ``quality.json``."""
     path = study / "quality.json"
     rows = json.loads(path.read_text(encoding="utf-8"))["tables"].get("hippocampus", {}).get("rows", [])
     for row in rows:
         if row["backbone"] == backbone and row["label_fraction"] == fraction:
             if "per_seed" not in row:
                 raise SystemExit(f"{path}: {backbone} at {fraction:g} has no per-seed Dice (a study from before them)")
-            return dict(zip(row["per_seed"]["seeds"], row["per_seed"][key], strict=True))
+            return dict(zip(row["per_seed"]["seeds"], row["per_seed"]["dice_mean"], strict=True))
     raise SystemExit(f"{path}: no hippocampus row for backbone {backbone!r} at label fraction {fraction:g}")
 
 
