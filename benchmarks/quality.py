@@ -324,6 +324,14 @@ def parse_steps(text: str | None) -> dict[str, int] | None:
     return budgets
 
 
+def random_architecture(settings: Settings, sources: dict[str, str]) -> str:
+    """The ``encoder`` of the random-init baseline: the first pretrained bundle of ``sources`` (random init copies its
+    network without its weights, :func:`medssl.downstream.common.load_backbone`), so that an ``--override`` that
+    changes the architecture (``model.max_pool=true``) changes the baseline with it; the study's encoder name when
+    nothing was pretrained. With the default architecture both give the same network and the same draw per seed."""
+    return next((source for source in sources.values() if source != "none"), settings.encoder)
+
+
 def bundle(settings: Settings, run_dir: Path) -> str:
     from medssl.export.bundle import export_bundle
 
@@ -491,6 +499,10 @@ def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> 
                 sources[method] = bundle(settings, pretrain(settings, manifest, task, method))
         return sources
 
+    def evaluated(sources: dict[str, str]) -> Settings:
+        """The settings the evaluations run with: random init is the pretrained backbones' network."""
+        return replace(settings, encoder=random_architecture(settings, sources))
+
     for task in tasks:
         needed = {"cxr": "cxr", "mednist": "mednist", "hippocampus": "hippocampus", "sepclr": "cxr"}[task]
         if needed not in manifests:
@@ -499,12 +511,14 @@ def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> 
         start = time.perf_counter()
         if task in ("cxr", "mednist"):
             sources = pretrained(task, manifests[task])
-            rows = _classification(settings, manifests[task], sources, ["backbone"], [0.1, 1.0], f"evaluation-{task}")
+            rows = _classification(evaluated(sources), manifests[task], sources, ["backbone"], [0.1, 1.0],
+                                   f"evaluation-{task}")  # fmt: skip
             if task == "cxr" and settings.finetune_steps > 0:
-                rows += _finetuning(settings, manifests[task], sources)
+                rows += _finetuning(evaluated(sources), manifests[task], sources)
             results["tables"][task] = {"kind": "classification", "rows": rows}
         elif task == "hippocampus":
-            rows = _segmentation(settings, manifests[task], pretrained(task, manifests[task]))
+            sources = pretrained(task, manifests[task])
+            rows = _segmentation(evaluated(sources), manifests[task], sources)
             results["tables"][task] = {"kind": "segmentation", "rows": rows}
         else:
             run_dir = pretrain(settings, manifests["cxr"], "sepclr", "sepclr")

@@ -158,3 +158,50 @@ def test_backbone_loading_gives_stage_features_in_2d_and_3d():
         load_backbone("none", spatial_dims=4)
     with pytest.raises(ValueError, match="not a bundle folder"):
         load_backbone(str(Path(__file__).parent))
+
+
+def max_pool_bundle(folder: Path) -> Path:
+    """A bundle whose small 2D ResNet keeps MONAI's max-pool stem (medssl's encoders drop it)."""
+    import json
+
+    from monai.networks.nets import ResNet
+
+    from medssl.runtime.checkpoints import save_checkpoint
+
+    kwargs = {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [4, 8, 8, 8], "spatial_dims": 2,
+              "n_input_channels": 1, "no_max_pool": False, "feed_forward": False}  # fmt: skip
+    (folder / "configs").mkdir(parents=True)
+    network_def = {"_target_": "monai.networks.nets.ResNet", **kwargs}
+    (folder / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def}), encoding="utf-8")
+    (folder / "configs" / "metadata.json").write_text(json.dumps({"medssl": {"run_id": "r"}}), encoding="utf-8")
+    (folder / "models").mkdir()
+    torch.manual_seed(123)
+    save_checkpoint(folder / "models" / "model.pt", ResNet(**kwargs).state_dict())
+    return folder
+
+
+def test_random_init_copies_a_bundles_architecture_not_its_weights(tmp_path):
+    """``encoder=<bundle>``: the random baseline of a backbone pretrained with a max-pool stem is that network, freshly
+    drawn from the caller's seed (reading the bundle consumes none of it), in 2D and inflated to 3D."""
+    from medssl.models.encoders import monai_resnet
+
+    bundle = max_pool_bundle(tmp_path / "bundle")
+    pretrained = load_backbone(str(bundle))
+    torch.manual_seed(0)
+    random = load_backbone("none", str(bundle))
+    torch.manual_seed(0)
+    expected = monai_resnet(random.kwargs).state_dict()
+    assert random.kwargs == pretrained.kwargs and not random.network.no_max_pool
+    assert "random initialisation (the architecture of" in random.message
+    weights = random.network.state_dict()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)  # the seed's draw, nothing consumed before
+    conv = "conv1.weight"
+    assert not torch.equal(weights[conv], pretrained.network.state_dict()[conv])  # not the bundle's weights
+    named = load_backbone("none", "resnet10")  # a registered name: medssl's stem without max pool, as before
+    assert named.network.no_max_pool and named.message == "random initialisation (resnet10, 2D)"
+    volume = load_backbone("none", str(bundle), spatial_dims=3, depth_kernel=3)
+    assert volume.spatial_dims == 3 and not volume.network.no_max_pool
+    features = resnet_stages(volume.network.eval(), torch.zeros(1, 1, 32, 32, 32))
+    assert [f.shape[1] for f in features] == volume.stage_channels
+    with pytest.raises(ValueError, match="encoder='resnet19': not a registered encoder"):
+        load_backbone("none", "resnet19")

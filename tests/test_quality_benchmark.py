@@ -390,3 +390,39 @@ def test_the_curves_script_prints_a_run_s_logged_points(tmp_path: Path, capsys: 
     assert capsys.readouterr().out.splitlines() == ["loss/inter: 10:4.95 30:4.10", "health/x: not logged"]
     with pytest.raises(SystemExit, match="no run named 'other'"):
         curves.main([str(tmp_path), "other", "loss/inter"])
+
+
+def test_random_init_is_the_pretrained_backbones_network(tmp_path: Path, monkeypatch) -> None:
+    """Random init is evaluated with the first pretrained bundle as its architecture (a ``model.max_pool=true`` study
+    compares like with like), in the classification and the segmentation tasks; the study's encoder name when
+    nothing is pretrained."""
+    import medssl.downstream.evaluate as evaluate
+    import medssl.downstream.segmentation as segmentation
+
+    encoders: list[tuple[str, str, str]] = []
+
+    def fake_evaluate(config):
+        encoders.extend(("evaluate", source, config.encoder) for source in config.backbones.values())
+        return {"summary": []}
+
+    def fake_segmentation(config):
+        encoders.append(("segmentation", config.model.pretrained, config.model.encoder))
+        return {"dice/anterior": 0.7, "dice/posterior": 0.7, "dice_mean": 0.7}
+
+    monkeypatch.setattr(evaluate, "run_evaluate", fake_evaluate)
+    monkeypatch.setattr(segmentation, "run_segmentation", fake_segmentation)
+    monkeypatch.setattr(quality, "prepare_manifests", lambda s: {"cxr": tmp_path / "c.csv", "hippocampus": tmp_path})
+    monkeypatch.setattr(quality, "pretrain", lambda s, manifest, task, method: tmp_path / "runs" / f"{task}-{method}")
+    monkeypatch.setattr(quality, "bundle", lambda s, run_dir: f"/bundles/{run_dir.name}")
+    args = ["--out", str(tmp_path), "--seeds", "1", "--seg-fractions", "0.1", "--finetune-steps", "0"]
+    _, settings, _ = quality.parse([*args, "--override", "model.max_pool=true"])
+    quality.run(settings, ["cxr", "hippocampus"], {"cxr": ["random", "simclr"], "hippocampus": ["random", "joint"]})
+    assert encoders == [
+        ("evaluate", "none", "/bundles/cxr-simclr"),
+        ("evaluate", "/bundles/cxr-simclr", "/bundles/cxr-simclr"),
+        ("segmentation", "none", "/bundles/hippocampus-joint"),
+        ("segmentation", "/bundles/hippocampus-joint", "/bundles/hippocampus-joint"),
+    ]
+    encoders.clear()
+    quality.run(settings, ["cxr"], {"cxr": ["random"]})
+    assert encoders == [("evaluate", "none", "resnet18")]

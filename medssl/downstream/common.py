@@ -6,6 +6,7 @@ patient-disjoint splits, and the MLflow record of a fine-tuning run.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from monai.networks.nets import ResNet
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -43,7 +45,7 @@ class TaskConfig:
 @dataclass
 class FinetuneModelConfig:
     pretrained: str = "none"  # a bundle folder (medssl export), an MLflow run id, models:/NAME@ALIAS, none (random)
-    encoder: str = "resnet18"  # architecture of the random-initialisation baseline
+    encoder: str = "resnet18"  # random init: an encoder name, or a bundle / run id to copy the architecture of
     depth_kernel: int | None = None  # 3D tasks: stem kernel depth of the inflated encoder (odd; default 3)
 
 
@@ -94,18 +96,46 @@ class LoadedBackbone:
         return [int(widths[0]), *(int(w) * expansion for w in widths)]
 
 
-def _random_backbone(encoder: str, spatial_dims: int, depth_kernel: int | None) -> LoadedBackbone:
-    from medssl.export.inflate import inflated_config
-    from medssl.models.encoders import create_encoder, monai_resnet
+def _random_backbone(
+    encoder: str, spatial_dims: int, depth_kernel: int | None, tracking_uri: str | None = None
+) -> LoadedBackbone:
+    """A freshly initialised encoder: the registered ``encoder`` (:func:`medssl.models.encoders.create_encoder`), or
+    the architecture of a pretrained backbone (``encoder`` a bundle folder, an MLflow run id or a model URI: its
+    stem, widths and norm, none of its weights), so that random init is the same network as the backbone it is the
+    baseline of (for instance one pretrained with ``model.max_pool=true``).
 
-    encoder_2d = create_encoder(encoder)
-    kwargs = dict(encoder_2d.backbone_config)
-    if spatial_dims == 3:
-        kwargs = inflated_config(kwargs, depth_kernel=depth_kernel)
-        network = monai_resnet(kwargs)
-    else:
-        network = encoder_2d.backbone
-    return LoadedBackbone(network, kwargs, f"random initialisation ({encoder}, {spatial_dims}D)")
+    Reading another backbone's architecture leaves torch's random state as it was, so a seeded caller draws the
+    same weights whichever way the architecture was named.
+
+    Raises:
+        ValueError: ``encoder`` is neither a registered encoder nor a source :func:`load_backbone` reads.
+    """
+    from medssl.export.inflate import inflated_config
+    from medssl.export.sources import is_model_uri
+    from medssl.models.encoders import available_encoders, create_encoder, monai_resnet
+
+    if encoder in available_encoders():
+        encoder_2d = create_encoder(encoder)
+        kwargs = dict(encoder_2d.backbone_config)
+        if spatial_dims == 3:
+            kwargs = inflated_config(kwargs, depth_kernel=depth_kernel)
+            return LoadedBackbone(monai_resnet(kwargs), kwargs, f"random initialisation ({encoder}, 3D)")
+        return LoadedBackbone(encoder_2d.backbone, kwargs, f"random initialisation ({encoder}, 2D)")
+    if not (Path(encoder).is_dir() or is_model_uri(encoder) or _RUN_ID.fullmatch(encoder)):
+        raise ValueError(
+            f"encoder={encoder!r}: not a registered encoder ({', '.join(available_encoders())}) nor a bundle folder, "
+            "MLflow run id or model URI whose architecture random initialisation would copy"
+        )
+    with torch.random.fork_rng(devices=[]):  # reading the source builds (and loads) a network: keep the seed's draw
+        kwargs = dict(load_backbone(encoder, spatial_dims=spatial_dims, tracking_uri=tracking_uri,
+                                    depth_kernel=depth_kernel).kwargs)  # fmt: skip
+    return LoadedBackbone(
+        monai_resnet(kwargs), kwargs, f"random initialisation (the architecture of {encoder}, {spatial_dims}D)"
+    )
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+"""An MLflow run id (32 hex digits)."""
 
 
 def load_backbone(
@@ -128,7 +158,7 @@ def load_backbone(
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if pretrained in ("none", "", "null"):
-        return _random_backbone(encoder, spatial_dims, depth_kernel)
+        return _random_backbone(encoder, spatial_dims, depth_kernel, tracking_uri)
     bundle = Path(pretrained)
     if not bundle.is_dir():
         from medssl.export.bundle import export_bundle

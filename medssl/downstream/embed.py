@@ -92,7 +92,7 @@ def check_output(path: str | Path) -> Path:
 @dataclass
 class EmbedModelConfig:
     pretrained: str = "none"  # a bundle folder (medssl export), an MLflow run id (or what load_backbone takes), none
-    encoder: str = "resnet18"  # architecture of the random initialisation (pretrained=none)
+    encoder: str = "resnet18"  # random init (pretrained=none): an encoder name, or a bundle / run id to copy
     space: str = "backbone"  # backbone | common | salient (SepCLR heads; needs a run folder or checkpoint)
 
     def __post_init__(self) -> None:

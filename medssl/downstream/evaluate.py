@@ -42,7 +42,9 @@ METRICS = ("auroc", "accuracy", "balanced_accuracy")
 @dataclass
 class EvaluateConfig:
     """``backbones``: name -> bundle folder | MLflow run id | ``none`` (random init of ``encoder``); no default here,
-    so that a command-line ``backbones={...}`` replaces the file's set instead of adding to it."""
+    so that a command-line ``backbones={...}`` replaces the file's set instead of adding to it. ``encoder`` is an
+    encoder name, or a bundle folder / run id whose architecture random init copies (without its weights), so that
+    the baseline of a backbone pretrained with a non-default stem (``model.max_pool=true``) is the same network."""
 
     backbones: dict[str, str] = field(default_factory=dict)
     encoder: str = "resnet18"
