@@ -7,10 +7,12 @@ Usage (from the repository root)::
         [--fraction 0.1] [--update BENCHMARKS.md --section NAME]
 
 Each entry is ``LABEL=STUDY:BACKBONE``: a ``benchmarks/quality.py --out`` folder and a backbone of its hippocampus
-table. Several folders for one label (``LABEL=S1:B,S2:B``, one pretraining seed each) give one row per folder. The
-table shows, per row, the mean Dice over the fine-tuning seeds, each seed's Dice, and each seed's difference from the
-``--baseline`` row (the entry with that label; Dice x 100), read from the studies' ``quality.json`` (``per_seed``):
-nothing is typed in. Seeds are matched by number; a study without per-seed figures is refused with its path.
+table. Several folders for one label (``LABEL=S1:B,S2:B``, one pretraining seed each) give one row per folder and a
+row over all of them; when the baseline label names as many folders, they are compared pairwise, the j-th with the
+j-th (the same pretraining seed). The table shows, per row, the mean Dice over the fine-tuning seeds, each seed's
+Dice, and each seed's difference from the ``--baseline`` row (the entry with that label; Dice x 100), read from the
+studies' ``quality.json`` (``per_seed``): nothing is typed in. Seeds are matched by number; a study without
+per-seed figures is refused with its path.
 """
 
 from __future__ import annotations
@@ -47,28 +49,51 @@ def parse_entry(text: str) -> tuple[str, list[tuple[Path, str]]]:
 
 
 def table(entries: list[tuple[str, list[tuple[Path, str]]]], baseline: str | None, fraction: float) -> str:
-    """One row per (label, study): mean ± std Dice, each seed's Dice, each seed's difference from the baseline."""
-    reference = None
+    """One row per (label, study): mean ± std Dice, each seed's Dice, each seed's difference from the baseline; and,
+    for a label with several studies, a row over all of them (every study's every seed).
+
+    When the baseline label and an entry name the same number of studies (one per pretraining seed, in the same
+    order), the entry's j-th study is compared with the baseline's j-th (paired by pretraining seed); otherwise every
+    study is compared with the baseline's first."""
+    references: list[dict[int, float]] = []
     if baseline is not None:
         chosen = [sources for label, sources in entries if label == baseline]
         if not chosen:
             raise SystemExit(f"--baseline {baseline!r} is not one of the entries' labels")
-        reference = seed_dice(*chosen[0][0], fraction)
+        references = [seed_dice(study, backbone, fraction) for study, backbone in chosen[0]]
     header = ["backbone", "Dice mean", "per seed"]
-    if reference is not None:
+    if references:
         header += [f"− {baseline} per seed (x 100)", "mean"]
     rows = []
     for label, sources in entries:
-        for study, backbone in sources:
+        paired = len(references) == len(sources)
+        pooled: list[float] = []
+        pooled_differences: list[float] = []
+        for j, (study, backbone) in enumerate(sources):
             dice = seed_dice(study, backbone, fraction)
             values = [dice[s] for s in sorted(dice)]
-            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-            cells = [label, f"{statistics.fmean(values):.3f} ± {spread:.3f}", ", ".join(f"{v:.3f}" for v in values)]
-            if reference is not None:
+            pooled += values
+            cells = [label, _mean_std(values), ", ".join(f"{v:.3f}" for v in values)]
+            if references:
+                reference = references[j if paired else 0]
                 differences = [100 * (dice[s] - reference[s]) for s in sorted(dice) if s in reference]
+                pooled_differences += differences
                 cells += [", ".join(f"{d:+.1f}" for d in differences), f"{statistics.fmean(differences):+.1f}"]
             rows.append(cells)
+        if len(sources) > 1:
+            cells = [f"{label}, all {len(sources)}", _mean_std(pooled), f"{len(pooled)} runs"]
+            if references:
+                cells += [
+                    "paired by study" if paired else "each against the first",
+                    f"{statistics.fmean(pooled_differences):+.1f}",
+                ]
+            rows.append(cells)
     return markdown_table(header, rows)
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

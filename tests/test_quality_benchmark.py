@@ -367,6 +367,16 @@ def test_the_segmentation_table_compares_studies_seed_by_seed(tmp_path: Path) ->
     lines = seg_table.table(entries, "random", 0.1).splitlines()
     assert lines[3] == "| SimCLR | 0.733 ± 0.026 | 0.720, 0.710, 0.770 | +2.0, -1.0, +3.0 | +1.3 |"
     assert lines[4].endswith("| +5.0, +3.0, +1.0 | +3.0 |")
+    # one study per pretraining seed: the j-th joint study against the j-th SimCLR study, and a row over all of them
+    c = study("c", {"simclr": [0.70, 0.70, 0.70], "joint-simclr": [0.71, 0.72, 0.73]})
+    entries = [seg_table.parse_entry(f"SimCLR={a}:simclr,{c}:simclr"),
+               seg_table.parse_entry(f"joint={b}:joint-simclr,{c}:joint-simclr")]  # fmt: skip
+    lines = seg_table.table(entries, "SimCLR", 0.1).splitlines()
+    assert lines[5].endswith("| +3.0, +4.0, -2.0 | +1.7 |")  # b against a
+    assert lines[6].endswith("| +1.0, +2.0, +3.0 | +2.0 |")  # c against c, not against a
+    assert lines[7] == "| joint, all 2 | 0.735 ± 0.016 | 6 runs | paired by study | +1.8 |"
+    lone = seg_table.table([*entries[:1], seg_table.parse_entry(f"joint={b}:joint-simclr")], "SimCLR", 0.1)
+    assert lone.splitlines()[5].endswith("| +3.0, +4.0, -2.0 | +1.7 |")  # one study: against the first
     old = tmp_path / "old"
     old.mkdir()
     (old / "quality.json").write_text(json.dumps({"tables": {"hippocampus": {"rows": [
