@@ -73,7 +73,8 @@ def table(entries: list[tuple[str, list[tuple[Path, str]]]], baseline: str | Non
             dice = seed_dice(study, backbone, fraction)
             values = [dice[s] for s in sorted(dice)]
             pooled += values
-            cells = [label, _mean_std(values), ", ".join(f"{v:.3f}" for v in values)]
+            name = f"{label} ({study.name})" if len(sources) > 1 else label  # which study: its folder's name
+            cells = [name, _mean_std(values), ", ".join(f"{v:.3f}" for v in values)]
             if references:
                 reference = references[j if paired else 0]
                 differences = [100 * (dice[s] - reference[s]) for s in sorted(dice) if s in reference]

@@ -373,7 +373,7 @@ def test_the_segmentation_table_compares_studies_seed_by_seed(tmp_path: Path) ->
                seg_table.parse_entry(f"joint={b}:joint-simclr,{c}:joint-simclr")]  # fmt: skip
     lines = seg_table.table(entries, "SimCLR", 0.1).splitlines()
     assert lines[5].endswith("| +3.0, +4.0, -2.0 | +1.7 |")  # b against a
-    assert lines[6].endswith("| +1.0, +2.0, +3.0 | +2.0 |")  # c against c, not against a
+    assert lines[6].startswith("| joint (c) |") and lines[6].endswith("| +1.0, +2.0, +3.0 | +2.0 |")  # c against c
     assert lines[7] == "| joint, all 2 | 0.735 ± 0.016 | 6 runs | paired by study | +1.8 |"
     lone = seg_table.table([*entries[:1], seg_table.parse_entry(f"joint={b}:joint-simclr")], "SimCLR", 0.1)
     assert lone.splitlines()[5].endswith("| +3.0, +4.0, -2.0 | +1.7 |")  # one study: against the first
