@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 
@@ -38,3 +39,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def metric_label(metric: str) -> str:
     """How a table's header names a probe metric (``acc``, ``AUROC``, ``balanced acc``)."""
     return {"accuracy": "acc", "auroc": "AUROC", "balanced_accuracy": "balanced acc"}.get(metric, metric)
+
+
+def machine_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine a study ran on: architecture, CPU model (from ``cpuinfo`` where there is one), cores, Python, torch
+    and the CPU kernel level torch dispatches to. Training runs are bit-reproducible on one machine but not across
+    CPUs whose kernels differ (random init's hippocampus Dice moved between two machines with identical code), so a
+    figure is compared only with figures of the same description."""
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                 if line.startswith("model name") and ":" in line]  # fmt: skip
+        model = names[0] if names else model
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"{platform.machine()} ({model}), {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({capability} kernels)")  # fmt: skip

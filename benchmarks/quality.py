@@ -41,7 +41,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -53,7 +52,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from _report import update_section
+from _report import machine_description, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "benchmarks" / "figures"  # --update copies the summary plot here (linked from BENCHMARKS.md)
@@ -554,7 +553,7 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
         f"## Representation quality (benchmarks/quality.py): {heading}",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
+        f"Machine: {machine_description()}; "
         f"budget {_budget_text(settings)} of pretraining per method; encoder {settings.encoder} at "
         f"{settings.size} px; seeds {settings.seeds}; {scope}; total {minutes:.0f} min. Runs and plots: MLflow "
         f"store `{store}` (experiment medssl-quality).",

@@ -436,3 +436,19 @@ def test_random_init_is_the_pretrained_backbones_network(tmp_path: Path, monkeyp
     encoders.clear()
     quality.run(settings, ["cxr"], {"cxr": ["random"]})
     assert encoders == [("evaluate", "none", "resnet18")]
+
+
+def test_the_machine_line_names_the_cpu_model_and_torch_s_kernel_level(tmp_path: Path) -> None:
+    """Studies compare only on one machine (bit-reproducible there, not across CPUs): quality.md names the CPU."""
+    import _report
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 2.0GHz\nflags\t: avx2\n", encoding="utf-8")
+    line = _report.machine_description(cpuinfo)
+    assert "(Example CPU @ 2.0GHz)" in line and "CPU cores" in line
+    assert f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)" in line
+    import platform
+
+    fallback = platform.processor() or "unknown CPU"  # no /proc/cpuinfo (macOS, Windows)
+    assert f"({fallback})" in _report.machine_description(tmp_path / "absent")
