@@ -510,10 +510,10 @@ def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> 
         start = time.perf_counter()
         if task in ("cxr", "mednist"):
             sources = pretrained(task, manifests[task])
-            rows = _classification(evaluated(sources), manifests[task], sources, ["backbone"], [0.1, 1.0],
-                                   f"evaluation-{task}")  # fmt: skip
+            evaluation = evaluated(sources)
+            rows = _classification(evaluation, manifests[task], sources, ["backbone"], [0.1, 1.0], f"evaluation-{task}")
             if task == "cxr" and settings.finetune_steps > 0:
-                rows += _finetuning(evaluated(sources), manifests[task], sources)
+                rows += _finetuning(evaluation, manifests[task], sources)
             results["tables"][task] = {"kind": "classification", "rows": rows}
         elif task == "hippocampus":
             sources = pretrained(task, manifests[task])

@@ -121,7 +121,7 @@ def _random_backbone(
             kwargs = inflated_config(kwargs, depth_kernel=depth_kernel)
             return LoadedBackbone(monai_resnet(kwargs), kwargs, f"random initialisation ({encoder}, 3D)")
         return LoadedBackbone(encoder_2d.backbone, kwargs, f"random initialisation ({encoder}, 2D)")
-    if not (Path(encoder).is_dir() or is_model_uri(encoder) or _RUN_ID.fullmatch(encoder)):
+    if not (Path(encoder).exists() or is_model_uri(encoder) or _RUN_ID.fullmatch(encoder)):  # else: a typo
         raise ValueError(
             f"encoder={encoder!r}: not a registered encoder ({', '.join(available_encoders())}) nor a bundle folder, "
             "MLflow run id or model URI whose architecture random initialisation would copy"
