@@ -29,6 +29,9 @@ Tasks (``--tasks``):
 * ``sepclr``: SepCLR on Kermany (background = NORMAL, target = PNEUMONIA); linear probes for bacterial vs viral
   pneumonia (file names) on the salient and the common space.
 
+``--pretrain-seeds 0,1,2`` runs the whole study once per pretraining seed (``<out>/pretrain-seed-S``) and pools
+them (``pretrain_seeds.py``): each backbone minus its baseline, pretraining seed by pretraining seed.
+
 Results: mean ± std over ``--seeds`` seeds, ``<out>/quality.json`` and ``<out>/quality.md``; ``--update
 BENCHMARKS.md`` writes the tables, the budget, the machine and this command into BENCHMARKS.md. Every
 pretraining and fine-tuning run is in the MLflow store ``<out>/mlruns`` (plots in the runs' artifacts).
@@ -633,6 +636,11 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         action="store_true",
         help="reuse finished pretraining runs in <out>/runs (e.g. to add evaluations to a finished run)",
     )
+    parser.add_argument(
+        "--pretrain-seeds",
+        help="comma-separated pretraining seeds (e.g. 0,1,2): the whole study once per seed in <out>/pretrain-seed-S, "
+        "then each backbone minus its baseline per pretraining seed in <out>/quality.md",
+    )
     parser.add_argument("--update", help="write the section into this Markdown file (e.g. BENCHMARKS.md)")
     parser.add_argument("--section", help="section name in --update (default quality-<tasks>): keep variants apart")
     args = parser.parse_args(argv)
@@ -658,6 +666,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         settings.steps = parse_steps(args.steps)
     except ValueError as exc:
         parser.error(str(exc))
+    args.pretrain_seeds = _seeds(parser, args.pretrain_seeds, settings.overrides)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASK_METHODS]
     if unknown:
@@ -683,6 +692,80 @@ def _fractions(parser: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
     return fractions
 
 
+def study(settings: Settings, tasks: list[str], methods: dict[str, list[str]], command: str, tag: str,
+          update: str | None) -> str:  # fmt: skip
+    """Run one study (every task, every method, one pretraining each) and write ``quality.json``, ``quality.md``, the
+    summary plot and its MLflow run into ``settings.out``; with ``update``, copy the plot under benchmarks/figures as
+    ``tag``. Returns the Markdown report."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = run(settings, tasks, methods)
+    minutes = (time.perf_counter() - start) / 60
+    plot = settings.out / "quality.png"
+    summary_figure(results).savefig(plot, dpi=100)
+    link = None
+    if update:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, FIGURES / f"{tag}.png")
+        link = os.path.relpath(FIGURES / f"{tag}.png", Path(update).resolve().parent)
+    text = report(results, settings, command, minutes, link)
+    (settings.out / "quality.json").write_text(json.dumps({**results, "command": command}, indent=2, default=str))
+    (settings.out / "quality.md").write_text(text, encoding="utf-8")
+    run_id = log_summary(settings, [settings.out / "quality.md", settings.out / "quality.json", plot])
+    print(text)
+    print(f"quality: summary run {run_id} in {settings.out / 'mlruns'}; plot {plot}")
+    return text
+
+
+def seed_studies(settings: Settings, tasks: list[str], methods: dict[str, list[str]], command: str,
+                 seeds: list[int]) -> str:  # fmt: skip
+    """``--pretrain-seeds``: the whole study once per pretraining seed (``<out>/pretrain-seed-S``, ``seed=S`` on
+    every pretraining run; the evaluation seeds, the split and the cache are shared), then the pooled comparison
+    (``pretrain_seeds``) in ``<out>/quality.md``. Returns that Markdown."""
+    from pretrain_seeds import report as pooled_report
+    from pretrain_seeds import study_folder
+
+    start = time.perf_counter()
+    for seed in seeds:
+        one = replace(settings, out=study_folder(settings.out, seed), overrides=[*settings.overrides, f"seed={seed}"])
+        study(one, tasks, methods, f"{command}  # pretraining seed {seed}", "", None)
+    minutes = (time.perf_counter() - start) / 60
+    header = [
+        f"## Representation quality (benchmarks/quality.py): {', '.join(tasks)}, pretraining seeds "
+        f"{', '.join(map(str, seeds))}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_description()}; budget {_budget_text(settings)} of pretraining per method and seed; "
+        f"encoder {settings.encoder} at {settings.size} px; evaluation seeds {settings.seeds} per pretraining seed; "
+        f"total {minutes:.0f} min.",
+        "",
+        "Each figure: the backbone minus the one it is compared with, for each pretraining seed the mean over the "
+        "evaluation seeds (probes: AUROC, accuracy, balanced accuracy; segmentation: Dice x 100).",
+        "",
+    ]
+    if settings.overrides:
+        header += [f"Pretraining overrides on top of the shipped defaults: `{' '.join(settings.overrides)}`.", ""]
+    text = pooled_report(header, {t: methods[t] for t in tasks}, seeds, settings.out, settings.seg_fractions, TITLES)
+    (settings.out / "quality.md").write_text(text, encoding="utf-8")
+    print(text)
+    return text
+
+
+def _seeds(parser: argparse.ArgumentParser, text: str | None, overrides: list[str]) -> list[int]:
+    """``--pretrain-seeds``: ``0,1,2`` -> [0, 1, 2] (distinct integers); refused beside an ``--override seed=``."""
+    if text is None:
+        return []
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--pretrain-seeds: {text!r} is not a comma-separated list of integers")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--pretrain-seeds: {text!r}: give distinct seeds, e.g. 0,1,2")
+    if any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in overrides):
+        parser.error("--pretrain-seeds sets each run's seed: drop --override seed=...")
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, settings, methods = parse(argv)
     tasks = list(methods)
@@ -690,24 +773,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calibrate:
         calibrate_budgets(settings, methods)
         return 0
-    start = time.perf_counter()
-    results = run(settings, tasks, methods)
-    minutes = (time.perf_counter() - start) / 60
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     tag = args.section or ("quality-quick" if settings.quick else "quality-" + "-".join(tasks))  # others kept
-    plot = settings.out / "quality.png"
-    summary_figure(results).savefig(plot, dpi=100)
-    link = None
-    if args.update:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(plot, FIGURES / f"{tag}.png")
-        link = os.path.relpath(FIGURES / f"{tag}.png", Path(args.update).resolve().parent)
-    text = report(results, settings, command.strip(), minutes, link)
-    (settings.out / "quality.json").write_text(json.dumps({**results, "command": command}, indent=2, default=str))
-    (settings.out / "quality.md").write_text(text, encoding="utf-8")
-    run_id = log_summary(settings, [settings.out / "quality.md", settings.out / "quality.json", plot])
-    print(text)
-    print(f"quality: summary run {run_id} in {settings.out / 'mlruns'}; plot {plot}")
+    if args.pretrain_seeds:
+        text = seed_studies(settings, tasks, methods, command.strip(), args.pretrain_seeds)
+    else:
+        text = study(settings, tasks, methods, command.strip(), tag, args.update)
     if args.update:
         update_section(Path(args.update), text, tag)
     return 0

@@ -452,3 +452,71 @@ def test_the_machine_line_names_the_cpu_model_and_torch_s_kernel_level(tmp_path:
 
     fallback = platform.processor() or "unknown CPU"  # no /proc/cpuinfo (macOS, Windows)
     assert f"({fallback})" in _report.machine_description(tmp_path / "absent")
+
+
+def test_pretraining_seeds_are_read_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args, _, _ = quality.parse(["--out", str(tmp_path), "--pretrain-seeds", "0,1,2"])
+    assert args.pretrain_seeds == [0, 1, 2]
+    assert quality.parse(["--out", str(tmp_path)])[0].pretrain_seeds == []
+    for wrong in (["--pretrain-seeds", "0,0"], ["--pretrain-seeds", "a"], ["--pretrain-seeds", ","],
+                  ["--pretrain-seeds", "0,1", "--override", "seed=3"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            quality.parse(["--out", str(tmp_path), *wrong])
+        assert "--pretrain-seeds" in capsys.readouterr().err
+
+
+def test_pretraining_seeds_run_one_study_each_and_pool_them(tmp_path: Path, monkeypatch) -> None:
+    """--pretrain-seeds: each seed's study in its own folder with seed=S on its pretraining runs, then the pooled
+    comparison read from those studies' files (seed 0: ahead of random init, seed 1: behind)."""
+    import json
+
+    runs: list[tuple[Path, list[str]]] = []
+    ahead = {"seed=0": 0.04, "seed=1": -0.02}
+
+    def fake_run(settings, tasks, methods):  # type: ignore[no-untyped-def]
+        runs.append((settings.out, list(settings.overrides)))
+        folder = settings.out / "evaluation-cxr"
+        folder.mkdir(parents=True)
+        rows = [{"backbone": b, "protocol": p, "label_fraction": 0.1, "seed": e, "auroc": value + 0.01 * e,
+                 "accuracy": value, "balanced_accuracy": value}
+                for p in ("knn", "linear") for e in (0, 1)
+                for b, value in (("random", 0.90), ("swav2d", 0.90 + ahead[settings.overrides[-1]]))]  # fmt: skip
+        (folder / "results.json").write_text(json.dumps({"results": rows}))
+        return {"tables": {"cxr": {"kind": "classification", "rows": [], "minutes": 0.0}}, "missing": []}
+
+    monkeypatch.setattr(quality, "run", fake_run)
+    monkeypatch.setattr(quality, "log_summary", lambda settings, files: "run-id")
+    argv = ["--out", str(tmp_path), "--tasks", "cxr", "--methods", "swav2d", "--steps", "10", "--seeds", "2",
+            "--override", "a.b=1", "--pretrain-seeds", "0,1", "--update", str(tmp_path / "B.md"),
+            "--section", "s"]  # fmt: skip
+    assert quality.main(argv) == 0
+    assert runs == [(tmp_path / "pretrain-seed-0", ["a.b=1", "seed=0"]),
+                    (tmp_path / "pretrain-seed-1", ["a.b=1", "seed=1"])]  # fmt: skip
+    assert all((out / "quality.md").is_file() and (out / "quality.json").is_file() for out, _ in runs)
+    pooled = (tmp_path / "quality.md").read_text(encoding="utf-8")
+    assert "| swav2d | random | knn @10% | auroc | +0.040, -0.020 | +0.010 | no |" in pooled
+    assert "| swav2d | random | linear @10% | balanced accuracy | +0.040, -0.020 | +0.010 | no |" in pooled
+    assert "pretraining seeds 0, 1" in pooled and "pretrain-seed-1/quality.md" in pooled
+    assert "<!-- s:start -->" in (tmp_path / "B.md").read_text(encoding="utf-8")
+
+
+def test_the_pooled_hippocampus_table_compares_each_joint_variant_with_its_2d_counterpart(tmp_path: Path) -> None:
+    import json
+
+    import pretrain_seeds
+
+    dice = {0: {"random": 0.70, "simclr": 0.74, "joint-simclr": 0.77}, 1: {"random": 0.70, "simclr": 0.73,
+            "joint-simclr": 0.72}}  # fmt: skip
+    for seed, backbones in dice.items():
+        folder = pretrain_seeds.study_folder(tmp_path, seed)
+        folder.mkdir()
+        rows = [{"backbone": b, "label_fraction": 0.1, "per_seed": {"seeds": [0, 1], "dice_mean": [v - 0.01, v + 0.01]}}
+                for b, v in backbones.items()]  # fmt: skip
+        (folder / "quality.json").write_text(json.dumps({"tables": {"hippocampus": {"rows": rows}}}))
+    methods = {"hippocampus": ["random", "simclr", "joint-simclr"], "cxr": ["random", "simclr"]}
+    text = pretrain_seeds.report(["## pooled", ""], methods, [0, 1], tmp_path, [0.1], {"hippocampus": "Hippocampus"})
+    lines = text.splitlines()
+    assert "| simclr | random | fine-tuned @10% | Dice x 100 | +4.0, +3.0 | +3.5 | yes |" in lines
+    assert "| joint-simclr | random | fine-tuned @10% | Dice x 100 | +7.0, +2.0 | +4.5 | yes |" in lines
+    assert "| joint-simclr | simclr | fine-tuned @10% | Dice x 100 | +3.0, -1.0 | +1.0 | no |" in lines
+    assert "- not pooled: cxr (a pretraining seed's study has no cxr table)" in lines
