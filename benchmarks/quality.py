@@ -113,6 +113,8 @@ class Settings:
     seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
     seg_fractions: tuple[float, ...]  # hippocampus: fractions of the labelled training cases to fine-tune with
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
+    random_rows: list[dict[str, Any]] | None = None  # hippocampus: random init's rows from an earlier pretraining
+    # seed's study (--pretrain-seeds): random init does not depend on the pretraining seed, so it is not run again
     steps: dict[str, int] | None = None  # method -> optimiser steps ("*": every method); None: calibrate per run
 
     @property
@@ -401,7 +403,8 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                     num_classes=3,
                     class_names=["anterior", "posterior"],
                     roi_size=32 if settings.seg_mode == "3d" else 48,
-                    batch_size=4 if settings.seg_mode == "3d" else 8,
+                    roi_depth=8 if settings.seg_mode == "2.5d" else None,
+                    batch_size={"2d": 8, "2.5d": 2, "3d": 4}[settings.seg_mode],  # 2.5d: 2 stacks of 8 slices
                     steps=settings.seg_steps,
                     log_every=0,
                     tracking_uri=settings.tracking_uri,
@@ -520,7 +523,12 @@ def run(settings: Settings, tasks: list[str], methods: dict[str, list[str]]) -> 
             results["tables"][task] = {"kind": "classification", "rows": rows}
         elif task == "hippocampus":
             sources = pretrained(task, manifests[task])
-            rows = _segmentation(evaluated(sources), manifests[task], sources)
+            if settings.random_rows is not None and "random" in sources:
+                print("quality: random init's hippocampus rows: the first pretraining seed's study's", flush=True)
+                kept = {name: source for name, source in sources.items() if name != "random"}
+                rows = [*settings.random_rows, *_segmentation(evaluated(sources), manifests[task], kept)]
+            else:
+                rows = _segmentation(evaluated(sources), manifests[task], sources)
             results["tables"][task] = {"kind": "segmentation", "rows": rows}
         else:
             run_dir = pretrain(settings, manifests["cxr"], "sepclr", "sepclr")
@@ -564,6 +572,9 @@ def report(results: dict[str, Any], settings: Settings, command: str, minutes: f
     ]
     if settings.reuse:
         lines += ["Finished pretraining runs were reused (`--reuse`): each kept the budget it was run with.", ""]
+    if settings.random_rows is not None:
+        lines += ["Random init's hippocampus rows are the first pretraining seed's study's (`--pretrain-seeds`: random "
+                  "init does not depend on the pretraining seed, so its fine-tunes ran once).", ""]  # fmt: skip
     if settings.steps is not None:
         budgets = ", ".join(f"{m} {n}" for m, n in settings.steps.items())
         lines += [f"Budgets in optimiser steps (`--steps`, no wall-clock cap): {budgets}.", ""]
@@ -593,7 +604,12 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seg-mode", choices=("2d", "3d"), default="3d")
+    parser.add_argument(
+        "--seg-mode",
+        choices=("2d", "2.5d", "3d"),
+        default="3d",
+        help="hippocampus: slice-wise U-Net, stacks of 8 slices with the slice transformer as context, or 3D crops",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seg-steps", type=int, default=300, help="hippocampus: segmentation fine-tuning steps")
     parser.add_argument(
@@ -726,9 +742,14 @@ def seed_studies(settings: Settings, tasks: list[str], methods: dict[str, list[s
     from pretrain_seeds import study_folder
 
     start = time.perf_counter()
+    random_rows = None
     for seed in seeds:
-        one = replace(settings, out=study_folder(settings.out, seed), overrides=[*settings.overrides, f"seed={seed}"])
+        one = replace(settings, out=study_folder(settings.out, seed), overrides=[*settings.overrides, f"seed={seed}"],
+                      random_rows=random_rows)  # fmt: skip
         study(one, tasks, methods, f"{command}  # pretraining seed {seed}", "", None)
+        if random_rows is None and "hippocampus" in tasks:  # the same fine-tunes for every pretraining seed: run once
+            written = json.loads((one.out / "quality.json").read_text(encoding="utf-8"))["tables"].get("hippocampus")
+            random_rows = [row for row in (written or {}).get("rows", []) if row["backbone"] == "random"] or None
     minutes = (time.perf_counter() - start) / 60
     header = [
         f"## Representation quality (benchmarks/quality.py): {', '.join(tasks)}, pretraining seeds "

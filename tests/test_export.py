@@ -64,6 +64,18 @@ def test_bundle_loads_strictly_into_a_monai_resnet_with_the_trained_weights(trai
     assert medssl["intensity"]["CT"]["hu_windows_level_width"] == [[40, 400]]
     assert medssl["encoder_key_prefix"] == {"bundle": "", "training_checkpoint": "model.encoder.backbone."}
     assert meta["schema"].endswith("/meta_schema_20240725.json") and (bundle / "models" / "model.ts").is_file()
+    # the joint run's slice transformer travels with the encoder (2.5D segmentation runs it); an MLflow run id gives
+    # the logged encoder only
+    transformer_file = bundle / "models" / "slice_transformer.pt"
+    if source == "run_id":
+        assert medssl["slice_transformer"] is None and not transformer_file.exists()
+    else:
+        state = torch.load(result.checkpoint, weights_only=True)["objective"]
+        expected = {k[len("model.transformer.") :]: v for k, v in state.items() if k.startswith("model.transformer.")}
+        written = torch.load(transformer_file, weights_only=True)
+        assert expected and set(written) == set(expected)
+        assert all(torch.equal(written[k], v) for k, v in expected.items())
+        assert medssl["slice_transformer"]["kwargs"]["dim"] == 32  # tiny_overrides' model.transformer_dim
     # MONAI's own checks: the network's input/output against network_data_format, and bundle loading
     verify_net_in_out(
         net_id="network_def",
@@ -142,3 +154,16 @@ def test_inflated_3d_bundle_round_trip(trained, tmp_path, capsys):
     volume = torch.rand(1, 1, 12, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(volume), expected.eval()(volume))
+
+
+def test_only_a_joint_run_with_a_volume_term_carries_a_slice_transformer():
+    from medssl.export.backbones import trained_slice_transformer
+
+    def run(name: str, **weights: float) -> dict:
+        return {"method": {"name": name, "objective": {"weights": {"intra": 1.0, **weights}}}}
+
+    assert trained_slice_transformer(run("joint", inter=1.0, mask=0.0))
+    assert trained_slice_transformer(run("joint", inter=0.0, mask=1.0))
+    assert not trained_slice_transformer(run("joint", inter=0.0, mask=0.0))
+    assert not trained_slice_transformer(run("simclr", inter=1.0, mask=1.0))
+    assert not trained_slice_transformer({})

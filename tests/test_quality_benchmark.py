@@ -520,3 +520,35 @@ def test_the_pooled_hippocampus_table_compares_each_joint_variant_with_its_2d_co
     assert "| joint-simclr | random | fine-tuned @10% | Dice x 100 | +7.0, +2.0 | +4.5 | yes |" in lines
     assert "| joint-simclr | simclr | fine-tuned @10% | Dice x 100 | +3.0, -1.0 | +1.0 | no |" in lines
     assert "- not pooled: cxr (a pretraining seed's study has no cxr table)" in lines
+
+
+def test_pretraining_seeds_fine_tune_random_init_once_and_copy_its_rows(tmp_path: Path, monkeypatch) -> None:
+    """Random init does not depend on the pretraining seed: the hippocampus fine-tunes of random init run in the first
+    seed's study only, the later studies carry the same rows, and the pooled table subtracts them per seed."""
+    calls: list[list[str]] = []
+
+    def fake_segmentation(settings, manifest, backbones):  # type: ignore[no-untyped-def]
+        calls.append(list(backbones))
+        seed = int(settings.overrides[-1].split("=")[1])
+        rows = []
+        for name in backbones:
+            dice = {"random": 0.70, "simclr": 0.73 + 0.01 * seed}[name]
+            rows.append({"backbone": name, "label_fraction": 0.1, "seeds": 1, "dice/anterior": (dice, 0.0),
+                         "dice/posterior": (dice, 0.0), "dice_mean": (dice, 0.0),
+                         "per_seed": {"seeds": [0], "dice_mean": [dice]}})  # fmt: skip
+        return rows
+
+    monkeypatch.setattr(quality, "prepare_manifests", lambda settings: {"hippocampus": tmp_path / "h.csv"})
+    monkeypatch.setattr(quality, "pretrain", lambda s, manifest, task, method: tmp_path / "runs" / f"{task}-{method}")
+    monkeypatch.setattr(quality, "bundle", lambda s, run_dir: f"/bundles/{run_dir.name}")
+    monkeypatch.setattr(quality, "_segmentation", fake_segmentation)
+    monkeypatch.setattr(quality, "log_summary", lambda settings, files: "run-id")
+    argv = ["--out", str(tmp_path), "--tasks", "hippocampus", "--methods", "simclr", "--steps", "10", "--seeds", "1",
+            "--seg-fractions", "0.1", "--seg-mode", "2.5d", "--pretrain-seeds", "0,1,2"]  # fmt: skip
+    assert quality.main(argv) == 0
+    assert calls == [["random", "simclr"], ["simclr"], ["simclr"]]
+    later = (tmp_path / "pretrain-seed-2" / "quality.md").read_text(encoding="utf-8")
+    assert "Random init's hippocampus rows are the first pretraining seed's study's" in later
+    assert "| random | 0.1 |" in later
+    pooled = (tmp_path / "quality.md").read_text(encoding="utf-8")
+    assert "| simclr | random | fine-tuned @10% | Dice x 100 | +3.0, +4.0, +5.0 | +4.0 | yes |" in pooled

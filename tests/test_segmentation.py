@@ -47,7 +47,7 @@ def data(tmp_path_factory):
 
 
 def overrides(folder: Path, manifest: Path, mode: str, *extra: str) -> list[str]:
-    roi = ["roi_size=32"] if mode == "2d" else ["roi_size=16", "roi_depth=8"]
+    roi = ["roi_size=32"] if mode == "2d" else ["roi_size=16", "roi_depth=8" if mode == "3d" else "roi_depth=4"]
     return [
         "task=segmentation",
         f"mode={mode}",
@@ -97,14 +97,16 @@ def test_dice_per_class_matches_a_numpy_reference():
     np.testing.assert_allclose(perfect, [1.0, 1.0])
 
 
-@pytest.mark.parametrize("mode", ["2d", "3d"])
+@pytest.mark.parametrize("mode", ["2d", "2.5d", "3d"])
 def test_cli_runs_end_to_end_and_logs_dice(data, capsys, mode):
     folder, mixed, volumes, _ = data
     manifest = mixed if mode == "2d" else volumes
     code = main(["finetune", *overrides(folder, manifest, mode, "steps=2", "class_names=[ball,small]")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    dims = "2D" if mode == "2d" else "3D"
+    dims = "3D" if mode == "3d" else "2D"
+    if mode == "2.5d":
+        assert "slice transformer: random init (the source carries none)" in captured.out
     assert f"random initialisation (resnet10, {dims})" in captured.out
     train, test = (8, 4) if mode == "2d" else (3, 1)
     assert f"segmentation {mode}, {train} training cases (1), {test} test, 2 steps: Dice mean" in captured.out
@@ -184,9 +186,10 @@ def test_real_hippocampus_subset_runs_end_to_end(tmp_path, capsys, mode):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("mode=4d", "mode must be one of ('2d', '3d'), got '4d'"),
+        ("mode=4d", "mode must be one of ('2d', '2.5d', '3d'), got '4d'"),
         ("roi_size=8", "roi_size must be at least 16"),
-        ("roi_depth=4", "roi_depth must be at least 8"),
+        ("roi_depth=1", "roi_depth must be at least 2 in mode 2d"),
+        ("slice_transformer=frozen", "slice_transformer must be one of ('auto', 'pretrained', 'random')"),
         ("num_classes=1", "num_classes must be >= 2"),
         ("class_names=[a]", "class_names must name the 2 foreground classes"),
         ("overlap=1", "overlap must be in [0, 1)"),
@@ -205,3 +208,78 @@ def test_mode_3d_refuses_2d_images(data, capsys):
     folder, mixed, _, _ = data
     assert main(["finetune", *overrides(folder, mixed, "3d", "steps=0", "mlflow=false")]) == 2
     assert "mode=3d needs volumes" in capsys.readouterr().err
+
+
+def test_the_2_5d_model_starts_as_the_slice_wise_unet_and_then_sees_the_other_slices():
+    """Zero-initialised context: at step 0 each slice's logits are the 2D U-Net's; once the context layer has
+    weights, a change in one slice moves the logits of another (and never in the plain 2D U-Net)."""
+    from medssl.downstream.slice_context import SliceContextUNet, slice_transformer_for
+
+    torch.manual_seed(0)
+    loaded = load_backbone("none", "resnet10", spatial_dims=2)
+    unet = PretrainedUNet(loaded.network, loaded.stage_channels, 3, 2, 1, decoder_channels=(16, 16, 8, 8, 8)).eval()
+    transformer, message = slice_transformer_for("random", "none", int(loaded.stage_channels[-1]))
+    assert message == "slice transformer: random init (asked for)"
+    model = SliceContextUNet(unet, transformer, slice_spacing=2.0).eval()
+    x = torch.rand(2, 1, 5, 32, 32)  # [B, C, N, H, W]
+    with torch.no_grad():
+        logits = model(x)
+        slice_wise = torch.stack([unet(x[:, :, n]) for n in range(5)], dim=2)
+    assert logits.shape == (2, 3, 5, 32, 32)
+    torch.testing.assert_close(logits, slice_wise)
+    torch.nn.init.normal_(model.context.weight, std=0.5)
+    changed = x.clone()
+    changed[:, :, 4] = torch.rand(2, 1, 32, 32)  # only the last slice differs
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+        plain_before, plain_after = unet(x[:, :, 0]), unet(changed[:, :, 0])
+    assert (before[:, :, 0] - after[:, :, 0]).abs().max() > 1e-4  # slice 0 saw slice 4 through the transformer
+    torch.testing.assert_close(plain_before, plain_after)
+    groups = _optimizer_groups(model)
+    assert groups["encoder"] == {id(p) for p in model.encoder.parameters()}
+    assert {id(p) for p in model.transformer.parameters()} <= groups["rest"]
+    assert not groups["encoder"] & groups["rest"]
+
+
+def _optimizer_groups(model: torch.nn.Module) -> dict[str, set[int]]:
+    from medssl.downstream.segmentation import _optimizer
+
+    optimizer = _optimizer(model, SegmentationConfig(encoder_lr_scale=0.5))
+    rest, encoder = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    return {"rest": rest, "encoder": encoder}
+
+
+def test_a_bundle_s_slice_transformer_loads_in_2_5d_and_is_required_when_asked(data, tmp_path):
+    """A bundle that carries a slice transformer (a joint run's) gives 2.5d its exact weights; a bundle without one
+    gives a random one under ``auto`` and a clear error under ``pretrained``."""
+    from medssl.downstream.slice_context import SliceContextUNet
+    from medssl.export.backbones import ExportedSliceTransformer
+    from medssl.models.encoders import create_encoder
+    from medssl.models.slice_transformer import SliceTransformer
+
+    folder, _, volumes, plain_bundle = data
+    torch.manual_seed(3)
+    encoder = create_encoder("resnet10")
+    kwargs = {"in_dim": 512, "dim": 32, "depth": 1, "heads": 4, "reference_stride": 2, "max_offset": 1.0,
+              "attention": "deformable"}  # fmt: skip
+    trained = SliceTransformer(**kwargs).state_dict()
+    exported = ExportedBackbone(dict(encoder.backbone_config, norm="batch"), encoder.backbone.state_dict(), 512, {},
+                                None, "joint", slice_transformer=ExportedSliceTransformer(kwargs, trained))  # fmt: skip
+    bundle = write_bundle(exported, tmp_path / "joint-bundle")
+    assert (bundle / "models" / "slice_transformer.pt").is_file()
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))["medssl"]
+    assert meta["slice_transformer"]["kwargs"] == kwargs
+    model, loaded = build_segmentation_model(
+        config(folder, volumes, "2.5d", f"model.pretrained={bundle}", "slice_transformer=pretrained")
+    )
+    assert isinstance(model, SliceContextUNet)
+    assert f"slice transformer: pretrained, {len(trained)} tensors from {bundle}" in loaded.message
+    for name, tensor in trained.items():
+        assert torch.equal(model.transformer.state_dict()[name], tensor), name
+    _, random_loaded = build_segmentation_model(config(folder, volumes, "2.5d", f"model.pretrained={plain_bundle}"))
+    assert "slice transformer: random init (the source carries none)" in random_loaded.message
+    assert not json.loads((plain_bundle / "configs" / "metadata.json").read_text())["medssl"]["slice_transformer"]
+    with pytest.raises(ValueError, match=r"slice_transformer=pretrained, but model\.pretrained=.* carries none"):
+        build_segmentation_model(
+            config(folder, volumes, "2.5d", f"model.pretrained={plain_bundle}", "slice_transformer=pretrained")
+        )

@@ -1,4 +1,5 @@
-"""``medssl finetune task=segmentation``: a U-Net on the pretrained encoder, trained slice-wise (2D) or on 3D crops.
+"""``medssl finetune task=segmentation``: a U-Net on the pretrained encoder, trained slice-wise (2D), on stacks of
+slices with the slice transformer as context (2.5D, :mod:`medssl.downstream.slice_context`) or on 3D crops.
 
 The encoder is the pretrained MONAI ``ResNet`` (a bundle folder, an MLflow run id, or random initialisation as the
 baseline; in 3D the 2D bundle is I3D-inflated, :func:`medssl.downstream.common.load_backbone`). A U-Net decoder
@@ -40,7 +41,7 @@ from medssl.downstream.common import (
 from medssl.runtime.progress import progress as progress_of
 from medssl.runtime.seeding import seed_everything
 
-MODES = ("2d", "3d")
+MODES = ("2d", "2.5d", "3d")
 MIN_ROI = 16  # medssl's default encoder strides 16 (stem 2 x stages 8); a max-pool stem is checked at run time
 MIN_ROI_DEPTH = 8  # the inflated stem keeps every slice; the stages stride depth by 8
 
@@ -51,7 +52,8 @@ class SegmentationConfig(TaskConfig):
 
     TASK: ClassVar[str] = "segmentation"
     task: str = "segmentation"
-    mode: str = "2d"  # 2d: slice-wise (volumes as axial slices, 2D images as they are) | 3d: inflated encoder, 3D crops
+    mode: str = "2d"  # 2d: slice-wise (volumes as axial slices, 2D images as they are) | 2.5d: stacks of slices,
+    # the slice transformer between encoder and decoder | 3d: inflated encoder, 3D crops
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
     num_classes: int = 2  # including the background (label 0)
@@ -59,7 +61,8 @@ class SegmentationConfig(TaskConfig):
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])  # deepest first
     residual_decoder: bool = False  # UnetResBlock instead of UnetBasicBlock in the decoder
     roi_size: int = 96  # side of the training crops and of the sliding window (pixels; 3d: H and W)
-    roi_depth: int | None = None  # 3d: slices per crop/window (default roi_size)
+    roi_depth: int | None = None  # 3d: slices per crop/window (default roi_size); 2.5d: slices per stack (default 8)
+    slice_transformer: str = "auto"  # 2.5d: auto (the source's when it has one, else random) | pretrained | random
     foreground_fraction: float = 0.67  # probability that a crop is centred on a foreground voxel
     batch_size: int = 8
     steps: int = 500
@@ -87,8 +90,13 @@ class SegmentationConfig(TaskConfig):
             raise ValueError(f"decoder_channels must be 5 positive widths (deepest first), got {self.decoder_channels}")
         if self.roi_size < MIN_ROI:
             raise ValueError(f"roi_size must be at least {MIN_ROI} (the encoder's total stride), got {self.roi_size}")
-        if self.roi_depth is not None and self.roi_depth < MIN_ROI_DEPTH:
-            raise ValueError(f"roi_depth must be at least {MIN_ROI_DEPTH} (or null), got {self.roi_depth}")
+        least = MIN_ROI_DEPTH if self.mode == "3d" else 2  # 2.5d: the encoder does not stride across slices
+        if self.roi_depth is not None and self.roi_depth < least:
+            raise ValueError(f"roi_depth must be at least {least} in mode {self.mode} (or null), got {self.roi_depth}")
+        from medssl.downstream.slice_context import TRANSFORMER_SOURCES
+
+        if self.slice_transformer not in TRANSFORMER_SOURCES:
+            raise ValueError(f"slice_transformer must be one of {TRANSFORMER_SOURCES}, got {self.slice_transformer!r}")
         if not 0 <= self.foreground_fraction <= 1:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
         if self.batch_size < 1:
@@ -107,14 +115,22 @@ class SegmentationConfig(TaskConfig):
 
     @property
     def spatial_dims(self) -> int:
+        """Dimensions of the crops and of the prediction: 2 in mode 2d, else 3."""
         return 2 if self.mode == "2d" else 3
 
     @property
+    def encoder_dims(self) -> int:
+        """Dimensions of the encoder: 3 in mode 3d (inflated), else 2 (2.5d encodes slice by slice)."""
+        return 3 if self.mode == "3d" else 2
+
+    @property
     def roi(self) -> tuple[int, ...]:
-        """Crop and window size: ``(roi_size, roi_size)`` in 2d, ``(roi_depth, roi_size, roi_size)`` in 3d."""
+        """Crop and window size: ``(roi_size, roi_size)`` in 2d, ``(roi_depth, roi_size, roi_size)`` in 2.5d (depth
+        8 unless given) and 3d (depth ``roi_size`` unless given)."""
         if self.mode == "2d":
             return (self.roi_size, self.roi_size)
-        return (self.roi_depth or self.roi_size, self.roi_size, self.roi_size)
+        depth = self.roi_depth or (8 if self.mode == "2.5d" else self.roi_size)
+        return (depth, self.roi_size, self.roi_size)
 
 
 class PretrainedUNet(nn.Module):
@@ -178,7 +194,11 @@ class PretrainedUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, *S]`` -> logits ``[B, num_classes, *S]``."""
-        features = resnet_stages(self.encoder, x)  # stem, layer1..layer4
+        return self.decode(resnet_stages(self.encoder, x), x)
+
+    def decode(self, features: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The decoder on the encoder's five stage outputs (stem, layer1..layer4) and the input ``x`` (the last
+        skip) -> logits ``[B, num_classes, *S]``."""
         y = features[-1]
         for block, skip in zip(self.decoder, [*features[-2::-1], x], strict=True):
             if y.shape[2:] != skip.shape[2:]:
@@ -187,24 +207,34 @@ class PretrainedUNet(nn.Module):
         return self.head(y)
 
 
-def build_segmentation_model(config: SegmentationConfig) -> tuple[PretrainedUNet, LoadedBackbone]:
-    """The U-Net on the encoder that ``config.model`` names (loaded strictly; inflated to 3D in mode 3d)."""
+def build_segmentation_model(config: SegmentationConfig) -> tuple[nn.Module, LoadedBackbone]:
+    """The U-Net on the encoder that ``config.model`` names (loaded strictly; inflated to 3D in mode 3d; in mode
+    2.5d wrapped with the slice transformer, :class:`medssl.downstream.slice_context.SliceContextUNet`, whose
+    source the loaded message names)."""
     loaded = load_backbone(
         config.model.pretrained,
         config.model.encoder,
-        spatial_dims=config.spatial_dims,
+        spatial_dims=config.encoder_dims,
         tracking_uri=config.tracking_uri,
         depth_kernel=config.model.depth_kernel if config.mode == "3d" else None,
     )
-    model = PretrainedUNet(
+    model: nn.Module = PretrainedUNet(
         loaded.network,
         loaded.stage_channels,
         config.num_classes,
-        config.spatial_dims,
+        config.encoder_dims,
         in_channels=int(loaded.kwargs.get("n_input_channels", 3)),
         decoder_channels=config.decoder_channels,
         residual=config.residual_decoder,
     )
+    if config.mode == "2.5d":
+        from medssl.downstream.slice_context import SliceContextUNet, slice_transformer_for
+
+        transformer, message = slice_transformer_for(
+            config.slice_transformer, config.model.pretrained, int(loaded.stage_channels[-1]), config.tracking_uri
+        )
+        model = SliceContextUNet(model, transformer)
+        loaded.message = f"{loaded.message}; {message}"
     return model, loaded
 
 
@@ -228,6 +258,7 @@ class SegmentationCase:
     subject: str
     image: np.ndarray
     mask: np.ndarray
+    slice_spacing: float = 1.0  # mm between the axial slices of a volume (its Z spacing)
 
 
 def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -255,15 +286,16 @@ def load_segmentation_cases(
     converted: list[list[SegmentationCase]] = [[], []]
     for target, split in zip(converted, (train, test), strict=True):
         for case in split:
-            if config.mode == "3d" and case.dims == 2:
-                raise ValueError(f"mode=3d needs volumes, but case {case.id} is a 2D image (use mode=2d)")
+            if config.mode != "2d" and case.dims == 2:
+                raise ValueError(f"mode={config.mode} needs volumes, but case {case.id} is a 2D image (use mode=2d)")
             image, mask = case.display()
             if int(mask.max(initial=0)) >= config.num_classes:
                 raise ValueError(
                     f"num_classes={config.num_classes}, but case {case.id} has label {int(mask.max())} "
                     "(num_classes counts the background)"
                 )
-            target.append(SegmentationCase(case.id, case.subject, match_channels(image, channels), mask))
+            spacing = float(case.spacing[-1]) if case.dims == 3 and case.spacing else 1.0
+            target.append(SegmentationCase(case.id, case.subject, match_channels(image, channels), mask, spacing))
     return converted[0], converted[1]
 
 
@@ -323,7 +355,7 @@ class CropSampler:
 
 def training_items(cases: Sequence[SegmentationCase], mode: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """What crops are drawn from: in mode 2d every axial slice ``([C, H, W], [H, W])`` of the volumes and the 2D
-    images as they are; in mode 3d the volumes ``([C, D, H, W], [D, H, W])``."""
+    images as they are; in modes 2.5d and 3d the volumes ``([C, D, H, W], [D, H, W])``."""
     items: list[tuple[np.ndarray, np.ndarray]] = []
     for case in cases:
         if mode == "2d" and case.mask.ndim == 3:
@@ -350,8 +382,9 @@ def predict_case(
 
     Args:
         image: ``[C, D, H, W]`` (volume) or ``[C, H, W]`` (2D image).
-        mode: ``2d`` (a volume is predicted slice by slice, in chunks of slices, and stacked back) or ``3d``.
-        batch_size: windows per forward pass (2d: at least 32).
+        mode: ``2d`` (a volume is predicted slice by slice, in chunks of slices, and stacked back), ``2.5d`` or
+            ``3d`` (3D windows of ``roi``).
+        batch_size: windows per forward pass (2d: at least 32; 2.5d: at least 32 slices).
     Returns:
         int64 ``[D, H, W]`` or ``[H, W]``, the argmax class per voxel.
     """
@@ -366,7 +399,9 @@ def predict_case(
         return torch.as_tensor(logits).argmax(dim=1).cpu()
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    if mode == "3d":
+    if mode == "2.5d":  # windows of a few slices each: at least 32 slices per forward pass, as in 2d
+        batch_size = max(batch_size, math.ceil(32 / int(roi[0])))
+    if mode != "2d":
         return infer(tensor[None])[0].numpy().astype(np.int64)
     batch_size = max(batch_size, 32)  # 2D windows are small and need no gradients
     if tensor.ndim == 3:
@@ -406,9 +441,11 @@ def dice_per_class(
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def _optimizer(model: PretrainedUNet, config: SegmentationConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, config: SegmentationConfig) -> torch.optim.Optimizer:
+    """AdamW: the encoder (``model.encoder``) at ``lr * encoder_lr_scale``, everything else at ``lr``."""
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
-    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    in_encoder = {id(p) for p in model.encoder.parameters()}
+    decoder = [p for p in model.parameters() if id(p) not in in_encoder]
     groups = [{"params": decoder, "lr": config.lr}]
     if encoder and config.encoder_lr_scale > 0:
         groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
@@ -416,7 +453,7 @@ def _optimizer(model: PretrainedUNet, config: SegmentationConfig) -> torch.optim
 
 
 def train_segmentation(
-    model: PretrainedUNet, sampler: CropSampler, config: SegmentationConfig, device: torch.device
+    model: nn.Module, sampler: CropSampler, config: SegmentationConfig, device: torch.device
 ) -> list[float]:
     """``config.steps`` AdamW steps of DiceCE (``to_onehot_y``, softmax) on sampled crops, cosine learning-rate
     decay; returns the loss per step. The progress report (``progress``, ``log_every`` > 0) shows the mean DiceCE of
@@ -471,12 +508,15 @@ def run_segmentation(config: SegmentationConfig, project_dir: Path | None = None
     model, loaded = build_segmentation_model(config)
     print(f"medssl finetune: {loaded.message}")
     stride = encoder_stride(loaded)
-    for axis, (size, s) in enumerate(zip(config.roi, stride, strict=True)):
+    strided = config.roi[-len(stride) :]  # 2.5d: the encoder strides H and W only
+    for axis, (size, s) in enumerate(zip(strided, stride, strict=True)):
         if size < s:
             key = "roi_depth" if config.mode == "3d" and axis == 0 else "roi_size"
             raise ValueError(f"{key}={size} is smaller than the encoder's total stride {s} along that axis")
     channels = int(loaded.kwargs.get("n_input_channels", 3))
     train, test = load_segmentation_cases(config, channels)
+    if hasattr(model, "slice_spacing") and train:  # 2.5d: the transformer's positions in mm, as in pretraining
+        model.slice_spacing = float(np.median([c.slice_spacing for c in train]))
     sampler = CropSampler(
         training_items(train, config.mode), config.roi, config.foreground_fraction, np.random.default_rng(config.seed)
     )

@@ -17,6 +17,16 @@ import torch
 from medssl.runtime.checkpoints import latest_checkpoint, load_checkpoint
 
 CHECKPOINT_PREFIX = "model.encoder.backbone."  # where the encoder's weights sit in a training checkpoint
+TRANSFORMER_PREFIX = "model.transformer."  # where the slice transformer's weights sit in a training checkpoint
+
+
+@dataclass
+class ExportedSliceTransformer:
+    """The slice transformer a joint run trained (L_inter or L_mask): :class:`medssl.models.SliceTransformer`
+    kwargs and its weights. Downstream 2.5D segmentation runs it over the encoder's per-slice features."""
+
+    kwargs: dict[str, Any]
+    weights: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -31,6 +41,7 @@ class ExportedBackbone:
     run_name: str
     spatial_dims: int = 2
     inflation: dict[str, Any] | None = None  # how a 3D network was inflated from the 2D encoder
+    slice_transformer: ExportedSliceTransformer | None = None  # when the run trained one (joint: L_inter, L_mask)
 
 
 def inflate_to_3d(
@@ -50,6 +61,7 @@ def inflate_to_3d(
         run_id=exported.run_id,
         run_name=exported.run_name,
         spatial_dims=3,
+        slice_transformer=None,  # a 3D encoder sees whole volumes: no slice tokens to attend over
         inflation={
             "method": "I3D (Carreira & Zisserman, CVPR 2017): 2D kernels repeated along depth, divided by depth",
             "stem_kernel": kwargs["conv1_t_size"],
@@ -86,7 +98,45 @@ def backbone_from_checkpoint(path: Path) -> ExportedBackbone:
         config=state["config"],
         run_id=state.get("mlflow_run_id"),
         run_name=str(state.get("run_name", path.parent.parent.name)),
+        slice_transformer=slice_transformer_from_state(state, path),
     )
+
+
+def trained_slice_transformer(config: dict[str, Any]) -> bool:
+    """Whether a run's resolved config trained the slice transformer: the joint method with L_inter or L_mask on."""
+    method = config.get("method", {})
+    weights = method.get("objective", {}).get("weights", {}) or {}
+    return method.get("name") == "joint" and any(float(weights.get(k, 0.0)) > 0 for k in ("inter", "mask"))
+
+
+def slice_transformer_from_state(state: dict[str, Any], path: Path) -> ExportedSliceTransformer | None:
+    """The slice transformer of a training checkpoint's state, or None when its run did not train one (SimCLR,
+    2D SwAV, SepCLR, a joint run with L_inter and L_mask off) or its tokens are not the plain pooled last stage
+    (``model.multiscale`` or ``model.embed_dim``: a U-Net's bottleneck cannot feed it)."""
+    config = state["config"]
+    model = config.get("model", {})
+    if not trained_slice_transformer(config) or model.get("multiscale") or model.get("embed_dim"):
+        return None
+    from medssl.models.slice_transformer import SliceTransformer
+
+    objective = state["objective"]
+    weights = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in objective.items() if k.startswith(TRANSFORMER_PREFIX)}
+    dim = int(model.get("transformer_dim", 256))
+    projection = weights.get("input_proj.weight")
+    kwargs = {
+        "in_dim": int(projection.shape[1]) if projection is not None else dim,  # Identity when in_dim == dim
+        "dim": dim,
+        "depth": int(model.get("transformer_depth", 2)),
+        "heads": int(model.get("transformer_heads", 8)),
+        "reference_stride": int(model.get("reference_stride", 4)),
+        "max_offset": float(model.get("max_offset", 2.0)),
+        "attention": str(model.get("attention", "deformable")),
+    }
+    with torch.random.fork_rng(devices=[]):  # building it to check the tensors must not move a seeded draw
+        expected = SliceTransformer(**kwargs).state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{path}: the slice transformer's tensors do not match the run's model config")
+    return ExportedSliceTransformer(kwargs, weights)
 
 
 def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
@@ -95,14 +145,15 @@ def backbone_from_run_dir(run_dir: Path) -> ExportedBackbone:
     if meta_path.is_file() and weights_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         checkpoint = latest_checkpoint(run_dir)
-        config = load_checkpoint(checkpoint)["config"] if checkpoint is not None else {}
+        state = load_checkpoint(checkpoint) if checkpoint is not None else None
         return ExportedBackbone(
             network_kwargs=_plain_norm(meta["kwargs"]),
             weights=load_checkpoint(weights_path),
             out_dim=int(meta["out_dim"]),
-            config=config,
+            config=state["config"] if state is not None else {},
             run_id=meta.get("run_id"),
             run_name=str(meta.get("run_name", run_dir.name)),
+            slice_transformer=slice_transformer_from_state(state, checkpoint) if state is not None else None,
         )
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:

@@ -12,6 +12,9 @@ Layout (MONAI bundle specification)::
                                   folder or datalist (:mod:`medssl.export.inference`)
     <out>/models/model.pt         its state dict (MONAI keys, no prefix), read with weights_only=True
     <out>/models/model.ts         the same network as TorchScript (MONAI's convert_to_torchscript), PyTorch only
+    <out>/models/slice_transformer.pt  a joint run's slice transformer (state dict; kwargs in metadata.json's
+                                  ``medssl.slice_transformer``), only when the run trained one: 2.5D segmentation
+                                  runs it over the encoder's per-slice features
     <out>/docs/README.md          how to run and load it
 
 The source is a run folder (``outputs/<run>``, with ``backbone.pt`` and ``backbone.json``), a training
@@ -50,6 +53,7 @@ from medssl.runtime.checkpoints import save_checkpoint
 from medssl.runtime.files import atomic_write_text
 
 BUNDLE_VERSION = "1.0.0"
+SLICE_TRANSFORMER_FILE = "models/slice_transformer.pt"
 AXIS_ORDER_3D = (
     "3D input [C, D, H, W]: D along the slice normal (the pretraining stacks' plane), each [H, W] in the 2D "
     "encoder's display orientation, from a volume reoriented to RAS+"
@@ -136,6 +140,15 @@ def adaptation_metadata(exported: ExportedBackbone, plan: InferencePlan | None =
                 else "features of the whole [C, D, H, W] volume"
             ),
             "torchscript": "models/model.ts",
+        },
+        "slice_transformer": None
+        if exported.slice_transformer is None
+        else {
+            "file": SLICE_TRANSFORMER_FILE,
+            "kwargs": exported.slice_transformer.kwargs,
+            "tokens": f"per slice, the global average pool of the encoder's last stage: [B, N, {exported.out_dim}]",
+            "positions": "slice positions along the stack in mm",
+            "module": "medssl.models.slice_transformer.SliceTransformer",
         },
     }
 
@@ -343,6 +356,9 @@ def write_bundle(
         save_checkpoint(tmp / "models" / "model.pt", weights, checksum=False)  # MONAI's layout; users replace it
         if torchscript:
             write_torchscript(exported, tmp / "models" / "model.ts", metadata, config)
+        if exported.slice_transformer is not None:
+            transformer = {k: v.detach().cpu() for k, v in exported.slice_transformer.weights.items()}
+            save_checkpoint(tmp / SLICE_TRANSFORMER_FILE, transformer, checksum=False)
         channels = exported.network_kwargs.get("n_input_channels", 1)
         atomic_write_text(
             tmp / "docs" / "README.md",
