@@ -112,6 +112,7 @@ class Settings:
     seg_steps: int  # hippocampus: segmentation fine-tuning steps
     seg_encoder_lr_scale: float  # hippocampus: a pretrained encoder's learning rate / the decoder's (random init: 1)
     seg_fractions: tuple[float, ...]  # hippocampus: fractions of the labelled training cases to fine-tune with
+    seg_slice_transformer: str  # hippocampus, --seg-mode 2.5d: auto (a joint bundle's own) or random for every backbone
     finetune_steps: int  # cxr: end-to-end fine-tuning steps (0: no fine-tuning comparison)
     random_rows: list[dict[str, Any]] | None = None  # hippocampus: random init's rows from an earlier pretraining
     # seed's study (--pretrain-seeds): random init does not depend on the pretraining seed, so it is not run again
@@ -404,6 +405,7 @@ def _segmentation(settings: Settings, manifest: Path, backbones: dict[str, str])
                     class_names=["anterior", "posterior"],
                     roi_size=32 if settings.seg_mode == "3d" else 48,
                     roi_depth=8 if settings.seg_mode == "2.5d" else None,
+                    slice_transformer=settings.seg_slice_transformer,
                     batch_size={"2d": 8, "2.5d": 2, "3d": 4}[settings.seg_mode],  # 2.5d: 2 stacks of 8 slices
                     steps=settings.seg_steps,
                     log_every=0,
@@ -619,6 +621,13 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         help="hippocampus: a pretrained encoder's learning rate relative to the decoder's (random: 1)",
     )
     parser.add_argument(
+        "--seg-slice-transformer",
+        choices=("auto", "random"),
+        default="auto",
+        help="hippocampus, --seg-mode 2.5d: each joint bundle's own slice transformer (auto) or a random one for "
+        "every backbone (the ablation that keeps the joint encoder and drops its transformer)",
+    )
+    parser.add_argument(
         "--seg-fractions",
         default="0.1,1",
         help="hippocampus: comma-separated fractions of the labelled training cases, each fine-tuned per seed",
@@ -675,6 +684,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, dic
         seg_steps=40 if args.quick and args.seg_steps == 300 else args.seg_steps,
         seg_encoder_lr_scale=args.seg_encoder_lr_scale,
         seg_fractions=_fractions(parser, args.seg_fractions),
+        seg_slice_transformer=args.seg_slice_transformer,
         reuse=args.reuse,
         finetune_steps=40 if args.quick and args.finetune_steps == 600 else args.finetune_steps,
     )

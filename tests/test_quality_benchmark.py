@@ -16,7 +16,8 @@ def test_every_option_reaches_the_settings(tmp_path: Path) -> None:
     args, settings, methods = quality.parse([
         "--tasks", "cxr,hippocampus", "--methods", "swav2d", "--budget-minutes", "15", "--seeds", "2",
         "--out", str(tmp_path), "--override", "model.intra_prototypes=[128]", "--override", "a.b=1", "--reuse",
-        "--seg-steps", "120", "--seg-encoder-lr-scale", "0.5", "--finetune-steps", "0", "--seg-mode", "2d",
+        "--seg-steps", "120", "--seg-encoder-lr-scale", "0.5", "--finetune-steps", "0", "--seg-mode", "2.5d",
+        "--seg-slice-transformer", "random",
         "--section", "variant",
     ])  # fmt: skip
     assert methods == {"cxr": ["random", "swav2d"], "hippocampus": ["random", "swav2d"]}
@@ -24,7 +25,8 @@ def test_every_option_reaches_the_settings(tmp_path: Path) -> None:
     assert settings.overrides == ["model.intra_prototypes=[128]", "a.b=1"]
     assert settings.reuse and settings.seg_steps == 120 and settings.finetune_steps == 0
     assert settings.seg_encoder_lr_scale == 0.5  # not the default (1.0): the option is read
-    assert settings.cache_dir == tmp_path / "cache" and settings.seg_mode == "2d" and args.section == "variant"
+    assert settings.cache_dir == tmp_path / "cache" and settings.seg_mode == "2.5d" and args.section == "variant"
+    assert settings.seg_slice_transformer == "random"
 
 
 def test_quick_shrinks_only_what_was_not_given(tmp_path: Path) -> None:
@@ -123,6 +125,17 @@ def test_segmentation_keeps_every_seed_s_dice_for_the_chosen_fractions(tmp_path:
     assert rows[1]["per_seed"]["seeds"] == [0, 1, 2]
     assert rows[1]["per_seed"]["dice_mean"] == pytest.approx([0.705, 0.715, 0.725])
     assert rows[1]["dice_mean"][0] == pytest.approx(0.715)
+    modes: list[tuple[str, tuple[int, ...], int, str]] = []
+
+    def recorded(config):  # type: ignore[no-untyped-def]
+        modes.append((config.mode, config.roi, config.batch_size, config.slice_transformer))
+        return fake_segmentation(config)
+
+    monkeypatch.setattr(segmentation, "run_segmentation", recorded)
+    args = ["--out", str(tmp_path), "--seeds", "1", "--seg-fractions", "0.1", "--seg-mode", "2.5d"]
+    _, stacks, _ = quality.parse([*args, "--seg-slice-transformer", "random"])
+    quality._segmentation(stacks, tmp_path / "m.csv", {"joint": "/runs/joint"})
+    assert modes == [("2.5d", (8, 48, 48), 2, "random")]  # two stacks of 8 slices: 16 slices a step (2d: 8)
 
 
 def test_fixed_step_budgets_replace_the_wall_clock_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
