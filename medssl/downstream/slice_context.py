@@ -25,8 +25,6 @@ from medssl.downstream.common import resnet_stages
 from medssl.models.slice_transformer import SliceTransformer
 
 TRANSFORMER_SOURCES = ("auto", "pretrained", "random")
-DEFAULT_TRANSFORMER = {"dim": 256, "depth": 2, "heads": 8, "reference_stride": 4, "max_offset": 2.0,
-                       "attention": "deformable"}  # fmt: skip  # JointModelConfig's defaults
 
 
 def pretrained_slice_transformer(
@@ -89,7 +87,19 @@ def slice_transformer_for(
             "L_inter or L_mask trains one); use slice_transformer=auto or random"
         )
     why = "asked for" if source == "random" else "the source carries none"
-    return SliceTransformer(in_dim, **DEFAULT_TRANSFORMER), f"slice transformer: random init ({why})"
+    from medssl.models.joint import JointModelConfig
+
+    default = JointModelConfig()  # the architecture a joint run pretrains by default
+    transformer = SliceTransformer(
+        in_dim,
+        default.transformer_dim,
+        depth=default.transformer_depth,
+        heads=default.transformer_heads,
+        reference_stride=default.reference_stride,
+        max_offset=default.max_offset,
+        attention=default.attention,  # type: ignore[arg-type]
+    )
+    return transformer, f"slice transformer: random init ({why})"
 
 
 class SliceContextUNet(nn.Module):

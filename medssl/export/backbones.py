@@ -121,16 +121,18 @@ def slice_transformer_from_state(state: dict[str, Any], path: Path) -> ExportedS
 
     objective = state["objective"]
     weights = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in objective.items() if k.startswith(TRANSFORMER_PREFIX)}
-    dim = int(model.get("transformer_dim", 256))
+    from medssl.train.config import pretrain_config
+
+    architecture = pretrain_config(config).model  # the run's resolved model config, defaults included
     projection = weights.get("input_proj.weight")
     kwargs = {
-        "in_dim": int(projection.shape[1]) if projection is not None else dim,  # Identity when in_dim == dim
-        "dim": dim,
-        "depth": int(model.get("transformer_depth", 2)),
-        "heads": int(model.get("transformer_heads", 8)),
-        "reference_stride": int(model.get("reference_stride", 4)),
-        "max_offset": float(model.get("max_offset", 2.0)),
-        "attention": str(model.get("attention", "deformable")),
+        "in_dim": int(projection.shape[1]) if projection is not None else architecture.transformer_dim,
+        "dim": architecture.transformer_dim,
+        "depth": architecture.transformer_depth,
+        "heads": architecture.transformer_heads,
+        "reference_stride": architecture.reference_stride,
+        "max_offset": float(architecture.max_offset),
+        "attention": architecture.attention,
     }
     with torch.random.fork_rng(devices=[]):  # building it to check the tensors must not move a seeded draw
         expected = SliceTransformer(**kwargs).state_dict()
