@@ -89,16 +89,8 @@ def slice_transformer_for(
     why = "asked for" if source == "random" else "the source carries none"
     from medssl.models.joint import JointModelConfig
 
-    default = JointModelConfig()  # the architecture a joint run pretrains by default
-    transformer = SliceTransformer(
-        in_dim,
-        default.transformer_dim,
-        depth=default.transformer_depth,
-        heads=default.transformer_heads,
-        reference_stride=default.reference_stride,
-        max_offset=default.max_offset,
-        attention=default.attention,  # type: ignore[arg-type]
-    )
+    # the architecture a joint run pretrains by default
+    transformer = SliceTransformer(**JointModelConfig().slice_transformer_kwargs(in_dim))
     return transformer, f"slice transformer: random init ({why})"
 
 

@@ -125,15 +125,8 @@ def slice_transformer_from_state(state: dict[str, Any], path: Path) -> ExportedS
 
     architecture = pretrain_config(config).model  # the run's resolved model config, defaults included
     projection = weights.get("input_proj.weight")
-    kwargs = {
-        "in_dim": int(projection.shape[1]) if projection is not None else architecture.transformer_dim,
-        "dim": architecture.transformer_dim,
-        "depth": architecture.transformer_depth,
-        "heads": architecture.transformer_heads,
-        "reference_stride": architecture.reference_stride,
-        "max_offset": float(architecture.max_offset),
-        "attention": architecture.attention,
-    }
+    in_dim = int(projection.shape[1]) if projection is not None else architecture.transformer_dim  # Identity: equal
+    kwargs = architecture.slice_transformer_kwargs(in_dim)
     with torch.random.fork_rng(devices=[]):  # building it to check the tensors must not move a seeded draw
         expected = SliceTransformer(**kwargs).state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):

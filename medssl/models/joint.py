@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,19 @@ class JointModelConfig:
         if self.attention not in ("deformable", "full"):
             raise ValueError(f"attention must be 'deformable' or 'full', got {self.attention!r}")
 
+    def slice_transformer_kwargs(self, in_dim: int) -> dict[str, Any]:
+        """The :class:`SliceTransformer` arguments of this architecture for ``in_dim``-d slice tokens (the model,
+        the exported bundle and a random 2.5D transformer build it from the same place)."""
+        return {
+            "in_dim": in_dim,
+            "dim": self.transformer_dim,
+            "depth": self.transformer_depth,
+            "heads": self.transformer_heads,
+            "reference_stride": self.reference_stride,
+            "max_offset": float(self.max_offset),
+            "attention": self.attention,
+        }
+
 
 class JointModel(nn.Module):
     """All trainable parts of the joint method.
@@ -84,15 +98,7 @@ class JointModel(nn.Module):
         batch_norm = cfg.norm == "batch"
         self.projector = ProjectionHead(dim, cfg.projector_hidden, cfg.projector_dim, batch_norm=batch_norm)
         self.intra_prototypes = Prototypes(cfg.projector_dim, cfg.intra_prototypes)
-        self.transformer = SliceTransformer(
-            dim,
-            cfg.transformer_dim,
-            depth=cfg.transformer_depth,
-            heads=cfg.transformer_heads,
-            reference_stride=cfg.reference_stride,
-            max_offset=cfg.max_offset,
-            attention=cfg.attention,  # type: ignore[arg-type]
-        )
+        self.transformer = SliceTransformer(**cfg.slice_transformer_kwargs(dim))
         self.inter_prototypes = Prototypes(cfg.transformer_dim, cfg.inter_prototypes)
         self.masked = MaskedSliceHead(dim, cfg.transformer_dim, cfg.mask_ratio)
         self.sep_heads = SepCLRHeads(
