@@ -84,6 +84,33 @@ def test_swav_health_is_measured_on_predictions_not_codes() -> None:
     assert float(collapsed["effective_prototypes"]) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_swav_gap_split_by_predicting_crop_matches_a_loop_reference() -> None:
+    """Two global crops (assigned) and three local ones: the gap of the global crops predicting each other's codes and
+    the gap of the local crops predicting them, each against a loop over the terms; without local crops only the
+    assigned split is reported."""
+    g = torch.Generator().manual_seed(5)
+    k, temperature = 8, 0.1
+    scores = [F.normalize(torch.randn(6, k, generator=g, dtype=torch.float64), dim=1) for _ in range(5)]
+    criterion = SwAVLoss(temperature=temperature, crops_for_assign=(0, 1))
+    loss, metrics = criterion(scores)
+    codes = {a: criterion.codes(scores[a]) for a in (0, 1)}
+
+    def term(a: int, v: int) -> torch.Tensor:
+        log_p = torch.log_softmax(scores[v] / temperature, dim=1)
+        return torch.stack([-(codes[a][b] * log_p[b]).sum() for b in range(6)]).mean()
+
+    assigned = torch.stack([term(0, 1), term(1, 0)]).mean()
+    other = torch.stack([term(a, v) for a in (0, 1) for v in (2, 3, 4)]).mean()
+    torch.testing.assert_close(metrics["gap_to_uniform_assigned"], math.log(k) - assigned)
+    torch.testing.assert_close(metrics["gap_to_uniform_other"], math.log(k) - other)
+    # Each assigned crop has one assigned and three other predictors, so the loss weighs them 1 : 3.
+    torch.testing.assert_close(loss.detach(), (assigned + 3 * other) / 4)
+
+    _, two_crops = criterion(scores[:2])
+    assert "gap_to_uniform_other" not in two_crops
+    torch.testing.assert_close(two_crops["gap_to_uniform_assigned"], two_crops["gap_to_uniform"])
+
+
 # ---------------------------------------------------------------- the instance-level intra term
 def test_intra_simclr_is_infonce_on_the_global_crops_and_ignores_local_crops() -> None:
     obj = objective(weights=LossWeights(intra=1, inter=0, mask=0), intra_clustering="simclr", instance_temperature=0.2)
@@ -142,6 +169,7 @@ def test_every_metric_of_a_step_is_a_tensor() -> None:
     crops, stacks, _ = batches()
     _, metrics = obj(crops, stacks, step=0)
     assert "health/intra_std_mean" in metrics and "health/intra_gap_to_uniform" in metrics
+    assert "health/intra_gap_to_uniform_assigned" in metrics and "health/intra_gap_to_uniform_other" in metrics
     for key, value in metrics.items():
         assert isinstance(value, torch.Tensor) and value.ndim == 0, f"{key} is a {type(value).__name__}"
 

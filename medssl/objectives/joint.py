@@ -454,13 +454,24 @@ class JointObjective(nn.Module):
         return weight * loss
 
 
+_SWAV_ONLY_HEALTH = (
+    "prediction_entropy",
+    "gap_to_uniform",
+    "gap_to_uniform_assigned",
+    "gap_to_uniform_other",
+    "code_entropy",
+)
+
+
 def _cluster_health(stream: str, m: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
     """Copy a clustering loss's health metrics under ``health/<stream>_*``: effective prototypes (of the predictions
     for SwAV, of the batch's k-means labels for DeepCluster-v2), and for SwAV the prediction entropy, the gap between
-    ``ln K`` and the loss, and the codes' entropy in nats (the loss is ``H(codes) + KL(codes || predictions)``, so
-    ``loss − code_entropy`` is how far the predictions are from their targets, and a code entropy near ``ln K`` says
-    that the Sinkhorn targets themselves are flat: the lever is then epsilon or a queue, not the encoder)."""
+    ``ln K`` and the loss (also split by the predicting crop: ``_assigned`` for the global crops predicting each
+    other, ``_other`` for the local crops), and the codes' entropy in nats (the loss is
+    ``H(codes) + KL(codes || predictions)``, so ``loss − code_entropy`` is how far the predictions are from their
+    targets, and a code entropy near ``ln K`` says that the Sinkhorn targets themselves are flat: the lever is then
+    epsilon or a queue, not the encoder)."""
     metrics[f"health/{stream}_effective_prototypes"] = m["effective_prototypes"]
-    for key in ("prediction_entropy", "gap_to_uniform", "code_entropy"):  # SwAV only (DeepCluster-v2 swaps nothing)
+    for key in _SWAV_ONLY_HEALTH:  # DeepCluster-v2 swaps nothing
         if key in m:
             metrics[f"health/{stream}_{key}"] = m[key]

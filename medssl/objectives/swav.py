@@ -111,6 +111,10 @@ class SwAVLoss(nn.Module):
             ``loss_crop{a}`` (the term of each assigned crop); ``gap_to_uniform`` (``ln K − loss``, in nats: 0 at
             SwAV's trivial solution, where every prediction is uniform and the loss sits at ``ln K``; the
             facebookresearch/swav README reads a loss stuck near ``ln K`` as a failed run);
+            ``gap_to_uniform_assigned`` and ``gap_to_uniform_other``, the same gap over the terms whose predicting
+            crop is itself an assigned crop (with SwAV's multi-crop: a global crop predicting the other global's
+            codes) and over the other terms (the local crops; absent without them), which tells whether a loss near
+            ``ln K`` comes from the small crops' harder task;
             ``effective_prototypes`` (``exp`` of the entropy of the mean *prediction* ``softmax(scores / τ)`` over the
             batch and all crops, in ``[1, K]``: 1 when every sample predicts the same prototype; the codes are not
             used because Sinkhorn equipartitions them by construction); ``code_entropy`` (mean per-sample entropy of
@@ -138,12 +142,15 @@ class SwAVLoss(nn.Module):
             log_p = [F.log_softmax(at_least_float32(s) / self.temperature, dim=1) for s in scores]  # V × [B, K]
             terms: list[Tensor] = []
             all_codes: list[Tensor] = []
+            by_role: dict[str, list[Tensor]] = {"assigned": [], "other": []}  # who predicts: an assigned crop or not
             metrics: dict[str, Tensor] = {}
             for i, a in enumerate(self.crops_for_assign):
                 queued = None if queue_scores is None else queue_scores[i]
                 q = self.codes(scores[a], queued).to(log_p[a].dtype)  # [B, K], no gradient
                 all_codes.append(q)
                 cross = [-(q * log_p[v]).sum(dim=1).mean() for v in range(n_crops) if v != a]
+                for v, c in zip((v for v in range(n_crops) if v != a), cross, strict=True):
+                    by_role["assigned" if v in self.crops_for_assign else "other"].append(c.detach())
                 term = torch.stack(cross).mean()
                 terms.append(term)
                 metrics[f"loss_crop{a}"] = term.detach()
@@ -152,6 +159,10 @@ class SwAVLoss(nn.Module):
         with torch.no_grad():
             codes = torch.cat(all_codes)  # [|A| B, K]
             metrics["gap_to_uniform"] = math.log(shape[1]) - loss.detach()
+            if by_role["assigned"]:
+                metrics["gap_to_uniform_assigned"] = math.log(shape[1]) - torch.stack(by_role["assigned"]).mean()
+            if by_role["other"]:
+                metrics["gap_to_uniform_other"] = math.log(shape[1]) - torch.stack(by_role["other"]).mean()
             metrics["effective_prototypes"] = perplexity(torch.cat([lp.exp() for lp in log_p]).mean(dim=0))
             metrics["code_entropy"] = entropy(codes).mean()
             prediction = torch.stack([-(lp.exp() * lp).sum(dim=1).mean() for lp in log_p]).mean()
