@@ -199,6 +199,11 @@ def test_a_stuck_stream_says_whether_the_codes_or_the_predictions_hold_the_loss(
     sharp = UniformPredictionAlarm(patience=1).update(300, stuck_window(5.90, 4.06))
     assert "predictions miss them by 1.84 nats" in sharp[0][1] and "room for the loss to fall 2.18 nat" in sharp[0][1]
     assert "flat" not in sharp[0][1]
+    assert "By predicting crop" not in sharp[0][1]  # no split logged: runs before it, or no local crops
+    split = {**stuck_window(5.90, 4.06), "health/intra_gap_to_uniform_assigned": 0.9}
+    split["health/intra_gap_to_uniform_other"] = 0.12
+    said = UniformPredictionAlarm(patience=1).update(300, split)[0][1]
+    assert "global crops predict each other's codes 0.90 nat under ln K, the local crops 0.12." in said
     no_codes = stuck_window(6.14, 5.68)
     del no_codes["health/intra_code_entropy"]  # runs logged before the codes' entropy, DeepCluster-v2
     assert codes_or_predictions("intra", no_codes) == ""
