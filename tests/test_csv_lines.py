@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from medssl.data.manifest import ManifestRow, read_manifest, write_manifest
 from medssl.data.pathmap import read_path_map, write_path_map
 from medssl.data.scan import ScanOptions, scan_archive
-from medssl.runtime.csv_lines import CsvLines
+from medssl.runtime.csv_lines import CsvLines, at_record_start
 
 FIELDS = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8), min_size=1, max_size=4)
 
@@ -54,3 +54,34 @@ def test_a_file_named_with_a_carriage_return_scans_and_is_found_again(tmp_path):
     row = ManifestRow(id="i1", path="p1", format="image", dims=2, label="line one\rline two")
     write_manifest(tmp_path / "labels.csv", [row], tmp_path)
     assert read_manifest(tmp_path / "labels.csv").rows[0].label == "line one\rline two"
+
+
+# fields that make quoted multi-line records: quotes, separators, line breaks and a "#" after them
+QUOTED_FIELDS = st.lists(st.text(alphabet='a,"#\r\n ', max_size=8), min_size=1, max_size=4)
+
+
+@given(st.lists(QUOTED_FIELDS, max_size=6))
+def test_record_starts_are_where_the_csv_reader_starts_each_record(records):
+    """Against a plain reference: each record written on its own gives its physical lines, so the file's record starts
+    are the running sums of those counts; :func:`at_record_start` must find exactly those in the whole file."""
+    lines = list(io.StringIO(_written(records, CsvLines), newline=""))
+    starts, line = set(), 0
+    for record in records:
+        starts.add(line)
+        line += len(list(io.StringIO(_written([record], CsvLines), newline="")))
+    assert line == len(lines)
+    assert [start for start, _ in at_record_start(lines)] == [i in starts for i in range(len(lines))]
+    assert [text for _, text in at_record_start(lines)] == lines
+
+
+def test_a_field_that_continues_with_a_hash_after_a_carriage_return_is_not_a_comment(tmp_path):
+    """A label ``"\\r#"`` (found by the scan writer's property test) and a path ``"a\\r# b.png"``: the line after the
+    ``"\\r"`` starts with ``#`` and used to be dropped as a comment, losing the record or cutting it short."""
+    rows = [
+        ManifestRow(id="i1", path="p1", format="image", dims=2, label="\r#"),
+        ManifestRow(id="i2", path="p2", format="image", dims=2, label="# root: not a comment\r# nor this"),
+    ]
+    write_manifest(tmp_path / "labels.csv", rows, tmp_path)
+    assert [row.label for row in read_manifest(tmp_path / "labels.csv").rows] == [row.label for row in rows]
+    write_path_map(tmp_path / "m.paths.csv", tmp_path, {"p1": "a\r# b.png", "p2": "c.png"})
+    assert dict(read_path_map(tmp_path / "m.paths.csv").paths.items()) == {"p1": "a\r# b.png", "p2": "c.png"}

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO, overload
 from medssl.data.compact import StringColumn, ValueColumn
 from medssl.data.errors import DataError, ManifestError
 from medssl.data.pathmap import PathCursor, PathMap, map_wider_than_root, read_map_root, read_path_map, root_escape
-from medssl.runtime.csv_lines import CsvLines
+from medssl.runtime.csv_lines import CsvLines, at_record_start
 from medssl.runtime.files import atomic_binary
 
 if TYPE_CHECKING:
@@ -449,9 +449,10 @@ def _record_stream(path: Path) -> Iterator[_RecordStream]:
 
 
 def _data_lines(lines: Iterable[str], comments: dict[str, str]) -> Iterator[str]:
-    """The lines that are not comments; ``# root:`` and ``# paths:`` values go to ``comments``."""
-    for line in lines:
-        if line.startswith("#"):
+    """The lines that are not comments; ``# root:`` and ``# paths:`` values go to ``comments``. A line that continues
+    a quoted field (a label holding ``"\\r#"``) is data, whatever it starts with."""
+    for record_start, line in at_record_start(lines):
+        if record_start and line.startswith("#"):
             name, colon, value = line[1:].partition(":")
             if colon and name.strip() in ("root", "paths"):
                 comments[name.strip()] = value.strip()

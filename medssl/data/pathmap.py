@@ -36,7 +36,7 @@ from typing import TextIO
 from medssl.data.compact import DuplicateKeyError, StringMap, sorted_pairs
 from medssl.data.errors import ManifestError
 from medssl.data.pseudonym import pseudonym
-from medssl.runtime.csv_lines import CsvLines
+from medssl.runtime.csv_lines import CsvLines, at_record_start
 from medssl.runtime.files import atomic_binary
 
 PATHS_MAGIC = "# medssl-paths v1"
@@ -122,8 +122,8 @@ class _MapFile:
 
     def _csv_lines(self, handle: TextIO) -> Iterator[str]:
         """The lines after the first that are not comments; keeps the ``root`` line and :attr:`line`."""
-        for number, text in enumerate(handle, start=2):
-            if text.startswith("#"):
+        for number, (record_start, text) in enumerate(at_record_start(handle), start=2):
+            if record_start and text.startswith("#"):  # not the continuation of a quoted path holding "\r#"
                 if text.startswith("# root:"):
                     self.root = text.split(":", 1)[1].strip()
                 continue

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from medssl.runtime.csv_lines import at_record_start
+
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 SCHEMA_FILE = "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"
@@ -167,7 +169,7 @@ def pretraining_modalities(config: Mapping[str, Any]) -> dict[str, int]:
         return {}
     try:
         with open(str(manifest), newline="", encoding="utf-8") as handle:
-            lines: Iterable[str] = (line for line in handle if not line.startswith("#"))
+            lines: Iterable[str] = (line for start, line in at_record_start(handle) if not (start and line[:1] == "#"))
             counts = Counter(str(record.get("modality") or "OT").upper() for record in csv.DictReader(lines))
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}
