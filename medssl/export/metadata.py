@@ -169,7 +169,8 @@ def pretraining_modalities(config: Mapping[str, Any]) -> dict[str, int]:
         return {}
     try:
         with open(str(manifest), newline="", encoding="utf-8") as handle:
-            lines: Iterable[str] = (line for start, line in at_record_start(handle) if not (start and line[:1] == "#"))
+            records = at_record_start(handle)
+            lines: Iterable[str] = (line for start, line in records if not (start and line.startswith("#")))
             counts = Counter(str(record.get("modality") or "OT").upper() for record in csv.DictReader(lines))
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}

@@ -148,8 +148,9 @@ class SwAVLoss(nn.Module):
                 queued = None if queue_scores is None else queue_scores[i]
                 q = self.codes(scores[a], queued).to(log_p[a].dtype)  # [B, K], no gradient
                 all_codes.append(q)
-                cross = [-(q * log_p[v]).sum(dim=1).mean() for v in range(n_crops) if v != a]
-                for v, c in zip((v for v in range(n_crops) if v != a), cross, strict=True):
+                predictors = [v for v in range(n_crops) if v != a]
+                cross = [-(q * log_p[v]).sum(dim=1).mean() for v in predictors]
+                for v, c in zip(predictors, cross, strict=True):
                     by_role["assigned" if v in self.crops_for_assign else "other"].append(c.detach())
                 term = torch.stack(cross).mean()
                 terms.append(term)

@@ -183,18 +183,20 @@ def codes_or_predictions(stream: str, metrics: Mapping[str, float]) -> str:
         return ""
     room, miss = loss + gap - codes, loss - codes
     if room < FLAT_CODES_ROOM:
-        return (
+        holder = (
             f" The Sinkhorn targets themselves are flat: their entropy, {codes:.2f} nats, leaves the loss at most "
             f"{room:.2f} nat under ln K whatever the encoder learns; a smaller method.objective.epsilon sharpens them."
-        ) + by_predicting_crop(stream, metrics)
-    return (
-        f" The Sinkhorn targets are sharp enough (entropy {codes:.2f} nats, room for the loss to fall {room:.2f} nat "
-        f"under ln K) and the predictions miss them by {miss:.2f} nats (KL): the encoder has not learnt to predict "
-        f"them yet, which takes steps; a smaller epsilon (one of the levers below) lowers the loss by sharpening the "
-        f"codes and widens such a KL (Kermany, from epsilon 0.05: 0.45 -> 1.85 nats at 0.02 and a batch of 32, "
-        f"0.76 -> 2.1 at 0.03 and 256), and sharper predictions did not close it either (BENCHMARKS.md, issue 14, "
-        f"rounds 3 and 6)."
-    ) + by_predicting_crop(stream, metrics)
+        )
+    else:
+        holder = (
+            f" The Sinkhorn targets are sharp enough (entropy {codes:.2f} nats, room for the loss to fall {room:.2f} "
+            f"nat under ln K) and the predictions miss them by {miss:.2f} nats (KL): the encoder has not learnt to "
+            f"predict them yet, which takes steps; a smaller epsilon (one of the levers below) lowers the loss by "
+            f"sharpening the codes and widens such a KL (Kermany, from epsilon 0.05: 0.45 -> 1.85 nats at 0.02 and a "
+            f"batch of 32, 0.76 -> 2.1 at 0.03 and 256), and sharper predictions did not close it either "
+            f"(BENCHMARKS.md, issue 14, rounds 3 and 6)."
+        )
+    return holder + by_predicting_crop(stream, metrics)
 
 
 def by_predicting_crop(stream: str, metrics: Mapping[str, float]) -> str:
