@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from medssl.data.manifest import ManifestRow, read_manifest, write_manifest
 from medssl.data.pathmap import read_path_map, write_path_map
 from medssl.data.scan import ScanOptions, scan_archive
+from medssl.export.metadata import pretraining_modalities
 from medssl.runtime.csv_lines import CsvLines, at_record_start
 
 FIELDS = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8), min_size=1, max_size=4)
@@ -83,5 +84,8 @@ def test_a_field_that_continues_with_a_hash_after_a_carriage_return_is_not_a_com
     ]
     write_manifest(tmp_path / "labels.csv", rows, tmp_path)
     assert [row.label for row in read_manifest(tmp_path / "labels.csv").rows] == [row.label for row in rows]
+    rows.append(ManifestRow(id="i3", path="p3", format="image", dims=2, modality="CT", label="\r# x,CT"))
+    write_manifest(tmp_path / "modalities.csv", rows, tmp_path)
+    assert pretraining_modalities({"data": {"manifest": str(tmp_path / "modalities.csv")}}) == {"OT": 2, "CT": 1}
     write_path_map(tmp_path / "m.paths.csv", tmp_path, {"p1": "a\r# b.png", "p2": "c.png"})
     assert dict(read_path_map(tmp_path / "m.paths.csv").paths.items()) == {"p1": "a\r# b.png", "p2": "c.png"}
